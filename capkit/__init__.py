@@ -1,0 +1,28 @@
+"""capkit: a pluggable image-captioning framework in the Show, Attend and Tell family."""
+from capkit import models  # noqa: F401  (registers the builtin components)
+from capkit.builder import build_captioner
+from capkit.config import load_config, save_config
+from capkit.models.captioner import Captioner
+from capkit.registry import ATTENTIONS, DATASETS, DECODERS, ENCODERS, METRICS, REGISTRIES, Registry
+from capkit.types import DecoderOutput, EncoderOutput, Generation, Hypothesis
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTENTIONS",
+    "DATASETS",
+    "DECODERS",
+    "ENCODERS",
+    "METRICS",
+    "REGISTRIES",
+    "Captioner",
+    "DecoderOutput",
+    "EncoderOutput",
+    "Generation",
+    "Hypothesis",
+    "Registry",
+    "build_captioner",
+    "load_config",
+    "save_config",
+    "__version__",
+]

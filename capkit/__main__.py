@@ -1,0 +1,25 @@
+"""``python -m capkit <command> [args]``: list, train, evaluate, caption, visualize, ablate."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "list": "capkit.cli.list_components",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = f"usage: python -m capkit {{{','.join(COMMANDS)}}} [args]  (each command has --help)"
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
+            return 2
+        print(usage)
+        return 0
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

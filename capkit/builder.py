@@ -1,0 +1,35 @@
+"""build_captioner: the one place that wires encoder -> attention -> decoder."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from capkit.models.captioner import Captioner
+from capkit.registry import ATTENTIONS, DECODERS, ENCODERS
+
+__all__ = ["build_captioner", "MODEL_SECTIONS"]
+
+MODEL_SECTIONS = ("encoder", "attention", "decoder")
+
+
+def build_captioner(model_cfg: Mapping[str, Any], vocab_size: int) -> Captioner:
+    """Build a Captioner from ``{"encoder": {...}, "attention": {...}, "decoder": {...}}``.
+
+    Each section is ``{"name": <registered name>, **constructor kwargs}``. The builder derives the sizes
+    that connect them: the decoder gets ``encoder_dim`` (the encoder's ``out_channels``), ``vocab_size`` and
+    an ``attention`` factory, which it calls with its own ``query_dim`` and ``key_dim``.
+    """
+    missing = [s for s in MODEL_SECTIONS if s not in model_cfg]
+    extra = [s for s in model_cfg if s not in MODEL_SECTIONS]
+    if missing or extra:
+        raise KeyError(
+            f"model config needs exactly the sections {', '.join(MODEL_SECTIONS)}; "
+            f"missing: {missing or 'none'}, unknown: {extra or 'none'}"
+        )
+    encoder = ENCODERS.build(model_cfg["encoder"])
+    attention = partial(ATTENTIONS.build, dict(model_cfg["attention"]))
+    decoder = DECODERS.build(
+        model_cfg["decoder"], attention=attention, encoder_dim=encoder.out_channels, vocab_size=vocab_size
+    )
+    return Captioner(encoder, decoder)

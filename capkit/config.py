@@ -1,0 +1,146 @@
+"""Experiment configs: YAML files merged over typed schemas, plus command-line dot-list overrides.
+
+The ``data``, ``train`` and ``eval`` sections have typed schemas, so a typo or a wrong type is an error
+with a suggestion. The component sections (``model.encoder|attention|decoder`` and ``data.dataset``)
+are free-form ``{name: ..., **kwargs}`` dicts, checked against the constructor's signature when built,
+so plugins can add options without touching a schema.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from capkit.registry import import_plugins
+
+__all__ = [
+    "ExperimentConfig",
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ConfigError",
+    "load_config",
+    "save_config",
+    "to_container",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file or override and the key."""
+
+
+@dataclass
+class ModelConfig:
+    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "timm", "model_name": "inception_v3"})
+    attention: dict[str, Any] = field(default_factory=lambda: {"name": "bahdanau"})
+    decoder: dict[str, Any] = field(default_factory=lambda: {"name": "show_attend_tell"})
+
+
+@dataclass
+class DataConfig:
+    dataset: dict[str, Any] = field(default_factory=lambda: {"name": "shapes"})  # {name, **dataset kwargs}
+    max_caption_len: int = 16  # words kept per training caption (longer ones are truncated)
+    vocab_min_count: int = 5
+    vocab_max_size: int = 5000
+    num_workers: int = 2
+    cache_features: bool = True  # cache frozen-encoder features on disk
+    cache_dir: Optional[str] = None  # default: $CAPKIT_CACHE or ~/.cache/capkit
+    skip_missing_images: bool = False
+    skip_corrupt_images: bool = False
+    augment: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 5.0
+    label_smoothing: float = 0.0
+    aux_loss_weights: dict[str, float] = field(default_factory=lambda: {"doubly_stochastic": 1.0})
+    scheduler: str = "plateau"  # plateau | cosine | none
+    lr_decay: float = 0.8
+    lr_patience: int = 2
+    finetune_encoder_from_epoch: Optional[int] = None
+    encoder_lr: float = 1e-4
+    early_stop_metric: str = "cider"
+    patience: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA when supported, else fp16) | bf16 | fp16 | none
+    channels_last: bool = True
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke tests, budgets)
+    output_dir: str = "runs"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: ["bleu", "meteor", "rouge_l", "cider"])
+    beam_size: int = 3
+    max_len: int = 16
+    length_penalty: float = 0.0
+    batch_size: int = 64
+    every_epochs: int = 1
+    max_images: Optional[int] = None  # evaluate on the first N validation images only
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plugins: list[str] = field(default_factory=list)  # modules imported before building (unpackaged plugins)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Merge the schema, the YAML file and ``key=value`` overrides (in that order); import ``plugins``.
+
+    Raises:
+        ConfigError: naming the file or override and the offending key, with a suggestion for typos.
+        FileNotFoundError: the file does not exist.
+    """
+    cfg = OmegaConf.structured(ExperimentConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {_first_line(err)} (key: {_full_key(err)})") from err
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must be key=value, got {bad}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command-line override: {_first_line(err)} (key: {_full_key(err)})") from err
+    import_plugins(list(cfg.plugins))
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config; ``load_config(path)`` gives it back unchanged."""
+    OmegaConf.save(OmegaConf.create(to_container(cfg)), path)
+
+
+def to_container(cfg: Any) -> Any:
+    """A (section of a) config as plain resolved dicts and lists, what components are built from."""
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _full_key(err: OmegaConfBaseException) -> str:
+    return getattr(err, "full_key", None) or "?"

@@ -1,0 +1,1 @@
+"""Builtin components of this kind; see ``capkit.models``."""

@@ -1,0 +1,56 @@
+"""The attention interface every registered attention implements."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Attention", "AttentionMemory"]
+
+
+@dataclass
+class AttentionMemory:
+    """What an attention computes once per image and reuses at every decoding step.
+
+    Attributes:
+        values: (B, N, C) encoder features that the context vector averages.
+        keys: (B, N, A) per-image precomputation of the score (e.g. the projected features), or None.
+        grid: (H, W) of the feature grid, N == H * W.
+    """
+
+    values: Tensor
+    keys: Tensor | None
+    grid: tuple[int, int]
+
+    def index_select(self, index: Tensor) -> AttentionMemory:
+        """Rows ``index`` of the batch (beam search expands and reorders with this)."""
+        keys = None if self.keys is None else self.keys.index_select(0, index)
+        return AttentionMemory(self.values.index_select(0, index), keys, self.grid)
+
+
+class Attention(nn.Module):
+    """Base class: scores a decoder query against every grid position.
+
+    Subclasses take ``query_dim`` (decoder state size) and ``key_dim`` (feature channels C), both set by
+    the builder, plus their own keyword options. They implement ``precompute`` (once per image) and
+    ``forward`` (once per step), and return weights ``alpha (B, N)`` that sum to 1.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int):
+        super().__init__()
+        self.query_dim = query_dim
+        self.key_dim = key_dim
+
+    def precompute(self, feats: Tensor, grid: tuple[int, int]) -> AttentionMemory:
+        """feats (B, N, C) -> memory; the default keeps the features as they are."""
+        return AttentionMemory(values=feats, keys=None, grid=grid)
+
+    def forward(self, query: Tensor, memory: AttentionMemory) -> tuple[Tensor, Tensor]:
+        """query (B, Dq) -> context (B, C), alpha (B, N)."""
+        raise NotImplementedError
+
+
+def weighted_context(alpha: Tensor, values: Tensor) -> Tensor:
+    """alpha (B, N), values (B, N, C) -> context (B, C)."""
+    return torch.bmm(alpha.unsqueeze(1), values).squeeze(1)

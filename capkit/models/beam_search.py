@@ -1,0 +1,118 @@
+"""Batched beam search: every image's beams advance together in one (B * K, ...) tensor per step."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from capkit.models.attention.base import AttentionMemory
+from capkit.types import BOS_ID, EOS_ID, PAD_ID, Generation, Hypothesis
+
+__all__ = ["beam_search", "StepFn"]
+
+# (previous tokens (B*K,), state, memory) -> (logits (B*K, V), alpha (B*K, N), new state)
+StepFn = Callable[[Tensor, dict[str, Tensor], AttentionMemory], tuple[Tensor, Tensor, dict[str, Tensor]]]
+
+
+def beam_search(
+    step: StepFn,
+    state: dict[str, Tensor],
+    memory: AttentionMemory,
+    *,
+    beam_size: int = 3,
+    max_len: int = 16,
+    length_penalty: float = 0.0,
+    n_best: int = 1,
+) -> Generation:
+    """Find, for each image, the captions of highest log-probability.
+
+    A hypothesis holds at most ``max_len`` words followed by ``<end>``: one that has not emitted ``<end>``
+    after ``max_len`` words takes ``<end>`` at the next step (with its real log-probability), so every
+    hypothesis ends and none is empty of steps. ``<pad>`` and ``<start>`` are never generated. A finished
+    hypothesis stays in its beam with its score frozen. Hypotheses are ranked by
+    ``score / length ** length_penalty`` (length counts ``<end>``); 0 ranks by total log-probability.
+    Beam size 1 is greedy decoding.
+
+    Args:
+        step: the decoder's step function.
+        state: decoder state for the B images, each tensor batch-first (B, ...).
+        memory: attention memory for the B images.
+        beam_size: K, hypotheses kept per image.
+        max_len: most words per caption.
+        length_penalty: exponent of the length normalisation of the final ranking.
+        n_best: hypotheses returned per image (at most ``beam_size``).
+    """
+    if beam_size < 1 or n_best < 1 or max_len < 0:
+        raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0; got {beam_size}, {n_best}, {max_len}")
+    n_best = min(n_best, beam_size)
+    batch, k = memory.values.shape[0], beam_size
+    device = memory.values.device
+    expand = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,)
+    memory = memory.index_select(expand)
+    state = {name: value.index_select(0, expand) for name, value in state.items()}
+
+    tokens = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # one live hypothesis per image at the start
+    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
+    history = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # (B*K, t)
+    alpha_history: Tensor | None = None  # (B*K, t, N)
+    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+
+    for t in range(max_len + 1):
+        logits, alpha, state = step(tokens, state, memory)
+        logp = logits.float().log_softmax(dim=-1)  # (B*K, V)
+        vocab = logp.shape[-1]
+        logp[:, PAD_ID] = float("-inf")
+        logp[:, BOS_ID] = float("-inf")
+        if t == max_len:  # the last step: every hypothesis still open takes <end>
+            eos = logp[:, EOS_ID].clone()
+            logp.fill_(float("-inf"))
+            logp[:, EOS_ID] = eos
+        logp = logp.view(batch, k, vocab)
+        # a finished hypothesis continues only with <pad>, at no cost
+        done_row = torch.full((vocab,), float("-inf"), device=device)
+        done_row[PAD_ID] = 0.0
+        logp = torch.where(finished.unsqueeze(2), done_row, logp)
+
+        candidates = (scores.unsqueeze(2) + logp).view(batch, k * vocab)
+        scores, flat_index = candidates.topk(k, dim=1)  # (B, K)
+        parent = flat_index // vocab  # (B, K)
+        new_tokens = flat_index % vocab
+        rows = (offsets + parent).view(-1)  # (B*K,) rows of the previous step's tensors
+
+        was_finished = finished.gather(1, parent)
+        lengths = lengths.gather(1, parent) + (~was_finished).long()
+        finished = was_finished | (new_tokens == EOS_ID)
+        history = torch.cat([history.index_select(0, rows), new_tokens.view(-1, 1)], dim=1)
+        step_alpha = alpha.index_select(0, rows).unsqueeze(1)
+        alpha_history = (
+            step_alpha if alpha_history is None else torch.cat([alpha_history.index_select(0, rows), step_alpha], 1)
+        )
+        state = {name: value.index_select(0, rows) for name, value in state.items()}
+        tokens = new_tokens.view(-1)
+        if bool(finished.all()):
+            break
+
+    ranked = scores / lengths.clamp(min=1).float().pow(length_penalty)
+    ranked = ranked.masked_fill(~torch.isfinite(scores), float("-inf"))
+    order = ranked.argsort(dim=1, descending=True)
+    hypotheses = []
+    for b in range(batch):
+        best = []
+        for j in order[b, :n_best].tolist():
+            if not torch.isfinite(scores[b, j]):
+                break
+            row, length = b * k + j, int(lengths[b, j])
+            best.append(
+                Hypothesis(
+                    tokens=history[row, : length - 1].tolist(),
+                    score=float(scores[b, j]),
+                    norm_score=float(ranked[b, j]),
+                    alphas=alpha_history[row, :length].cpu(),
+                )
+            )
+        hypotheses.append(best)
+    return Generation(hypotheses=hypotheses, grid=memory.grid)

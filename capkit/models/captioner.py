@@ -1,0 +1,66 @@
+"""The Captioner: an encoder and a decoder, fed images or precomputed features."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from capkit.models.decoders.base import CaptionDecoder
+from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
+
+__all__ = ["Captioner"]
+
+
+class Captioner(nn.Module):
+    """Encoder + decoder.
+
+    Every method takes either ``images`` (B, 3, H, W) or ``features`` (an ``EncoderOutput`` from the
+    feature cache or a previous ``encode``), so cached and raw-image training share one model.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: CaptionDecoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def encode(self, images: Tensor) -> EncoderOutput:
+        return self.encoder(images)
+
+    def _features(self, images: Tensor | None, features: EncoderOutput | None) -> EncoderOutput:
+        if (images is None) == (features is None):
+            raise ValueError("pass exactly one of images= or features=")
+        return self.encode(images) if features is None else features
+
+    def forward(
+        self, captions: Tensor, images: Tensor | None = None, features: EncoderOutput | None = None
+    ) -> DecoderOutput:
+        """Teacher forcing: captions (B, L) -> logits (B, L-1, V), alphas (B, L-1, N), aux losses."""
+        return self.decoder(self._features(images, features), captions)
+
+    def log_prob(
+        self, captions: Tensor, images: Tensor | None = None, features: EncoderOutput | None = None
+    ) -> Tensor:
+        """Log-probability (B,) of each caption, ``<end>`` included, under teacher forcing."""
+        out = self.forward(captions, images, features)
+        targets = captions[:, 1:]  # (B, T)
+        logp = out.logits.float().log_softmax(dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+        return logp.masked_fill(targets == PAD_ID, 0.0).sum(dim=1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Tensor | None = None,
+        features: EncoderOutput | None = None,
+        *,
+        beam_size: int = 3,
+        max_len: int = 16,
+        length_penalty: float = 0.0,
+        n_best: int = 1,
+    ) -> Generation:
+        """Batched beam search; call ``eval()`` first (dropout stays as the module's mode says)."""
+        return self.decoder.generate(
+            self._features(images, features),
+            beam_size=beam_size,
+            max_len=max_len,
+            length_penalty=length_penalty,
+            n_best=n_best,
+        )

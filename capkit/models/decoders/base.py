@@ -1,0 +1,113 @@
+"""The decoder interface: a step function, plus teacher forcing and beam search built on it."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from capkit.models.attention.base import Attention, AttentionMemory
+from capkit.models.beam_search import beam_search
+from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
+
+__all__ = ["CaptionDecoder", "AttentionFactory"]
+
+# called by a decoder with its own sizes: attention(query_dim=..., key_dim=...)
+AttentionFactory = Callable[..., Attention]
+
+
+class CaptionDecoder(nn.Module):
+    """Base class of the recurrent caption decoders.
+
+    A subclass implements ``init_state`` and ``step``; teacher forcing (``forward``), log-probabilities
+    and beam search (``generate``) run the same ``step``, so they agree to the last bit.
+
+    Args:
+        attention: factory that builds the attention, called with ``query_dim`` and ``key_dim``.
+        encoder_dim: encoder feature channels C (set by the builder).
+        vocab_size: V (set by the builder).
+        embed_dim: word embedding size.
+        hidden_dim: LSTM hidden size.
+        dropout: dropout before the output layer.
+        feature_dim: if set, the features are first mapped to this size (Linear + ReLU) once per image, and
+            attention reads the mapped features; needed by Luong's ``dot`` score when C != hidden_dim.
+    """
+
+    def __init__(
+        self,
+        attention: AttentionFactory,
+        encoder_dim: int,
+        vocab_size: int,
+        embed_dim: int,
+        hidden_dim: int,
+        dropout: float,
+        feature_dim: int | None,
+        query_dim: int,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden_dim = hidden_dim
+        if feature_dim:
+            self.feature_proj: nn.Module = nn.Sequential(nn.Linear(encoder_dim, feature_dim), nn.ReLU())
+        else:
+            self.feature_proj = nn.Identity()
+        self.feature_dim = feature_dim or encoder_dim
+        self.attention = attention(query_dim=query_dim, key_dim=self.feature_dim)
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
+        self.dropout = nn.Dropout(dropout)
+        self.init_h = nn.Linear(self.feature_dim, hidden_dim)
+        self.init_c = nn.Linear(self.feature_dim, hidden_dim)
+
+    def prepare(self, enc: EncoderOutput) -> AttentionMemory:
+        """Per-image work done once: feature mapping and the attention's precomputation."""
+        return self.attention.precompute(self.feature_proj(enc.feats), enc.grid)
+
+    def init_state(self, memory: AttentionMemory) -> dict[str, Tensor]:
+        """LSTM state (h, c) from the mean feature, as in Show, Attend and Tell: each (B, hidden_dim)."""
+        mean = memory.values.mean(dim=1)  # (B, C)
+        return {"h": self.init_h(mean).tanh(), "c": self.init_c(mean).tanh()}
+
+    def step(
+        self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """tokens (B,) -> logits (B, V), alpha (B, N), next state."""
+        raise NotImplementedError
+
+    def aux_losses(self, alphas: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Auxiliary losses from the attention weights alphas (B, T, N) of the valid steps mask (B, T)."""
+        return {}
+
+    def forward(self, enc: EncoderOutput, captions: Tensor) -> DecoderOutput:
+        """Teacher forcing. captions (B, L) = <start> w_1 .. w_n <end> <pad>..; predicts captions[:, 1:]."""
+        memory = self.prepare(enc)
+        state = self.init_state(memory)
+        logits, alphas = [], []
+        for t in range(captions.shape[1] - 1):
+            step_logits, alpha, state = self.step(captions[:, t], state, memory)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        alphas_t = torch.stack(alphas, dim=1)  # (B, T, N)
+        mask = captions[:, 1:] != PAD_ID  # (B, T)
+        return DecoderOutput(torch.stack(logits, dim=1), alphas_t, self.aux_losses(alphas_t, mask))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        enc: EncoderOutput,
+        *,
+        beam_size: int = 3,
+        max_len: int = 16,
+        length_penalty: float = 0.0,
+        n_best: int = 1,
+    ) -> Generation:
+        """Batched beam search (see ``capkit.models.beam_search.beam_search``)."""
+        memory = self.prepare(enc)
+        return beam_search(
+            self.step,
+            self.init_state(memory),
+            memory,
+            beam_size=beam_size,
+            max_len=max_len,
+            length_penalty=length_penalty,
+            n_best=n_best,
+        )

