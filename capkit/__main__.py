@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "list": "capkit.cli.list_components",
+    "evaluate": "capkit.cli.evaluate",
 }
 
 

