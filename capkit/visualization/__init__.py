@@ -1,0 +1,4 @@
+"""Drawing attention: per-word maps over the image, headless (no display needed)."""
+from capkit.visualization.attention import attention_figure, save_attention_figure, upsample_attention
+
+__all__ = ["attention_figure", "save_attention_figure", "upsample_attention"]

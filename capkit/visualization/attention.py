@@ -1,0 +1,98 @@
+"""Per-word attention figures: a pure function of (image, words, alphas, grid).
+
+Works for every registered attention (it only needs ``alphas (T, N)`` and the grid) and never opens a
+window: figures are ``matplotlib.figure.Figure`` objects rendered by the Agg canvas.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+__all__ = ["upsample_attention", "overlay", "attention_figure", "save_attention_figure"]
+
+
+def upsample_attention(alpha: torch.Tensor | np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """alpha (N,) on an (H, W) grid -> (height, width) map, bilinearly upsampled (smooth, not blocky).
+
+    The map is scaled to [0, 1] by its maximum; cells the attention gave exactly 0 (outside a Luong-local
+    window) stay near 0.
+    """
+    h, w = grid
+    cells = torch.as_tensor(np.asarray(alpha, dtype=np.float32)).reshape(1, 1, h, w)
+    big = F.interpolate(cells, size=size, mode="bilinear", align_corners=False)[0, 0]
+    peak = float(big.max())
+    return (big / peak).numpy() if peak > 0 else big.numpy()
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.6) -> np.ndarray:
+    """Blend an image (height, width, 3) uint8 with a heat map (height, width) in [0, 1]: where attention is
+    low the image is darkened, where it is high it shows through tinted by the colour map."""
+    base = image.astype(np.float32) / 255.0
+    tint = colormaps["inferno"](heat)[..., :3]
+    light = heat[..., None]
+    blended = base * (1 - strength + strength * light) * (1 - strength / 2) + tint * light * strength / 2
+    return (np.clip(blended, 0, 1) * 255).astype(np.uint8)
+
+
+def attention_figure(
+    image: Image.Image | np.ndarray,
+    words: Sequence[str],
+    alphas: torch.Tensor | np.ndarray,
+    grid: tuple[int, int],
+    *,
+    columns: int = 5,
+    panel_size: float = 2.4,
+    title: str | None = None,
+) -> Figure:
+    """The image, then one panel per word with its attention map overlaid (the word as the panel's title).
+
+    Args:
+        image: the original picture (any size).
+        words: T words, one per row of ``alphas`` (usually the caption's words plus ``<end>``).
+        alphas: (T, N) attention weights, N == H * W.
+        grid: (H, W) of the encoder's feature grid.
+        columns: panels per row.
+        panel_size: inches per panel.
+        title: the figure's title (e.g. the full caption).
+    """
+    alphas = np.asarray(alphas.detach().cpu() if isinstance(alphas, torch.Tensor) else alphas, dtype=np.float32)
+    if alphas.ndim != 2 or alphas.shape[0] != len(words) or alphas.shape[1] != grid[0] * grid[1]:
+        raise ValueError(
+            f"alphas {alphas.shape} must be (len(words)={len(words)}, H*W={grid[0] * grid[1]}) for grid {grid}"
+        )
+    picture = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB") if isinstance(image, np.ndarray)
+                         else image.convert("RGB"))
+    size = picture.shape[:2]
+    panels = len(words) + 1
+    rows = math.ceil(panels / columns)
+    fig = Figure(figsize=(panel_size * min(columns, panels), panel_size * rows + (0.4 if title else 0)))
+    FigureCanvasAgg(fig)
+    for i in range(rows * min(columns, panels)):
+        ax = fig.add_subplot(rows, min(columns, panels), i + 1)
+        ax.set_axis_off()
+        if i == 0:
+            ax.imshow(picture)
+            ax.set_title("image", fontsize=10)
+        elif i < panels:
+            ax.imshow(overlay(picture, upsample_attention(alphas[i - 1], grid, size)))
+            ax.set_title(words[i - 1], fontsize=11)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def save_attention_figure(path: str | os.PathLike, *args, dpi: int = 100, **kwargs) -> str:
+    """``attention_figure(*args, **kwargs)`` written to ``path`` (PNG); returns the path."""
+    fig = attention_figure(*args, **kwargs)
+    fig.savefig(path, dpi=dpi, format="png")
+    return os.fspath(path)
