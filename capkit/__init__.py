@@ -1,5 +1,6 @@
 """capkit: a pluggable image-captioning framework in the Show, Attend and Tell family."""
 from capkit import models  # noqa: F401  (registers the builtin components)
+from capkit import data  # noqa: F401  (registers the builtin datasets)
 from capkit import evaluation  # noqa: F401  (registers the builtin metrics)
 from capkit.builder import build_captioner
 from capkit.config import load_config, save_config

@@ -1,0 +1,34 @@
+"""The data layer: datasets (registered in ``DATASETS``), vocabulary, transforms, feature cache, loaders."""
+from capkit.data import datasets  # noqa: F401  (registers the builtin datasets)
+from capkit.data.build import DataLoaders, build_dataloaders, build_source, load_split
+from capkit.data.datasets.base import CaptionDataset, DatasetNotFoundError
+from capkit.data.feature_cache import FeatureStore, cached_features, default_cache_dir
+from capkit.data.loaders import EvaluationDataset, ImageSource, TrainingDataset, build_loader, collate_batch
+from capkit.data.records import Box, CorruptImageError, ImageRecord, MissingImagesError, drop_missing
+from capkit.data.transforms import build_transform
+from capkit.data.vocab import Vocabulary, tokenize
+
+__all__ = [
+    "Box",
+    "CaptionDataset",
+    "CorruptImageError",
+    "DataLoaders",
+    "DatasetNotFoundError",
+    "EvaluationDataset",
+    "FeatureStore",
+    "ImageRecord",
+    "ImageSource",
+    "MissingImagesError",
+    "TrainingDataset",
+    "Vocabulary",
+    "build_dataloaders",
+    "build_loader",
+    "build_source",
+    "build_transform",
+    "cached_features",
+    "collate_batch",
+    "default_cache_dir",
+    "drop_missing",
+    "load_split",
+    "tokenize",
+]

@@ -1,0 +1,65 @@
+"""``flickr8k``: the official Flickr8k download (token file, split lists, image folder)."""
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from typing import Any
+
+from capkit.data.datasets.base import CaptionDataset, require_file, resolve_root
+from capkit.data.records import ImageRecord
+from capkit.registry import DATASETS
+
+__all__ = ["Flickr8kDataset"]
+
+DOWNLOAD = (
+    "Download and unzip both archives into the root: "
+    "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip and "
+    "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip"
+)
+SPLIT_FILES = {"train": "trainImages", "val": "devImages", "test": "testImages"}
+_BOGUS_NAME = re.compile(r"\.jpg\.\d+$")  # e.g. 2258277193_586949ec62.jpg.1
+
+
+@DATASETS.register("flickr8k")
+class Flickr8kDataset(CaptionDataset):
+    """Flickr8k with its standard splits (``val`` is the ``devImages`` list): 6,000 / 1,000 / 1,000 images,
+    5 captions each; image ids are the file names.
+
+    The token file's bogus ``2258277193_586949ec62.jpg.1#0..4`` entries (a name with ``.1`` appended) are
+    dropped: they name no image file and no split list names them.
+
+    Args:
+        split: ``train``, ``val`` or ``test``.
+        root: folder holding ``Flickr8k_text/`` and ``Flicker8k_Dataset/`` (default ``$CAPKIT_DATA/flickr8k``).
+    """
+
+    name = "flickr8k"
+
+    def __init__(self, split: str = "train", root: str | os.PathLike | None = None):
+        super().__init__(split)
+        self.root = resolve_root(root, "flickr8k")
+        text = self.root / "Flickr8k_text"
+        tokens = require_file(text / "Flickr8k.token.txt", self.name, DOWNLOAD)
+        names_file = require_file(text / f"Flickr_8k.{SPLIT_FILES[split]}.txt", self.name, DOWNLOAD)
+        image_dir = require_file(self.root / "Flicker8k_Dataset", self.name, DOWNLOAD)
+
+        captions: dict[str, list[str]] = defaultdict(list)
+        for lineno, line in enumerate(tokens.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            key, sep, caption = line.partition("\t")
+            name = key.rpartition("#")[0]
+            if not sep or not name:
+                raise ValueError(f"{tokens}:{lineno}: expected 'name.jpg#N<TAB>caption', got {line[:80]!r}")
+            if not _BOGUS_NAME.search(name):
+                captions[name].append(caption.strip())
+
+        names = [n.strip() for n in names_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+        no_caption = [n for n in names if n not in captions]
+        if no_caption:
+            raise ValueError(f"{names_file}: {len(no_caption)} images have no caption in {tokens}: {no_caption[:5]}")
+        self.records = [ImageRecord(n, captions[n], path=image_dir / n) for n in names]
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "root": str(self.root.resolve())}

@@ -1,0 +1,142 @@
+"""On-disk cache of a frozen encoder's features: one float16 ``.npy`` (memory-mapped) + JSON sidecar per split.
+
+A cache file is named ``<dataset>_<split>_<hash>`` where the hash covers everything that decides the
+features: the encoder's ``cache_key()`` (model and weights), the transform and the split's identity
+(dataset, root/seed, image ids). Extraction writes ``*.partial`` files and publishes them with
+``os.replace``, the sidecar last, so an interrupted run (even ``kill -9``) never leaves a cache that reads
+as complete, and the next run starts over. Extract on one process (rank 0) before others read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from capkit.data.loaders import EvaluationDataset, ImageSource, build_loader
+from capkit.data.records import ImageRecord
+
+__all__ = ["FeatureStore", "default_cache_dir", "cached_features"]
+
+CACHE_ENV = "CAPKIT_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$CAPKIT_CACHE/features``, else ``~/.cache/capkit/features``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "capkit") / "features"
+
+
+class FeatureStore:
+    """Cached features of one split: ``store[i]`` -> (N, C) float16 tensor of image ``image_ids[i]``.
+
+    The array is memory-mapped on first access in each process (DataLoader workers included).
+    """
+
+    def __init__(self, path: Path, image_ids: list[str], grid: tuple[int, int]):
+        self.path, self.image_ids, self.grid = path, image_ids, grid
+        self._array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> Tensor:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(np.array(self._array[index]))  # (N, C), copied out of the map
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}  # workers map the file themselves
+
+
+def cached_features(
+    records: list[ImageRecord],
+    encoder: nn.Module,
+    transform: Callable[[Image.Image], Tensor],
+    *,
+    identity: dict[str, Any],
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    skip_corrupt: bool = False,
+) -> FeatureStore:
+    """The split's features from the cache, extracting them first when absent or incomplete.
+
+    Args:
+        records: the split's images.
+        encoder: a frozen encoder with ``cache_key()``; it is run in eval mode.
+        transform: the (deterministic) image transform fed to the encoder.
+        identity: what identifies the split (``CaptionDataset.identity()``: dataset, split, root, ...).
+        cache_dir: default ``default_cache_dir()``.
+        skip_corrupt: leave undecodable images out of the cache (with a warning) instead of raising.
+    """
+    ids = [r.image_id for r in records]
+    key = {
+        "encoder": encoder.cache_key(),
+        "transform": repr(transform),
+        "data": identity,
+        "image_ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    stem = f"{identity.get('dataset', 'data')}_{identity.get('split', 'split')}_{digest}"
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    data_path, meta_path = directory / f"{stem}.npy", directory / f"{stem}.json"
+    if meta_path.is_file() and data_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["key"] == key:
+            return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]))
+    directory.mkdir(parents=True, exist_ok=True)
+    kept, grid = _extract(records, encoder, transform, data_path, batch_size, num_workers, device, skip_corrupt)
+    meta = {"key": key, "image_ids": kept, "grid": list(grid), "shape": list(np.load(data_path, mmap_mode="r").shape)}
+    partial_meta = meta_path.with_name(meta_path.name + ".partial")
+    partial_meta.write_text(json.dumps(meta))
+    os.replace(partial_meta, meta_path)  # the sidecar marks the cache complete
+    return FeatureStore(data_path, kept, grid)
+
+
+@torch.no_grad()
+def _extract(
+    records: list[ImageRecord],
+    encoder: nn.Module,
+    transform: Callable[[Image.Image], Tensor],
+    data_path: Path,
+    batch_size: int,
+    num_workers: int,
+    device: str | torch.device,
+    skip_corrupt: bool,
+) -> tuple[list[str], tuple[int, int]]:
+    """Write (len(kept), N, C) float16 features to ``data_path``; return the kept image ids and the grid."""
+    loader = build_loader(
+        EvaluationDataset(ImageSource(records, transform, skip_corrupt), records), batch_size, num_workers=num_workers
+    )
+    partial_path = data_path.with_name(data_path.name + ".partial")
+    was_training = encoder.training
+    encoder.eval()
+    array, kept, grid = None, [], (0, 0)
+    try:
+        for batch in tqdm(loader, desc=f"features {data_path.stem}", unit="batch"):
+            if not batch.image_ids:
+                continue
+            out = encoder(batch.images.to(device))  # feats (B, N, C)
+            if array is None:  # rows for every image; skipped corrupt ones leave unused rows at the end
+                grid = out.grid
+                shape = (len(records), *out.feats.shape[1:])
+                array = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float16, shape=shape)
+            array[len(kept) : len(kept) + len(batch)] = out.feats.to("cpu", torch.float16).numpy()
+            kept.extend(batch.image_ids)
+    finally:
+        encoder.train(was_training)
+    if array is None:
+        raise RuntimeError(f"no image of {data_path.stem} could be decoded; nothing to cache")
+    array.flush()
+    del array
+    os.replace(partial_path, data_path)
+    return kept, grid

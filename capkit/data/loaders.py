@@ -1,0 +1,164 @@
+"""Torch datasets over images or cached features, collation into ``CaptionBatch``, and the DataLoader."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple, Protocol
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from capkit.data.records import CorruptImageError, ImageRecord
+from capkit.data.vocab import Vocabulary
+from capkit.types import PAD_ID, CaptionBatch, EncoderOutput
+
+__all__ = ["Source", "ImageSource", "Sample", "TrainingDataset", "EvaluationDataset", "collate_batch", "build_loader"]
+
+
+class Source(Protocol):
+    """Per-image inputs: ``ImageSource`` (pixels) or ``FeatureStore`` (cached features, ``grid`` set)."""
+
+    image_ids: list[str]
+    grid: tuple[int, int] | None
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Tensor | None: ...
+
+
+class ImageSource:
+    """Decoded, transformed images: ``source[i]`` -> (3, H, W), or None for a corrupt file when skipping.
+
+    Args:
+        records: the split's images.
+        transform: PIL image -> tensor (``build_transform``).
+        skip_corrupt: warn and skip an undecodable file instead of raising ``CorruptImageError``.
+    """
+
+    grid = None
+
+    def __init__(self, records: list[ImageRecord], transform: Callable[[Image.Image], Tensor], skip_corrupt: bool = False):
+        self.records, self.transform, self.skip_corrupt = records, transform, skip_corrupt
+        self.image_ids = [r.image_id for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Tensor | None:
+        try:
+            image = self.records[index].open()
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise
+            warnings.warn(f"{err} Skipped (data.skip_corrupt_images=true).", stacklevel=2)
+            return None
+        return self.transform(image)
+
+
+class Sample(NamedTuple):
+    image_id: str
+    x: Tensor | None  # (3, H, W) pixels or (N, C) features; None: a skipped corrupt image
+    caption: list[int] | None  # training: <start> ids <end>
+    references: list[str] | None  # evaluation: every caption of the image
+
+
+class TrainingDataset(Dataset):
+    """One sample per (image, caption) pair.
+
+    Args:
+        source: images or cached features of the split.
+        records: the split's records (captions are looked up by image id).
+        vocab: encodes the captions.
+        max_len: words kept per caption.
+    """
+
+    def __init__(self, source: Source, records: list[ImageRecord], vocab: Vocabulary, max_len: int):
+        captions = {r.image_id: r.captions for r in records}
+        self.source = source
+        self.pairs = [(i, vocab.encode(c, max_len)) for i, iid in enumerate(source.image_ids) for c in captions[iid]]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Sample:
+        i, caption = self.pairs[index]
+        return Sample(self.source.image_ids[i], self.source[i], caption, None)
+
+
+class EvaluationDataset(Dataset):
+    """One sample per image, with all its reference captions."""
+
+    def __init__(self, source: Source, records: list[ImageRecord]):
+        captions = {r.image_id: r.captions for r in records}
+        self.source = source
+        self.references = [captions[iid] for iid in source.image_ids]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Sample:
+        return Sample(self.source.image_ids[index], self.source[index], None, self.references[index])
+
+
+def collate_batch(samples: list[Sample], grid: tuple[int, int] | None = None) -> CaptionBatch:
+    """Stack samples into a ``CaptionBatch``: images when ``grid`` is None, else ``features`` on that grid.
+
+    Skipped (corrupt) images are left out, so a batch can be smaller than asked, even empty.
+    """
+    samples = [s for s in samples if s.x is not None]
+    if not samples:
+        return CaptionBatch(image_ids=[])
+    x = torch.stack([s.x for s in samples])  # (B, 3, H, W) or (B, N, C)
+    captions = None
+    if samples[0].caption is not None:  # (B, L): <start> w .. <end> <pad> ..
+        captions = pad_sequence([torch.tensor(s.caption) for s in samples], batch_first=True, padding_value=PAD_ID)
+    return CaptionBatch(
+        image_ids=[s.image_id for s in samples],
+        captions=captions,
+        images=x if grid is None else None,
+        features=None if grid is None else EncoderOutput(x.float(), grid),
+        references=None if samples[0].references is None else [s.references for s in samples],
+    )
+
+
+def build_loader(
+    dataset: TrainingDataset | EvaluationDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """A DataLoader of ``CaptionBatch``es.
+
+    Shuffling (or sharding when ``world_size > 1``) uses a ``DistributedSampler`` seeded with ``seed``: call
+    ``loader.sampler.set_epoch(epoch)`` before each epoch and the order is a function of (seed, epoch),
+    which exact resume needs. Pass ``sampler`` to use your own instead.
+
+    Args:
+        pin_memory: default: when CUDA is available.
+    """
+    if sampler is None and (shuffle or world_size > 1):
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=partial(collate_batch, grid=dataset.source.grid),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds (augmentations) follow ``seed``
+    )

@@ -1,0 +1,80 @@
+"""ImageRecord: what every dataset gives for a split (an image, its captions, optional boxes)."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
+
+__all__ = ["Box", "ImageRecord", "CorruptImageError", "MissingImagesError", "drop_missing"]
+
+
+class CorruptImageError(OSError):
+    """An image file exists but cannot be decoded; the message names the file."""
+
+
+class MissingImagesError(FileNotFoundError):
+    """Images listed by a dataset are not on disk; the message gives the count and the first names."""
+
+
+class Box(NamedTuple):
+    """An object's label and pixel box, ``0 <= x0 < x1 <= width`` and ``0 <= y0 < y1 <= height``."""
+
+    label: str
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+@dataclass
+class ImageRecord:
+    """One image of a split.
+
+    Attributes:
+        image_id: unique within the dataset (a file name or the dataset's own id, as a string).
+        captions: every reference caption (raw text).
+        path: the image file, or None when ``loader`` makes the image.
+        loader: a picklable callable returning the PIL image (synthetic datasets).
+        boxes: object boxes, for grounding datasets (``shapes``).
+    """
+
+    image_id: str
+    captions: list[str]
+    path: Path | None = None
+    loader: Callable[[], Image.Image] | None = None
+    boxes: list[Box] | None = None
+
+    def open(self) -> Image.Image:
+        """The image in RGB; raises ``CorruptImageError`` naming the file when it cannot be decoded."""
+        if self.loader is not None:
+            return self.loader()
+        try:
+            with Image.open(self.path) as img:
+                return img.convert("RGB")  # decodes fully: a truncated file fails here, not later
+        except (OSError, SyntaxError, ValueError) as err:
+            raise CorruptImageError(
+                f"cannot decode image {self.path} (id {self.image_id!r}): {err}. "
+                f"Replace the file, or set data.skip_corrupt_images=true to leave it out."
+            ) from err
+
+
+def drop_missing(records: list[ImageRecord], skip: bool, dataset: str) -> list[ImageRecord]:
+    """Records whose image file exists.
+
+    Raises:
+        MissingImagesError: some files are missing and ``skip`` is False (count and first names given).
+    """
+    missing = [r for r in records if r.loader is None and not r.path.is_file()]
+    if not missing:
+        return records
+    names = ", ".join(str(r.path) for r in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    summary = f"{dataset}: {len(missing)} of {len(records)} images are missing ({names})"
+    if not skip:
+        raise MissingImagesError(f"{summary}. Restore them, or set data.skip_missing_images=true to leave them out.")
+    warnings.warn(f"{summary}; skipped (data.skip_missing_images=true)", stacklevel=2)
+    missing_ids = {id(r) for r in missing}
+    return [r for r in records if id(r) not in missing_ids]

@@ -1,0 +1,109 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from capkit.data import build_transform, cached_features, load_split
+from capkit.registry import ENCODERS
+
+SHAPES = {"name": "shapes", "num_train": 10, "num_val": 2, "num_test": 2, "image_size": 48}
+
+
+@pytest.fixture
+def split():
+    data, records = load_split(SHAPES, "train")
+    return data, records
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _count_calls(encoder):
+    calls = []
+    handle = encoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_second_epoch_over_cache_does_no_forward_pass(split, tiny_encoder, tmp_path):
+    from capkit.data import TrainingDataset, Vocabulary, build_loader
+
+    data, records = split
+    calls, handle = _count_calls(tiny_encoder)
+    try:
+        kwargs = dict(identity=data.identity(), cache_dir=tmp_path, batch_size=4)
+        store = cached_features(records, tiny_encoder, build_transform(tiny_encoder.data_config), **kwargs)
+        assert len(calls) == 3 and len(store) == 10 and store[0].shape == (25, 256)
+        vocab = Vocabulary.build((c for r in records for c in r.captions), min_count=1)
+        loader = build_loader(TrainingDataset(store, records, vocab, 16), 8, shuffle=True)
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            assert sum(len(b) for b in loader) == 50
+        again = cached_features(records, tiny_encoder, build_transform(tiny_encoder.data_config), **kwargs)
+        assert len(calls) == 3 and again.path == store.path
+    finally:
+        handle.remove()
+
+
+def test_interrupted_cache_is_not_used_and_rerun_restarts(split, tiny_encoder, tmp_path):
+    data, records = split
+    transform = build_transform(tiny_encoder.data_config)
+
+    def fail_on_second(*_):
+        calls.append(1)
+        if interrupt and len(calls) == 2:
+            raise Interrupted
+
+    calls, interrupt = [], True
+    handle = tiny_encoder.register_forward_hook(fail_on_second)
+    try:
+        with pytest.raises(Interrupted):
+            cached_features(records, tiny_encoder, transform, identity=data.identity(), cache_dir=tmp_path, batch_size=4)
+        assert [p.suffix for p in tmp_path.iterdir()] == [".partial"]  # nothing published
+        calls, interrupt = [], False
+        store = cached_features(records, tiny_encoder, transform, identity=data.identity(), cache_dir=tmp_path, batch_size=4)
+        assert len(calls) == 3 and len(store) == 10
+    finally:
+        handle.remove()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npy"]
+
+
+def test_kill_9_mid_extraction_leaves_no_complete_cache(tmp_path):
+    script = f"""
+import time, capkit
+from capkit.data import build_transform, cached_features, load_split
+from capkit.registry import ENCODERS
+enc = ENCODERS.build({{"name": "timm", "model_name": "test_efficientnet"}})
+enc.register_forward_hook(lambda *_: (print("batch", flush=True), time.sleep(30)))
+data, records = load_split({SHAPES!r}, "train")
+cached_features(records, enc, build_transform(enc.data_config), identity=data.identity(), cache_dir={str(tmp_path)!r}, batch_size=4)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "batch"  # inside the first forward pass, after decoding
+        time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.npy"))
+
+
+def test_encoder_or_transform_change_makes_a_new_cache(split, tiny_encoder, tmp_path):
+    data, records = split
+    kwargs = dict(identity=data.identity(), cache_dir=tmp_path, batch_size=8)
+    first = cached_features(records, tiny_encoder, build_transform(tiny_encoder.data_config), **kwargs)
+    smaller = {**tiny_encoder.data_config, "input_size": (3, 128, 128)}
+    second = cached_features(records, tiny_encoder, build_transform(smaller), **kwargs)
+    other = ENCODERS.build({"name": "timm", "model_name": "test_resnet"})
+    third = cached_features(records, other, build_transform(other.data_config), **kwargs)
+    assert len({first.path, second.path, third.path}) == 3
+    assert second.grid == (4, 4) and first.grid == (5, 5)
+    meta = json.loads(first.path.with_suffix(".json").read_text())
+    assert meta["key"]["encoder"]["model_name"] == "test_efficientnet" and meta["image_ids"][0] == "shapes_train_00000"
+    reloaded = cached_features(records, tiny_encoder, build_transform(tiny_encoder.data_config), **kwargs)
+    assert torch.equal(reloaded[3], first[3])

@@ -1,0 +1,67 @@
+import torch
+
+from capkit.data import TrainingDataset, Vocabulary, build_dataloaders, build_loader, collate_batch
+from capkit.data.loaders import Sample
+from capkit.types import BOS_ID, EOS_ID, PAD_ID
+
+SHAPES = {"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 2, "image_size": 64}
+
+
+class _Source:  # a stand-in image source: image i is a constant tensor
+    grid = None
+
+    def __init__(self, n):
+        self.image_ids = [f"img{i}" for i in range(n)]
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, i):
+        return torch.full((3, 4, 4), float(i))
+
+
+def _records(n):
+    from capkit.data import ImageRecord
+
+    return [ImageRecord(f"img{i}", [f"a dog {i}", "a cat"]) for i in range(n)]
+
+
+def test_collate_pads_captions():
+    batch = collate_batch([Sample("a", torch.zeros(3, 2, 2), [1, 4, 2], None), Sample("b", torch.ones(3, 2, 2), [1, 2], None)])
+    assert batch.captions.tolist() == [[BOS_ID, 4, EOS_ID], [BOS_ID, EOS_ID, PAD_ID]]
+    assert batch.images.shape == (2, 3, 2, 2) and batch.features is None
+    feats = collate_batch([Sample("a", torch.zeros(6, 5, dtype=torch.float16), None, ["x"])], grid=(2, 3))
+    assert feats.images is None and feats.features.feats.shape == (1, 6, 5) and feats.features.grid == (2, 3)
+    assert feats.features.feats.dtype == torch.float32 and feats.references == [["x"]]
+
+
+def test_one_training_sample_per_caption_and_seeded_epoch_order():
+    vocab = Vocabulary.build(["a dog", "a cat"], min_count=1)
+    data = TrainingDataset(_Source(6), _records(6), vocab, max_len=16)
+    assert len(data) == 12
+
+    def order(epoch, seed=0, rank=0, world_size=1):
+        loader = build_loader(data, 4, shuffle=True, seed=seed, rank=rank, world_size=world_size)
+        loader.sampler.set_epoch(epoch)
+        return [i for b in loader for i in b.image_ids]
+
+    assert order(0) == order(0) and order(0) != order(1) and order(0, seed=1) != order(0)
+    shards = [order(2, rank=r, world_size=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 6 and sorted(shards[0] + shards[1]) == sorted(order(2))
+
+
+def test_build_dataloaders_on_shapes_with_and_without_cache(tiny_encoder, tmp_path):
+    common = dict(batch_size=8, num_workers=0, vocab_min_count=1, cache_dir=tmp_path)
+    cached = build_dataloaders(SHAPES, tiny_encoder, **common)
+    assert len(cached.train.dataset) == 60 and len(cached.val.dataset) == 4
+    batch = next(iter(cached.train))
+    assert batch.images is None and batch.features.feats.shape == (8, 25, 256) and batch.features.grid == (5, 5)
+    assert batch.captions[:, 0].eq(BOS_ID).all() and batch.captions.shape[0] == 8
+    val = next(iter(cached.val))
+    assert len(val.references) == 4 and all(len(r) == 5 for r in val.references)
+
+    raw = build_dataloaders(SHAPES, tiny_encoder, cache_features=False, vocab=cached.vocab, **common)
+    batch = next(iter(raw.train))
+    assert batch.features is None and batch.images.shape == (8, 3, 160, 160)
+    out = tiny_encoder(next(iter(raw.val)).images)
+    assert torch.allclose(out.feats, next(iter(cached.val)).features.feats, atol=0.05, rtol=0.01)  # float16 cache
