@@ -1,0 +1,165 @@
+"""Checkpoints as directories, written atomically and loaded without executing anything from the file.
+
+A checkpoint directory holds:
+
+- ``model.safetensors``: the model's state dict (``state["model"]``);
+- ``state.safetensors``: every other tensor of the state (optimizer moments, RNG states, ...);
+- ``state.json``: the rest of the state (numbers, strings, lists, dicts), tensors replaced by references
+  ``{"__tensor__": key}`` into ``state.safetensors``.
+
+Loading reads safetensors and JSON only, so a checkpoint can never run code (unlike pickle).
+
+Atomicity. ``save_checkpoint(path, ...)`` writes a complete copy into a fresh sibling ``.NAME.tmp-*``
+directory (every file fsynced, then the directory), and then publishes it with two renames:
+``NAME -> NAME.old`` and ``.NAME.tmp-* -> NAME``, then removes ``NAME.old``. A directory only ever gets the
+name ``NAME`` or ``NAME.old`` once complete, so the invariant is: **at every instant ``NAME`` is a complete
+checkpoint, or ``NAME`` is absent and ``NAME.old`` is (a kill between the two renames)**. ``load_checkpoint``
+falls back to ``NAME.old`` in that case, and the next save cleans up stale ``NAME.old`` and temporary
+directories. A kill -9 during a save therefore never loses the previous checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_MODEL, _TENSORS, _JSON = "model.safetensors", "state.safetensors", "state.json"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` to the checkpoint directory ``path`` (replacing any previous one).
+
+    Args:
+        state: ``{"model": state_dict, ...}``; the values may nest dicts (any key type), lists, tuples (read
+            back as lists), tensors, numbers, strings, bools and None.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    if "model" not in state:
+        raise KeyError("a checkpoint state needs a 'model' state dict")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
+    old = path.with_name(path.name + ".old")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model = {k: _cpu(v) for k, v in state["model"].items()}
+        tensors: dict[str, Tensor] = {}
+        rest = {k: _encode(v, k, tensors) for k, v in state.items() if k != "model"}
+        _write(tmp / _MODEL, lambda f: save_file(model, f, metadata={"format": str(FORMAT_VERSION)}))
+        _write(tmp / _TENSORS, lambda f: save_file(tensors, f))
+        text = json.dumps({"format": FORMAT_VERSION, "state": rest})
+        _write(tmp / _JSON, lambda f: Path(f).write_text(text))
+        _fsync_dir(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The complete checkpoint directory for ``path``: ``path`` itself, or ``path.old`` after a kill mid-save."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    for candidate in (path, old):
+        if (candidate / _JSON).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no checkpoint at {str(path)!r} (nor {old.name!r} beside it): a checkpoint is a directory with "
+        f"{_MODEL}, {_TENSORS} and {_JSON}, e.g. RUN_DIR/checkpoints/last"
+    )
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; tensors are on the CPU."""
+    path = resolve_checkpoint(path)
+    doc = json.loads((path / _JSON).read_text())
+    if doc.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {doc.get('format')!r}, this capkit reads format {FORMAT_VERSION}")
+    tensors = load_file(path / _TENSORS)
+    state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
+    state["model"] = load_file(path / _MODEL)
+    return state
+
+
+def _cpu(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors refuses shared storage
+
+
+def _encode(obj: Any, key: str, tensors: dict[str, Tensor]) -> Any:
+    """JSON-able form of ``obj``; tensors move to ``tensors`` under their path ``key``."""
+    if isinstance(obj, Tensor):
+        tensors[key] = _cpu(obj)
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, f"{key}.{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    raise TypeError(
+        f"cannot store {type(obj).__name__} at {key!r} in a checkpoint: only tensors, numbers, strings, bools, "
+        f"None, lists and dicts are allowed (nothing that would need pickle to load)"
+    )
+
+
+def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def _write(path: Path, write) -> None:
+    write(str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(path: Path) -> None:
+    """Leftovers of a save killed earlier: temporary directories, and ``NAME.old`` when ``NAME`` is complete."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    old = path.with_name(path.name + ".old")
+    if old.exists() and (path / _JSON).is_file():
+        shutil.rmtree(old)

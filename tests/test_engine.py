@@ -1,0 +1,411 @@
+"""Engine unit tests: loss, device/AMP choice, optimizer and schedules, checkpoints, the loop and its hooks."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import capkit
+from capkit.engine import (
+    CheckpointHook,
+    EarlyStoppingHook,
+    EncoderFinetuneHook,
+    EvalHook,
+    Hook,
+    LoggingHook,
+    LRSchedulerHook,
+    Trainer,
+    build_optimizer,
+    build_scheduler,
+    build_train_sampler,
+    caption_loss,
+    load_checkpoint,
+    resolve_amp_dtype,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+)
+from capkit.engine import checkpoint as checkpoint_module
+from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, DecoderOutput, EncoderOutput
+
+AUX = {"doubly_stochastic": 1.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(finetune: str = "none") -> capkit.Captioner:
+    return capkit.build_captioner(
+        {
+            "encoder": {"name": "timm", "model_name": "test_efficientnet", "finetune": finetune},
+            "attention": {"name": "bahdanau", "attn_dim": 16},
+            "decoder": {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32},
+        },
+        vocab_size=20,
+    )
+
+
+def random_captions(n: int, g: torch.Generator, max_words: int = 5) -> torch.Tensor:
+    captions = torch.full((n, max_words + 2), PAD_ID)
+    for i in range(n):
+        k = int(torch.randint(1, max_words + 1, (1,), generator=g))
+        captions[i, 0], captions[i, k + 1] = BOS_ID, EOS_ID
+        captions[i, 1 : k + 1] = torch.randint(4, 20, (k,), generator=g)
+    return captions
+
+
+class ToyData(Dataset):
+    """n items of cached features (grid 2 x 2, 256 channels: test_efficientnet's) or 32 x 32 images."""
+
+    def __init__(self, n: int = 16, images: bool = False):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 32, 32, generator=g) if images else torch.randn(n, 4, 256, generator=g)
+        self.images = images
+        self.captions = random_captions(n, g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return str(i), self.x[i], self.captions[i]
+
+    def collate(self, items) -> CaptionBatch:
+        ids, xs, caps = zip(*items)
+        x = torch.stack(xs)
+        if self.images:
+            return CaptionBatch(list(ids), captions=torch.stack(caps), images=x)
+        return CaptionBatch(list(ids), captions=torch.stack(caps), features=EncoderOutput(x, (2, 2)))
+
+
+def make_trainer(hooks=(), *, n=16, epochs=2, finetune="none", images=False, seed=0, **kwargs) -> Trainer:
+    seed_everything(seed)
+    model = tiny_model(finetune)
+    data = ToyData(n, images)
+    loader = DataLoader(data, batch_size=4, sampler=build_train_sampler(data, seed=seed), collate_fn=data.collate)
+    optimizer = build_optimizer(model, lr=1e-2, encoder_lr=1e-3)
+    kwargs = {"device": "cpu", "aux_loss_weights": AUX, "progress": False, **kwargs}
+    return Trainer(model, optimizer, loader, epochs=epochs, hooks=hooks, **kwargs)
+
+
+class Recorder(Hook):
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def before_train(self, trainer):
+        self.events.append(("before_train",))
+
+    def before_epoch(self, trainer):
+        self.events.append(("before_epoch", trainer.epoch))
+
+    def after_step(self, trainer, loss):
+        self.events.append(("after_step", trainer.global_step))
+
+    def after_epoch(self, trainer):
+        self.events.append(("after_epoch", trainer.epoch))
+
+    def after_eval(self, trainer, metrics):
+        self.events.append(("after_eval", trainer.epoch, metrics))
+
+    def after_train(self, trainer):
+        self.events.append(("after_train", type(trainer.error).__name__ if trainer.error else None))
+
+
+# --- loss ---------------------------------------------------------------------------------------------------
+
+
+def test_caption_loss_is_mean_cross_entropy_over_non_pad_targets_plus_weighted_aux():
+    g = torch.Generator().manual_seed(0)
+    captions = torch.tensor([[BOS_ID, 5, 6, EOS_ID], [BOS_ID, 7, EOS_ID, PAD_ID]])
+    logits = torch.randn(2, 3, 20, generator=g)
+    out = DecoderOutput(logits, torch.ones(2, 3, 4) / 4, {"doubly_stochastic": torch.tensor(2.0)})
+    logp = logits.log_softmax(-1)
+    targets = [(0, 0, 5), (0, 1, 6), (0, 2, EOS_ID), (1, 0, 7), (1, 1, EOS_ID)]  # the pad target is left out
+    ce = -sum(logp[b, t, w] for b, t, w in targets) / len(targets)
+    total, parts = caption_loss(out, captions, aux_loss_weights={"doubly_stochastic": 0.5})
+    assert parts["ce"].item() == pytest.approx(ce.item(), abs=1e-6)
+    assert total.item() == pytest.approx(ce.item() + 0.5 * 2.0, abs=1e-6)
+    smoothed, _ = caption_loss(out, captions, aux_loss_weights={"doubly_stochastic": 0.0}, label_smoothing=0.1)
+    uniform = -sum(logp[b, t].mean() for b, t, _ in targets) / len(targets)
+    assert smoothed.item() == pytest.approx(0.9 * ce.item() + 0.1 * uniform.item(), abs=1e-6)
+
+
+def test_caption_loss_needs_one_weight_per_aux_loss():
+    out = DecoderOutput(torch.zeros(1, 2, 20), torch.ones(1, 2, 4) / 4, {"doubly_stochastic": torch.tensor(1.0)})
+    captions = torch.tensor([[BOS_ID, 5, EOS_ID]])
+    with pytest.raises(ValueError, match=r"weights for nothing but the decoder returns .*\['doubly_stochastic'\]"):
+        caption_loss(out, captions, aux_loss_weights={})
+    with pytest.raises(ValueError, match=r"weights for \['doubly_stochastic', 'typo'\]"):
+        caption_loss(out, captions, aux_loss_weights={"doubly_stochastic": 1.0, "typo": 1.0})
+
+
+# --- device and AMP -----------------------------------------------------------------------------------------
+
+
+def test_device_and_amp_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_amp_dtype("auto", cpu) is None and resolve_amp_dtype("none", cpu) is None
+    assert resolve_amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="amp=fp16 needs a CUDA device"):
+        resolve_amp_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="amp must be one of auto, bf16, fp16, none, got 'half'"):
+        resolve_amp_dtype("half", cpu)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp_dtype("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp_dtype("auto", cuda) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == cpu
+    with pytest.raises(RuntimeError, match="'cuda:1' was asked for but CUDA is not available"):
+        resolve_device("cuda:1")
+
+
+# --- optimizer and schedules --------------------------------------------------------------------------------
+
+
+def test_build_optimizer_puts_the_trainable_encoder_in_its_own_group():
+    frozen = build_optimizer(tiny_model("none"), lr=1e-3)
+    assert [g["name"] for g in frozen.param_groups] == ["decoder"]
+    model = tiny_model("last")
+    opt = build_optimizer(model, lr=1e-3, encoder_lr=1e-4, weight_decay=0.1)
+    decoder, encoder = opt.param_groups
+    assert (decoder["name"], decoder["lr"], encoder["name"], encoder["lr"]) == ("decoder", 1e-3, "encoder", 1e-4)
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in model.encoder.parameters() if p.requires_grad}
+    assert {id(p) for p in decoder["params"]} == {id(p) for p in model.decoder.parameters()}
+    assert encoder["weight_decay"] == 0.1
+
+
+def test_build_scheduler():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert build_scheduler(opt, "none", epochs=4) is None
+    cosine = build_scheduler(opt, "cosine", epochs=4)
+    for _ in range(4):
+        opt.step()
+        cosine.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    plateau = build_scheduler(opt, "plateau", epochs=4, factor=0.5, patience=0, mode="max")
+    opt.param_groups[0]["lr"] = 1.0
+    plateau.step(1.0)
+    plateau.step(0.5)  # worse, patience 0: halve
+    assert opt.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="unknown scheduler 'step'; choose one of plateau, cosine, none"):
+        build_scheduler(opt, "step", epochs=4)
+    with pytest.raises(ValueError, match="needs the validation metric"):
+        LRSchedulerHook(plateau)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+
+def _state(version: int) -> dict:
+    return {
+        "model": {"w": torch.full((2, 3), float(version)), "n": torch.tensor(version)},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "m": torch.ones(2, dtype=torch.float64)}},
+                      "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}]},
+        "rng": [torch.ByteTensor([1, 2, 3]), [4, 5]],
+        "best": math.inf, "none": None, "flag": True, "version": version,
+    }
+
+
+def test_checkpoint_round_trip(tmp_path):
+    save_checkpoint(tmp_path / "last", _state(1))
+    loaded = load_checkpoint(tmp_path / "last")
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["model.safetensors", "state.json", "state.safetensors"]
+    assert torch.equal(loaded["model"]["w"], torch.ones(2, 3)) and loaded["model"]["n"].item() == 1
+    opt = loaded["optimizer"]
+    assert list(opt["state"]) == [0]  # int keys survive JSON
+    assert opt["state"][0]["m"].dtype == torch.float64 and torch.equal(opt["state"][0]["step"], torch.tensor(3.0))
+    assert opt["param_groups"] == [{"params": [0], "betas": [0.9, 0.999], "lr": 1e-3}]  # tuples come back as lists
+    assert torch.equal(loaded["rng"][0], torch.ByteTensor([1, 2, 3])) and loaded["rng"][1] == [4, 5]
+    assert (loaded["best"], loaded["none"], loaded["flag"], loaded["version"]) == (math.inf, None, True, 1)
+    with pytest.raises(TypeError, match=r"cannot store object at 'extra.0' .*nothing that would need pickle"):
+        save_checkpoint(tmp_path / "bad", {**_state(1), "extra": [object()]})
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.tmp-*"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_checkpoint_survives_failed_and_interrupted_saves(tmp_path, monkeypatch):
+    path = tmp_path / "last"
+    save_checkpoint(path, _state(1))
+    real_save_file = checkpoint_module.save_file
+
+    def crash_after_model(tensors, filename, metadata=None):
+        if filename.endswith("state.safetensors"):
+            raise OSError("disk full")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", crash_after_model)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, _state(2))
+    monkeypatch.undo()
+    assert load_checkpoint(path)["version"] == 1 and sorted(os.listdir(tmp_path)) == ["last"]
+    # a kill between the two renames leaves only last.old, which load_checkpoint falls back to
+    os.replace(path, tmp_path / "last.old")
+    (tmp_path / ".last.tmp-killed").mkdir()  # and a kill mid-write leaves a temporary directory
+    assert load_checkpoint(path)["version"] == 1
+    save_checkpoint(path, _state(3))
+    assert load_checkpoint(path)["version"] == 3 and sorted(os.listdir(tmp_path)) == ["last"]
+
+
+def test_checkpoint_survives_sigkill_during_saves(tmp_path):
+    """A process saving in a loop is SIGKILLed at arbitrary moments; the checkpoint always loads."""
+    script = (
+        "import sys, torch\nfrom capkit.engine.checkpoint import save_checkpoint\n"
+        "for v in range(10**6):\n"
+        "    save_checkpoint(sys.argv[1], {'model': {'w': torch.full((256, 1024), float(v))}, 'v': v})\n"
+        "    print(v, flush=True)\n"
+    )
+    path = tmp_path / "last"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    for _ in range(3):
+        proc.stdout.readline()  # saves are under way
+    time.sleep(0.017)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    state = load_checkpoint(path)
+    assert state["v"] >= 2 and torch.equal(state["model"]["w"], torch.full((256, 1024), float(state["v"])))
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+
+
+def test_hook_events_in_order_and_eval_period():
+    rec = Recorder()
+    metrics = iter([{"score": 1.0}, {"score": 2.0}])
+    trainer = make_trainer([EvalHook(lambda m: next(metrics), every_epochs=2), rec], n=8, epochs=3)
+    trainer.fit()
+    assert rec.events == [
+        ("before_train",),
+        ("before_epoch", 0), ("after_step", 1), ("after_step", 2), ("after_epoch", 0),
+        ("before_epoch", 1), ("after_step", 3), ("after_step", 4), ("after_eval", 1, {"score": 1.0}), ("after_epoch", 1),
+        ("before_epoch", 2), ("after_step", 5), ("after_step", 6), ("after_eval", 2, {"score": 2.0}), ("after_epoch", 2),
+        ("after_train", None),
+    ]
+    assert (trainer.epoch, trainer.global_step) == (3, 6)
+
+
+def test_eval_runs_in_eval_mode_without_grad_and_leaves_the_rng_alone():
+    seen = []
+
+    def evaluate(model):
+        seen.append((model.training, torch.is_grad_enabled()))
+        torch.rand(100)  # must not shift the training's random numbers
+        return {"score": 1.0}
+
+    plain = make_trainer(epochs=2)
+    plain.fit()
+    evaluated = make_trainer([EvalHook(evaluate)], epochs=2)
+    evaluated.fit()
+    assert seen == [(False, False), (False, False)]
+    for key, value in plain.module.state_dict().items():
+        assert torch.equal(value, evaluated.module.state_dict()[key]), key
+
+
+def test_same_seed_same_weights_and_different_seed_differs():
+    w = []
+    for seed in (3, 3, 4):
+        trainer = make_trainer(seed=seed)  # seeds, then builds
+        trainer.fit()
+        w.append(trainer.module.decoder.out.weight)
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+
+
+def test_non_finite_loss_names_epoch_and_step_and_after_train_still_runs():
+    rec = Recorder()
+    trainer = make_trainer([rec], n=16, epochs=2)
+
+    class PoisonAtStep(Hook):
+        def after_step(self, trainer, loss):
+            if trainer.global_step == 5:
+                with torch.no_grad():
+                    trainer.module.decoder.out.bias.fill_(math.nan)
+
+    trainer.hooks.insert(0, PoisonAtStep())
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at epoch 1, global step 6 "):
+        trainer.fit()
+    assert rec.events[-1] == ("after_train", "FloatingPointError")
+
+
+def test_max_steps_stops_mid_epoch_and_saves_last(tmp_path):
+    trainer = make_trainer([CheckpointHook(tmp_path)], n=16, epochs=3, max_steps=6)
+    trainer.fit()
+    assert (trainer.epoch, trainer.batch_in_epoch, trainer.global_step) == (1, 2, 6)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last")
+    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 2, 6)
+    assert not (tmp_path / "checkpoints" / "best").exists()
+
+
+def test_checkpoint_hook_must_be_last_and_hook_names_unique(tmp_path):
+    with pytest.raises(ValueError, match="CheckpointHook must be the last hook"):
+        make_trainer([CheckpointHook(tmp_path), Recorder()]).fit()
+    with pytest.raises(ValueError, match="hook names must be unique"):
+        make_trainer([Recorder(), Recorder()])
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path):
+    scores = iter([0.5, 0.7, 0.6, 0.6, 0.9])
+    trainer = make_trainer(
+        [EvalHook(lambda m: {"cider": next(scores)}), EarlyStoppingHook("cider", patience=2),
+         CheckpointHook(tmp_path, metric="cider")],
+        n=4, epochs=5,
+    )
+    trainer.fit()
+    assert trainer.epoch == 4  # stopped after the 4th evaluation: 0.6, 0.6 did not beat 0.7
+    assert trainer.stop_reason == "early stopping: cider has not improved on 0.7 for 2 evaluations"
+    best = load_checkpoint(tmp_path / "checkpoints" / "best")
+    assert (best["epoch"], best["hooks"]["CheckpointHook"]["best"]) == (2, 0.7)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last")["epoch"] == 4
+    with pytest.raises(KeyError, match=r"EarlyStoppingHook watches metric 'bleu4', but the evaluation returned only \['cider'\]"):
+        make_trainer([EvalHook(lambda m: {"cider": 1.0}), EarlyStoppingHook("bleu4", 1)], n=4, epochs=1).fit()
+
+
+def test_encoder_finetune_hook_unfreezes_the_encoder_group_at_its_epoch():
+    state = []
+
+    class Watch(Hook):
+        def after_step(self, trainer, loss):
+            enc = trainer.module.encoder
+            state.append((trainer.epoch, enc.frozen, enc.training))
+
+    trainer = make_trainer([EncoderFinetuneHook(from_epoch=1), Watch()], n=4, epochs=2, finetune="last", images=True)
+    before = {k: v.clone() for k, v in trainer.module.encoder.state_dict().items()}
+    trainer.fit()
+    assert state == [(0, True, False), (1, False, True)]
+    changed = [k for k, v in trainer.module.encoder.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed  # trained (and its batch-norm statistics moved) in epoch 1 only
+    with pytest.raises(ValueError, match="encoder fine-tuning from epoch 1 .* no 'encoder' group"):
+        make_trainer([EncoderFinetuneHook(from_epoch=1)], n=4, epochs=1).fit()
+
+
+def test_logging_hook_writes_metrics_jsonl_and_tensorboard(tmp_path):
+    trainer = make_trainer(
+        [EvalHook(lambda m: {"cider": 0.25}), LoggingHook(tmp_path, every_steps=2)], n=8, epochs=2, grad_clip=1.0
+    )
+    trainer.fit()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["epoch"]) for x in lines] == [(2, 0), (2, 0), (4, 1), (4, 1)]
+    step, val = lines[0], lines[1]
+    assert set(step) == {"step", "epoch", "loss", "loss/ce", "loss/doubly_stochastic", "lr"}
+    assert step["loss"] == pytest.approx(step["loss/ce"] + step["loss/doubly_stochastic"]) and step["lr"] == 1e-2
+    assert val == {"step": 2, "epoch": 0, "val/cider": 0.25}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
