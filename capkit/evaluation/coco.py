@@ -1,0 +1,171 @@
+"""The COCO caption metrics, computed by pycocoevalcap exactly as its ``COCOEvalCap`` does.
+
+The evaluator feeds them PTB-tokenized captions (``ptb_tokenize``), the standard COCO pipeline; called
+directly they score the strings they are given. Every metric is corpus-level and also gives per-image scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from pycocoevalcap.bleu.bleu import Bleu as _CocoBleu
+from pycocoevalcap.cider.cider import Cider as _CocoCider
+from pycocoevalcap.meteor.meteor import Meteor as _CocoMeteor
+from pycocoevalcap.rouge.rouge import Rouge as _CocoRouge
+from pycocoevalcap.spice import get_stanford_models as _spice_models
+from pycocoevalcap.spice.spice import Spice as _CocoSpice
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from capkit.evaluation.metric import ImageId, MetricResult, check_aligned, require_java
+from capkit.registry import METRICS
+
+__all__ = ["ptb_tokenize", "Bleu", "Meteor", "RougeL", "Cider", "Spice", "spice_missing_jars"]
+
+logger = logging.getLogger(__name__)
+K = TypeVar("K")
+
+
+def ptb_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
+    """Tokenize with Stanford's PTBTokenizer, lower-case and drop punctuation (pycocoevalcap's tokenizer)."""
+    require_java("The PTB tokenizer")
+    out = PTBTokenizer().tokenize({k: [{"caption": c} for c in caps] for k, caps in captions.items()})
+    short = [k for k, caps in captions.items() if len(out.get(k, ())) != len(caps)]
+    if short:
+        raise RuntimeError(
+            f"the PTB tokenizer returned too few lines ({len(short)} caption sets incomplete, e.g. {short[:3]}); "
+            f"see the Java error above"
+        )
+    return out
+
+
+def _as_lists(
+    hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]
+) -> tuple[list[ImageId], dict[ImageId, list[str]], dict[ImageId, list[str]]]:
+    """pycocoevalcap's layout: ``res = {id: [hyp]}``, ``gts = {id: [refs]}``, same key order."""
+    ids = check_aligned(hyps, refs)
+    return ids, {i: [hyps[i]] for i in ids}, {i: list(refs[i]) for i in ids}
+
+
+@METRICS.register("bleu")
+class Bleu:
+    """BLEU-1..n (pycocoevalcap: closest reference length, corpus level); keys ``bleu1`` .. ``bleu{n}``."""
+
+    ptb_tokenized = True
+
+    def __init__(self, n: int = 4):
+        self.n = n
+
+    def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
+        ids, res, gts = _as_lists(hyps, refs)
+        corpus, per_image = _CocoBleu(self.n).compute_score(gts, res, verbose=0)
+        keys = [f"bleu{k + 1}" for k in range(self.n)]
+        return MetricResult(
+            {key: float(s) for key, s in zip(keys, corpus)},
+            {i: {key: float(per_image[k][j]) for k, key in enumerate(keys)} for j, i in enumerate(ids)},
+        )
+
+
+@METRICS.register("meteor")
+class Meteor:
+    """METEOR 1.5 (``-l en -norm``), run by pycocoevalcap's jar in a Java subprocess; key ``meteor``.
+
+    The subprocess starts on the first call (10 s or more: it loads a paraphrase table) and serves later
+    calls of this instance; it ends when the instance is garbage-collected.
+    """
+
+    ptb_tokenized = True
+
+    def __init__(self) -> None:
+        self._scorer: _CocoMeteor | None = None
+
+    def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
+        ids, res, gts = _as_lists(hyps, refs)
+        # Lines are the jar's protocol: a newline inside a caption would desynchronise it.
+        res = {i: [h.replace("\n", " ") for h in hs] for i, hs in res.items()}
+        gts = {i: [r.replace("\n", " ") for r in rs] for i, rs in gts.items()}
+        require_java("METEOR")
+        if self._scorer is None:
+            self._scorer = _CocoMeteor()
+        scorer = self._scorer
+        try:
+            corpus, per_image = scorer.compute_score(gts, res)
+        except (ValueError, OSError) as err:  # the JVM exited: its output ended or its input pipe broke
+            self._scorer = None
+            scorer.meteor_p.kill()
+            with contextlib.suppress(OSError):  # unflushed input to a dead process; else Meteor.__del__ raises
+                scorer.meteor_p.stdin.close()
+            stderr = scorer.meteor_p.stderr.read().decode(errors="replace").strip()
+            raise RuntimeError(f"METEOR's Java process failed: {stderr or err}") from err
+        finally:
+            if scorer.lock.locked():  # compute_score raised holding the lock that Meteor.__del__ waits on
+                scorer.lock.release()
+        return MetricResult({"meteor": float(corpus)}, {i: {"meteor": float(s)} for i, s in zip(ids, per_image)})
+
+
+@METRICS.register("rouge_l")
+class RougeL:
+    """ROUGE-L F-measure (beta 1.2) against the best-matching reference, averaged over images; key ``rouge_l``."""
+
+    ptb_tokenized = True
+
+    def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
+        ids, res, gts = _as_lists(hyps, refs)
+        corpus, per_image = _CocoRouge().compute_score(gts, res)
+        return MetricResult({"rouge_l": float(corpus)}, {i: {"rouge_l": float(s)} for i, s in zip(ids, per_image)})
+
+
+@METRICS.register("cider")
+class Cider:
+    """CIDEr-D (pycocoevalcap's ``Cider``: sigma 6, clipping, x10), IDF from this corpus' references; key ``cider``.
+
+    A single-image corpus scores 0: every n-gram then has IDF log(1/1) = 0.
+    """
+
+    ptb_tokenized = True
+
+    def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
+        ids, res, gts = _as_lists(hyps, refs)
+        corpus, per_image = _CocoCider().compute_score(gts, res)
+        return MetricResult({"cider": float(corpus)}, {i: {"cider": float(s)} for i, s in zip(ids, per_image)})
+
+
+def spice_missing_jars() -> list[Path]:
+    """The Stanford CoreNLP jars SPICE needs that are not installed (pycocoevalcap downloads them on first use)."""
+    lib = Path(_spice_models.SPICEDIR) / _spice_models.SPICELIB
+    jars = [lib / f"{_spice_models.JAR}.jar", lib / f"{_spice_models.JAR}-models.jar"]
+    return [jar for jar in jars if not jar.is_file()]
+
+
+@METRICS.register("spice")
+class Spice:
+    """SPICE F-score (key ``spice``), only where its Stanford CoreNLP jars are installed.
+
+    pycocoevalcap would download them (about 400 MB) on first use; capkit never does. Without them this
+    metric logs one warning when built and then reports nothing.
+    """
+
+    ptb_tokenized = True
+
+    def __init__(self) -> None:
+        missing = spice_missing_jars()
+        self.available = not missing
+        if missing:
+            logger.warning(
+                "SPICE unavailable (skipped): missing %s. To enable it, run once with network access: "
+                "python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'",
+                ", ".join(str(p) for p in missing),
+            )
+
+    def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
+        if not self.available:
+            return MetricResult({})
+        ids, res, gts = _as_lists(hyps, refs)
+        require_java("SPICE")
+        corpus, per_image = _CocoSpice().compute_score(gts, res)  # per_image follows sorted(ids)
+        return MetricResult(
+            {"spice": float(corpus)},
+            {i: {"spice": float(s["All"]["f"])} for i, s in zip(sorted(ids), per_image)},
+        )

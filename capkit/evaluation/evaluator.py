@@ -1,0 +1,142 @@
+"""``CaptionEvaluator`` (reset / process / evaluate) and ``run_evaluation``, the generate-and-score loop."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from capkit.evaluation.coco import ptb_tokenize
+from capkit.evaluation.metric import ImageId, Metric, MetricResult, as_result, build_metric, check_aligned
+from capkit.evaluation.results import write_coco_results, write_per_image
+from capkit.types import CaptionBatch, Generation
+
+if TYPE_CHECKING:
+    from capkit.models.captioner import Captioner
+
+__all__ = ["CaptionEvaluator", "run_evaluation"]
+
+logger = logging.getLogger(__name__)
+
+
+class CaptionEvaluator:
+    """Collects one generated caption per image with its references, then scores them with registered metrics.
+
+    Args:
+        metrics: names in ``capkit.registry.METRICS`` (an unknown name raises ``KeyError`` here, with suggestions).
+        ptb_tokenize: run the COCO pipeline's PTB tokenizer (needs Java) once, for every metric that asks for it
+            (``ptb_tokenized = True``); False scores the raw strings, as nlg-eval does.
+
+    After ``evaluate()``, ``hypotheses``, ``references`` and ``result`` (with per-image scores) stay available
+    until ``reset()``.
+    """
+
+    def __init__(self, metrics: Sequence[str], *, ptb_tokenize: bool = True):
+        if not metrics:
+            raise ValueError("CaptionEvaluator needs at least one metric name")
+        self.metrics: dict[str, Metric] = {name: build_metric(name) for name in dict.fromkeys(metrics)}
+        self.ptb_tokenize = ptb_tokenize
+        self.reset()
+
+    def reset(self) -> None:
+        self.hypotheses: dict[ImageId, str] = {}
+        self.references: dict[ImageId, list[str]] = {}
+        self.result: MetricResult | None = None
+
+    def process(self, batch: CaptionBatch, generation: Generation, decode: Callable[[list[int]], str]) -> None:
+        """Store each image's best hypothesis, decoded to text, and its reference captions."""
+        if batch.references is None:
+            raise ValueError("CaptionEvaluator.process needs an evaluation batch: batch.references is None")
+        tokens = generation.tokens
+        if len(tokens) != len(batch):
+            raise ValueError(f"generation has {len(tokens)} captions for a batch of {len(batch)} images")
+        for image_id, ids, refs in zip(batch.image_ids, tokens, batch.references):
+            if image_id in self.hypotheses:
+                raise ValueError(
+                    f"image {image_id!r} was processed twice; an evaluation loader must yield each image once "
+                    f"(and reset() must be called between evaluations)"
+                )
+            self.hypotheses[image_id] = decode(ids)
+            self.references[image_id] = list(refs)
+
+    def evaluate(self) -> dict[str, float]:
+        """Score everything processed since ``reset()``: flat keys (``bleu4``, ``cider``, ...)."""
+        self.result = self.score(self.hypotheses, self.references)
+        return dict(self.result.scores)
+
+    def score(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
+        """Score ``hyps`` against ``refs`` with every metric; images in ``refs`` without a hypothesis are skipped."""
+        unused = len(refs) - sum(1 for i in hyps if i in refs)
+        if unused > 0:
+            logger.warning(
+                "%d of %d reference images have no hypothesis; scoring the other %d", unused, len(refs), len(refs) - unused
+            )
+            refs = {i: refs[i] for i in hyps if i in refs}
+        check_aligned(hyps, refs)
+        tokenized: tuple[dict[ImageId, str], dict[ImageId, list[str]]] | None = None
+        total = MetricResult({}, {i: {} for i in hyps})
+        for name, metric in self.metrics.items():
+            if self.ptb_tokenize and getattr(metric, "ptb_tokenized", False):
+                if tokenized is None:
+                    tokenized = _ptb_tokenize_pairs(hyps, refs)
+                result = as_result(name, metric(*tokenized))
+            else:
+                result = as_result(name, metric(hyps, refs))
+            clash = sorted(set(result.scores) & set(total.scores))
+            if clash:
+                raise ValueError(f"metric {name!r} reports {clash}, which another selected metric already reported")
+            total.scores.update(result.scores)
+            for image_id, scores in result.per_image.items():
+                total.per_image.setdefault(image_id, {}).update(scores)
+        return total
+
+    def coco_results(self) -> list[dict]:
+        """The processed captions in COCO results format ``[{"image_id", "caption"}]``."""
+        return [{"image_id": i, "caption": c} for i, c in self.hypotheses.items()]
+
+    def save(self, results_path: str | os.PathLike, per_image_path: str | os.PathLike | None = None) -> None:
+        """Write the captions as COCO results JSON and, after ``evaluate()``, the per-image scores JSON."""
+        write_coco_results(results_path, self.hypotheses)
+        if per_image_path is not None:
+            if self.result is None:
+                raise RuntimeError("per-image scores exist only after evaluate()")
+            write_per_image(per_image_path, self.hypotheses, self.references, self.result.per_image)
+
+
+def _ptb_tokenize_pairs(
+    hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]
+) -> tuple[dict[ImageId, str], dict[ImageId, list[str]]]:
+    """PTB-tokenize hypotheses and references in one Java call."""
+    captions = {("hyp", i): [h] for i, h in hyps.items()} | {("ref", i): list(r) for i, r in refs.items()}
+    out = ptb_tokenize(captions)
+    return {i: out[("hyp", i)][0] for i in hyps}, {i: out[("ref", i)] for i in refs}
+
+
+@torch.no_grad()
+def run_evaluation(
+    model: Captioner,
+    loader: Iterable[CaptionBatch],
+    evaluator: CaptionEvaluator,
+    *,
+    beam_size: int,
+    max_len: int,
+    length_penalty: float,
+    decode: Callable[[list[int]], str],
+) -> dict[str, float]:
+    """Caption every batch with beam search in eval mode (the model's mode is restored after), then score."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    try:
+        for batch in loader:
+            batch = batch.to(device)
+            generation = model.generate(
+                batch.images, batch.features, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty
+            )
+            evaluator.process(batch, generation, decode)
+    finally:
+        model.train(was_training)
+    return evaluator.evaluate()
