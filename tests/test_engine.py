@@ -409,3 +409,28 @@ def test_logging_hook_writes_metrics_jsonl_and_tensorboard(tmp_path):
     assert step["loss"] == pytest.approx(step["loss/ce"] + step["loss/doubly_stochastic"]) and step["lr"] == 1e-2
     assert val == {"step": 2, "epoch": 0, "val/cider": 0.25}
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bf16_autocast_trains_on_cpu():
+    trainer = make_trainer(n=8, epochs=1, amp="bf16")
+    assert trainer.amp_dtype is torch.bfloat16 and not trainer.scaler.is_enabled()
+    before = trainer.module.decoder.out.weight.clone()
+    trainer.fit()
+    assert math.isfinite(trainer.loss_parts["ce"]) and not torch.equal(before, trainer.module.decoder.out.weight)
+
+
+def test_grad_scaler_path_matches_unscaled_training_and_is_checkpointed(tmp_path):
+    """The fp16 path (scale, unscale for clipping, step, update) on a CPU GradScaler: scaling by a power of
+    two is exact, so the weights equal an unscaled run's."""
+    plain = make_trainer(n=8, epochs=1, grad_clip=0.5)
+    plain.fit()
+    scaled = make_trainer([CheckpointHook(tmp_path)], n=8, epochs=1, grad_clip=0.5)
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
+    scaled.fit()
+    for key, value in plain.module.state_dict().items():
+        assert torch.equal(value, scaled.module.state_dict()[key]), key
+    assert scaled.scaler.get_scale() == 2.0**14  # grew after each of the 2 steps
+    resumed = make_trainer(n=8, epochs=1)
+    resumed.scaler = torch.amp.GradScaler("cpu")
+    resumed.resume(tmp_path / "checkpoints" / "last")
+    assert resumed.scaler.get_scale() == 2.0**14 and (resumed.epoch, resumed.global_step) == (1, 2)

@@ -173,6 +173,42 @@ def test_sigkilled_run_resumes_exactly(tmp_path, reference, kill_at, saved_posit
     assert lines == [pytest.approx(x, rel=1e-6) for x in ref_lines]
 
 
+class NoisyToyCaptions(ToyCaptions):
+    """Random augmentation drawn in the loader's worker processes (seeded from the loader's base seed)."""
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        image_id, image, caption = super().__getitem__(i)
+        return image_id, image + 0.5 * torch.randn_like(image), caption
+
+
+def _train_with_workers(run_dir: Path, max_steps: int | None = None, resume: bool = False) -> Trainer:
+    seed_everything(SEED)
+    model = tiny_model()
+    data = NoisyToyCaptions(16)
+    loader = DataLoader(
+        data, batch_size=BATCH, sampler=build_train_sampler(data, seed=SEED), collate_fn=collate, num_workers=2
+    )
+    trainer = Trainer(
+        model, build_optimizer(model, lr=3e-3), loader, epochs=2, hooks=[CheckpointHook(run_dir)], device="cpu",
+        aux_loss_weights={"doubly_stochastic": 1.0}, max_steps=max_steps, progress=False,
+    )
+    if resume:
+        trainer.resume(run_dir / "checkpoints" / "last")
+    trainer.fit()
+    return trainer
+
+
+def test_resume_replays_worker_augmentation(tmp_path):
+    """A run stopped mid-epoch (max_steps, which saves ``last``) and resumed sees the same augmented batches."""
+    ref = _train_with_workers(tmp_path / "ref")
+    cut = _train_with_workers(tmp_path / "cut", max_steps=6)  # epoch 1, 2 of its 4 batches done
+    assert (cut.epoch, cut.batch_in_epoch) == (1, 2)
+    resumed = _train_with_workers(tmp_path / "cut", resume=True)
+    assert resumed.global_step == ref.global_step == 8
+    for key, value in ref.module.state_dict().items():
+        assert torch.equal(value, resumed.module.state_dict()[key]), key
+
+
 def test_checkpoint_position_and_content(reference):
     ref, ref_dir = reference
     last = load_checkpoint(ref_dir / "checkpoints" / "last")

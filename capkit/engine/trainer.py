@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, SequentialSampler
@@ -96,7 +97,8 @@ class Trainer:
         self.error: BaseException | None = None
         self.stop_reason: str | None = None
         self._epoch_done = False
-        self._resume_rng: dict[str, Any] | None = None
+        self._epoch_rng: dict[str, Any] | None = None  # the RNG state at the start of the current epoch
+        self._resume_rng: dict[str, Any] | None = None  # set by load_state_dict until fit reaches that position
         self._trainable: tuple[bool, ...] | None = None
 
     @property
@@ -131,15 +133,22 @@ class Trainer:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
-        if self.batch_in_epoch == 0:
-            self._restore_rng()  # an epoch-end checkpoint holds the RNG as it was before this epoch's hooks
+        # Exact resume replays the epoch's start with the RNG as it was then: iter() draws the workers' base
+        # seed from it, and skipping the finished batches makes every worker reach the same point of its
+        # stream. Then the RNG is set to its state after the checkpoint's step (dropout, in-process data).
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng["epoch"])
+        self._epoch_rng = get_rng_state()
         self.call("before_epoch")
         self._sync_parallel()
         self.model.train()
-        batches = iter(self.train_loader)  # draws the loader's base seed from the global RNG
+        batches = iter(self.train_loader)
         for _ in range(self.batch_in_epoch):  # resume: skip the batches done before the checkpoint
             next(batches)
-        self._restore_rng()  # a mid-epoch checkpoint holds the RNG as it was after its step
+        if self._resume_rng is not None:
+            if self.batch_in_epoch:
+                set_rng_state(self._resume_rng["step"])
+            self._resume_rng = None
         bar = tqdm(
             total=len(self.train_loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
             disable=not (self.progress and self.is_main), dynamic_ncols=True,
@@ -163,7 +172,7 @@ class Trainer:
         self._epoch_done = False
 
     def train_step(self, batch: CaptionBatch) -> float:
-        """One optimizer step on ``batch``; returns the total loss."""
+        """One optimizer step on ``batch``; returns the total loss (averaged over ranks)."""
         if batch.captions is None:
             raise ValueError("training batches need captions; got an evaluation batch (captions=None)")
         batch = batch.to(self.device, non_blocking=True)
@@ -175,8 +184,8 @@ class Trainer:
         loss, parts = caption_loss(
             out, batch.captions, aux_loss_weights=self.aux_loss_weights, label_smoothing=self.label_smoothing
         )
-        value = loss.item()
-        if not math.isfinite(value):
+        value = self._mean_over_ranks(loss.detach())
+        if not math.isfinite(value):  # every rank sees the same value, so all stop together
             raise FloatingPointError(
                 f"non-finite loss {value} at epoch {self.epoch}, global step {self.global_step + 1} "
                 f"(parts: { {k: v.item() for k, v in parts.items()} }); try a lower lr, grad_clip or amp=none"
@@ -190,6 +199,14 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return value
+
+    @staticmethod
+    def _mean_over_ranks(loss: torch.Tensor) -> float:
+        if world_size() > 1:
+            loss = loss.clone()
+            dist.all_reduce(loss)
+            loss /= world_size()
+        return loss.item()
 
     def _sync_parallel(self) -> None:
         """(Re)wrap the model in DDP when several ranks train and the set of trainable parameters changed
@@ -205,11 +222,12 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly from here (the checkpoint's content, minus config and vocab)."""
         epoch, batch = (self.epoch + 1, 0) if self._epoch_done else (self.epoch, self.batch_in_epoch)
+        rng = get_rng_state()
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": get_rng_state(),
+            "rng": {"step": rng, "epoch": self._epoch_rng if batch else rng},  # see _run_epoch
             "epoch": epoch,
             "batch_in_epoch": batch,
             "global_step": self.global_step,
@@ -239,8 +257,3 @@ class Trainer:
     def resume(self, path: str) -> None:
         """Continue from the checkpoint directory ``path`` (e.g. ``RUN_DIR/checkpoints/last``)."""
         self.load_state_dict(load_checkpoint(path))
-
-    def _restore_rng(self) -> None:
-        if self._resume_rng is not None:
-            set_rng_state(self._resume_rng)
-            self._resume_rng = None
