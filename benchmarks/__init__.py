@@ -1,0 +1,1 @@
+"""capkit benchmarks: ``python -m benchmarks`` runs every ``bench_*.py`` module's ``main()``."""
