@@ -8,11 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import capkit

@@ -181,12 +181,13 @@ class NoisyToyCaptions(ToyCaptions):
         return image_id, image + 0.5 * torch.randn_like(image), caption
 
 
-def _train_with_workers(run_dir: Path, max_steps: int | None = None, resume: bool = False) -> Trainer:
+def _train_with_workers(run_dir: Path, generator: bool, max_steps: int | None = None, resume: bool = False) -> Trainer:
     seed_everything(SEED)
     model = tiny_model()
     data = NoisyToyCaptions(16)
     loader = DataLoader(
-        data, batch_size=BATCH, sampler=build_train_sampler(data, seed=SEED), collate_fn=collate, num_workers=2
+        data, batch_size=BATCH, sampler=build_train_sampler(data, seed=SEED), collate_fn=collate, num_workers=2,
+        generator=torch.Generator().manual_seed(SEED) if generator else None,  # else: from the global RNG
     )
     trainer = Trainer(
         model, build_optimizer(model, lr=3e-3), loader, epochs=2, hooks=[CheckpointHook(run_dir)], device="cpu",
@@ -198,12 +199,13 @@ def _train_with_workers(run_dir: Path, max_steps: int | None = None, resume: boo
     return trainer
 
 
-def test_resume_replays_worker_augmentation(tmp_path):
+@pytest.mark.parametrize("generator", [False, True], ids=["global_rng", "loader_generator"])
+def test_resume_replays_worker_augmentation(tmp_path, generator):
     """A run stopped mid-epoch (max_steps, which saves ``last``) and resumed sees the same augmented batches."""
-    ref = _train_with_workers(tmp_path / "ref")
-    cut = _train_with_workers(tmp_path / "cut", max_steps=6)  # epoch 1, 2 of its 4 batches done
+    ref = _train_with_workers(tmp_path / "ref", generator)
+    cut = _train_with_workers(tmp_path / "cut", generator, max_steps=6)  # epoch 1, 2 of its 4 batches done
     assert (cut.epoch, cut.batch_in_epoch) == (1, 2)
-    resumed = _train_with_workers(tmp_path / "cut", resume=True)
+    resumed = _train_with_workers(tmp_path / "cut", generator, resume=True)
     assert resumed.global_step == ref.global_step == 8
     for key, value in ref.module.state_dict().items():
         assert torch.equal(value, resumed.module.state_dict()[key]), key

@@ -3,6 +3,7 @@ early stopping are hooks (``capkit.engine.hooks``)."""
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -97,7 +98,8 @@ class Trainer:
         self.error: BaseException | None = None
         self.stop_reason: str | None = None
         self._epoch_done = False
-        self._epoch_rng: dict[str, Any] | None = None  # the RNG state at the start of the current epoch
+        self._epoch_rng: dict[str, Any] | None = None  # the RNG states at the start of the current epoch
+        self._loader_rng: torch.Tensor | None = None
         self._resume_rng: dict[str, Any] | None = None  # set by load_state_dict until fit reaches that position
         self._trainable: tuple[bool, ...] | None = None
 
@@ -133,12 +135,17 @@ class Trainer:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
-        # Exact resume replays the epoch's start with the RNG as it was then: iter() draws the workers' base
-        # seed from it, and skipping the finished batches makes every worker reach the same point of its
-        # stream. Then the RNG is set to its state after the checkpoint's step (dropout, in-process data).
+        # Exact resume replays the epoch's start with the RNGs as they were then: iter() draws the workers'
+        # base seed from the loader's generator (or the global RNG), and skipping the finished batches brings
+        # every worker to the same point of its stream. Then the global RNG is set to its state after the
+        # checkpoint's step (dropout, in-process data loading).
+        generator = getattr(self.train_loader, "generator", None)
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng["epoch"])
+            if generator is not None and self._resume_rng["loader"] is not None:
+                generator.set_state(self._resume_rng["loader"])
         self._epoch_rng = get_rng_state()
+        self._loader_rng = None if generator is None else generator.get_state()
         self.call("before_epoch")
         self._sync_parallel()
         self.model.train()
@@ -150,7 +157,7 @@ class Trainer:
                 set_rng_state(self._resume_rng["step"])
             self._resume_rng = None
         bar = tqdm(
-            total=len(self.train_loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
+            total=_length(self.train_loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
             disable=not (self.progress and self.is_main), dynamic_ncols=True,
         )
         start, seen = time.perf_counter(), 0
@@ -227,7 +234,11 @@ class Trainer:
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"step": rng, "epoch": self._epoch_rng if batch else rng},  # see _run_epoch
+            "rng": {  # see _run_epoch
+                "step": rng,
+                "epoch": self._epoch_rng if batch else rng,
+                "loader": self._loader_rng if batch else _generator_state(self.train_loader),
+            },
             "epoch": epoch,
             "batch_in_epoch": batch,
             "global_step": self.global_step,
@@ -253,7 +264,25 @@ class Trainer:
                 f"no set_epoch: the rest of the epoch will not see the same batches; use build_train_sampler",
                 stacklevel=2,
             )
+        if getattr(self.train_loader, "persistent_workers", False):
+            warnings.warn(
+                "the train loader has persistent workers: their random streams are not replayed on resume, so "
+                "random augmentations drawn in the workers (if the dataset makes any) differ from the interrupted run's",
+                stacklevel=2,
+            )
 
-    def resume(self, path: str) -> None:
+    def resume(self, path: str | os.PathLike) -> None:
         """Continue from the checkpoint directory ``path`` (e.g. ``RUN_DIR/checkpoints/last``)."""
         self.load_state_dict(load_checkpoint(path))
+
+
+def _generator_state(loader: Any) -> torch.Tensor | None:
+    generator = getattr(loader, "generator", None)
+    return None if generator is None else generator.get_state()
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable dataset without __len__
+        return None
