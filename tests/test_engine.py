@@ -27,6 +27,7 @@ from capkit.engine import (
     build_scheduler,
     build_train_sampler,
     caption_loss,
+    init_distributed,
     load_checkpoint,
     resolve_amp_dtype,
     resolve_device,
@@ -432,3 +433,27 @@ def test_grad_scaler_path_matches_unscaled_training_and_is_checkpointed(tmp_path
     resumed.scaler = torch.amp.GradScaler("cpu")
     resumed.resume(tmp_path / "checkpoints" / "last")
     assert resumed.scaler.get_scale() == 2.0**14 and (resumed.epoch, resumed.global_step) == (1, 2)
+
+
+def test_progress_bar_shows_loss_and_throughput(capsys):
+    make_trainer(n=8, epochs=1, progress=True).fit()
+    err = capsys.readouterr().err
+    assert "epoch 0" in err and "loss=" in err and "captions_s=" in err and "2/2" in err
+
+
+def test_resume_inside_an_epoch_warns_when_the_order_cannot_repeat(tmp_path):
+    make_trainer([CheckpointHook(tmp_path)], n=16, epochs=1, max_steps=2).fit()
+    trainer = make_trainer(n=16, epochs=1)
+    trainer.train_loader = DataLoader(ToyData(16), batch_size=4, shuffle=True, collate_fn=ToyData(16).collate)
+    with pytest.warns(UserWarning, match="sampler \\(RandomSampler\\) has no set_epoch.*use build_train_sampler"):
+        trainer.resume(tmp_path / "checkpoints" / "last")
+
+
+def test_init_distributed_without_torchrun_and_with_a_broken_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = init_distributed("cpu")
+    assert (info.rank, info.local_rank, info.world_size, info.device, info.is_main) == (0, 0, 1, torch.device("cpu"), True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but .*MASTER_PORT unset; launch with torchrun"):
+        init_distributed("cpu")
