@@ -6,6 +6,8 @@ import sys
 
 COMMANDS = {
     "list": "capkit.cli.list_components",
+    "train": "capkit.cli.train",
+    "caption": "capkit.cli.caption",
     "evaluate": "capkit.cli.evaluate",
 }
 

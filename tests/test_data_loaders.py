@@ -1,6 +1,14 @@
 import torch
 
-from capkit.data import TrainingDataset, Vocabulary, build_dataloaders, build_loader, collate_batch
+from capkit.data import (
+    TrainingDataset,
+    Vocabulary,
+    build_eval_loader,
+    build_loader,
+    build_train_loader,
+    collate_batch,
+    load_split,
+)
 from capkit.data.loaders import Sample
 from capkit.types import BOS_ID, EOS_ID, PAD_ID
 
@@ -50,18 +58,23 @@ def test_one_training_sample_per_caption_and_seeded_epoch_order():
     assert len(shards[0]) == len(shards[1]) == 6 and sorted(shards[0] + shards[1]) == sorted(order(2))
 
 
-def test_build_dataloaders_on_shapes_with_and_without_cache(tiny_encoder, tmp_path):
-    common = dict(batch_size=8, num_workers=0, vocab_min_count=1, cache_dir=tmp_path)
-    cached = build_dataloaders(SHAPES, tiny_encoder, **common)
-    assert len(cached.train.dataset) == 60 and len(cached.val.dataset) == 4
-    batch = next(iter(cached.train))
+def test_train_and_eval_loaders_on_shapes_with_and_without_cache(tiny_encoder, tmp_path):
+    common = dict(num_workers=0, cache_dir=tmp_path)
+    train, val = load_split(SHAPES, "train"), load_split(SHAPES, "val")
+    vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
+    cached_train = build_train_loader(train, tiny_encoder, vocab, batch_size=8, **common)
+    cached_val = build_eval_loader(val, tiny_encoder, batch_size=8, **common)
+    assert len(cached_train.dataset) == 60 and len(cached_val.dataset) == 4
+    batch = next(iter(cached_train))
     assert batch.images is None and batch.features.feats.shape == (8, 25, 256) and batch.features.grid == (5, 5)
     assert batch.captions[:, 0].eq(BOS_ID).all() and batch.captions.shape[0] == 8
-    val = next(iter(cached.val))
-    assert len(val.references) == 4 and all(len(r) == 5 for r in val.references)
+    first_val = next(iter(cached_val))
+    assert len(first_val.references) == 4 and all(len(r) == 5 for r in first_val.references)
+    assert len(build_eval_loader(val, tiny_encoder, batch_size=8, max_images=3, **common).dataset) == 3
 
-    raw = build_dataloaders(SHAPES, tiny_encoder, cache_features=False, vocab=cached.vocab, **common)
-    batch = next(iter(raw.train))
+    raw_train = build_train_loader(train, tiny_encoder, vocab, batch_size=8, cache_features=False, **common)
+    batch = next(iter(raw_train))
     assert batch.features is None and batch.images.shape == (8, 3, 160, 160)
-    out = tiny_encoder(next(iter(raw.val)).images)
-    assert torch.allclose(out.feats, next(iter(cached.val)).features.feats, atol=0.05, rtol=0.01)  # float16 cache
+    raw_val = build_eval_loader(val, tiny_encoder, batch_size=8, cache_features=False, **common)
+    out = tiny_encoder(next(iter(raw_val)).images)
+    assert torch.allclose(out.feats, first_val.features.feats, atol=0.05, rtol=0.01)  # float16 cache

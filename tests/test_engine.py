@@ -144,13 +144,20 @@ def test_caption_loss_is_mean_cross_entropy_over_non_pad_targets_plus_weighted_a
     assert smoothed.item() == pytest.approx(0.9 * ce.item() + 0.1 * uniform.item(), abs=1e-6)
 
 
-def test_caption_loss_needs_one_weight_per_aux_loss():
+def test_caption_loss_needs_a_weight_for_every_returned_aux_loss():
     out = DecoderOutput(torch.zeros(1, 2, 20), torch.ones(1, 2, 4) / 4, {"doubly_stochastic": torch.tensor(1.0)})
     captions = torch.tensor([[BOS_ID, 5, EOS_ID]])
-    with pytest.raises(ValueError, match=r"weights for nothing but the decoder returns .*\['doubly_stochastic'\]"):
+    with pytest.raises(ValueError, match=r"no weight for \['doubly_stochastic'\].*doubly_stochastic: 1.0"):
         caption_loss(out, captions, aux_loss_weights={})
-    with pytest.raises(ValueError, match=r"weights for \['doubly_stochastic', 'typo'\]"):
-        caption_loss(out, captions, aux_loss_weights={"doubly_stochastic": 1.0, "typo": 1.0})
+    with pytest.raises(ValueError, match=r"no weight for \['doubly_stochastic'\]"):
+        caption_loss(out, captions, aux_loss_weights={"doubly_stochastc": 1.0})  # a typo
+
+
+def test_weights_of_losses_a_decoder_does_not_return_are_unused():
+    out = DecoderOutput(torch.zeros(1, 2, 20), torch.ones(1, 2, 4) / 4, {})  # e.g. the luong decoder
+    captions = torch.tensor([[BOS_ID, 5, EOS_ID]])
+    total, parts = caption_loss(out, captions, aux_loss_weights={"doubly_stochastic": 1.0})
+    assert set(parts) == {"ce"} and total.item() == pytest.approx(parts["ce"].item())
 
 
 # --- device and AMP -----------------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
 """``python -m capkit evaluate`` / ``tools/evaluate.py``: score captions with the registered metrics.
 
-Mode: ``--predictions PRED.json --references REFS.json`` scores a COCO results file, no model involved.
+Two modes:
+
+- ``--checkpoint RUN_DIR/checkpoints/best --split test --beam 3``: caption a split with a trained model
+  (batched beam search), then score it;
+- ``--predictions PRED.json --references REFS.json``: score a COCO results file, no model involved.
 """
 from __future__ import annotations
 
@@ -10,10 +14,16 @@ import logging
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 import capkit  # noqa: F401  (registers the builtins)
-from capkit.config import EvalConfig
+from capkit.config import EvalConfig, to_container
+from capkit.data import build_eval_loader, load_split
+from capkit.engine.device import resolve_device
 from capkit.evaluation import CaptionEvaluator, JavaNotFoundError, MetricResult, load_predictions, load_references
 from capkit.evaluation.results import write_per_image
+from capkit.evaluation.evaluator import run_evaluation
+from capkit.inference import load_trained
 from capkit.registry import METRICS
 
 
@@ -22,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capkit evaluate",
         description="Score generated captions with capkit's metrics (COCO caption metrics, sacrebleu, plugins).",
     )
+    model = parser.add_argument_group("caption a split with a trained model, then score it")
+    model.add_argument("--checkpoint", type=Path, metavar="DIR", help="checkpoint directory, e.g. RUN_DIR/checkpoints/best")
+    model.add_argument("--split", default="test", help="dataset split to caption (default: %(default)s)")
+    model.add_argument("--beam", type=int, default=3, help="beam size (1: greedy; default: %(default)s)")
+    model.add_argument("--max-len", type=int, help="most words per caption (default: the run's eval.max_len)")
+    model.add_argument("--length-penalty", type=float, help="default: the run's eval.length_penalty")
+    model.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="dataset overrides, e.g. root=/data/flickr8k (the run's data.dataset otherwise)")
+    model.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     files = parser.add_argument_group("score a results file (no model)")
     files.add_argument(
         "--predictions", type=Path, metavar="PRED.json", help='COCO results JSON: [{"image_id": ..., "caption": ...}]'
@@ -55,16 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.predictions is None or args.references is None:
-        parser.error("give --predictions PRED.json and --references REFS.json")
+    by_model = args.checkpoint is not None
+    by_file = args.predictions is not None or args.references is not None
+    if by_model == by_file or (by_file and (args.predictions is None or args.references is None)):
+        parser.error("give either --checkpoint DIR, or --predictions PRED.json and --references REFS.json")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         evaluator = CaptionEvaluator(args.metrics, ptb_tokenize=args.tokenizer == "ptb")
-        hyps, refs, result = _score_files(evaluator, args.predictions, args.references)
+        if by_model:
+            hyps, refs, result, source = _score_checkpoint(evaluator, args)
+        else:
+            hyps, refs, result = _score_files(evaluator, args.predictions, args.references)
+            source = f"{args.predictions} against {args.references}"
     except (FileNotFoundError, ValueError, KeyError, JavaNotFoundError) as err:
         print(f"capkit evaluate: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 1
-    print(f"{len(hyps)} images: {args.predictions} against {args.references}")
+    print(f"{len(hyps)} images: {source}")
     _print_table(result.scores)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +97,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_image is not None:
         write_per_image(args.per_image, hyps, refs, result.per_image)
     return 0
+
+
+def _score_checkpoint(
+    evaluator: CaptionEvaluator, args: argparse.Namespace
+) -> tuple[dict[str, str], dict[str, list[str]], MetricResult, str]:
+    trained = load_trained(args.checkpoint, resolve_device(args.device))
+    cfg = trained.config
+    dataset = {**to_container(cfg.data.dataset), **_parse_overrides(args.data)}
+    split = load_split(dataset, args.split, skip_missing_images=cfg.data.skip_missing_images)
+    loader = build_eval_loader(
+        split, trained.model.encoder, batch_size=cfg.eval.batch_size, cache_features=cfg.data.cache_features,
+        cache_dir=cfg.data.cache_dir, skip_corrupt_images=cfg.data.skip_corrupt_images,
+        num_workers=cfg.data.num_workers, device=trained.device,
+    )
+    run_evaluation(
+        trained.model, loader, evaluator, beam_size=args.beam,
+        max_len=cfg.eval.max_len if args.max_len is None else args.max_len,
+        length_penalty=cfg.eval.length_penalty if args.length_penalty is None else args.length_penalty,
+        decode=trained.vocab.decode,
+    )
+    source = f"{dataset['name']} {args.split} split, {args.checkpoint}, beam {args.beam}"
+    return evaluator.hypotheses, evaluator.references, evaluator.result, source
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, object]:
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ValueError(f"--data takes KEY=VALUE pairs, got {bad}")
+    return to_container(OmegaConf.from_dotlist(pairs))
 
 
 def _score_files(

@@ -1,6 +1,6 @@
 """The data layer: datasets (registered in ``DATASETS``), vocabulary, transforms, feature cache, loaders."""
 from capkit.data import datasets  # noqa: F401  (registers the builtin datasets)
-from capkit.data.build import DataLoaders, build_dataloaders, build_source, load_split
+from capkit.data.build import LoadedSplit, build_eval_loader, build_source, build_train_loader, load_split
 from capkit.data.datasets.base import CaptionDataset, DatasetNotFoundError
 from capkit.data.feature_cache import FeatureStore, cached_features, default_cache_dir
 from capkit.data.loaders import EvaluationDataset, ImageSource, TrainingDataset, build_loader, collate_batch
@@ -12,18 +12,19 @@ __all__ = [
     "Box",
     "CaptionDataset",
     "CorruptImageError",
-    "DataLoaders",
     "DatasetNotFoundError",
     "EvaluationDataset",
     "FeatureStore",
     "ImageRecord",
     "ImageSource",
+    "LoadedSplit",
     "MissingImagesError",
     "TrainingDataset",
     "Vocabulary",
-    "build_dataloaders",
+    "build_eval_loader",
     "build_loader",
     "build_source",
+    "build_train_loader",
     "build_transform",
     "cached_features",
     "collate_batch",

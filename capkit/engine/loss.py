@@ -23,19 +23,20 @@ def caption_loss(
     Args:
         out: teacher-forced output, logits (B, T, V) for targets ``captions[:, 1:]``.
         captions: (B, L = T + 1) ``<start> .. <end> <pad>..``.
-        aux_loss_weights: a weight for each auxiliary loss the decoder returns (0 disables one); a weight
-            for a loss the decoder does not return is an error too, so a typo never goes unnoticed.
+        aux_loss_weights: a weight for each auxiliary loss the decoder returns (0 disables one); a returned
+            loss without a weight is an error, so a misspelt name never goes unnoticed. Weights for losses this
+            decoder does not return are unused, so one config serves several decoders (an ablation).
         label_smoothing: cross-entropy label smoothing in [0, 1).
 
     Returns:
         The total loss (a float32 scalar) and its parts: ``ce`` and each auxiliary loss, unweighted.
     """
-    given, produced = set(aux_loss_weights), set(out.aux_losses)
-    if given != produced:
+    unweighted = sorted(set(out.aux_losses) - set(aux_loss_weights))
+    if unweighted:
         raise ValueError(
-            f"aux_loss_weights has weights for {sorted(given) or 'nothing'} but the decoder returns the auxiliary "
-            f"losses {sorted(produced) or 'none'}; set one weight per returned loss (0.0 disables it), "
-            f"e.g. train.aux_loss_weights={{{', '.join(f'{k}: 1.0' for k in sorted(produced))}}}"
+            f"the decoder returns the auxiliary losses {sorted(out.aux_losses)} but aux_loss_weights has no weight for "
+            f"{unweighted}; set one weight per returned loss (0.0 disables it), "
+            f"e.g. train.aux_loss_weights={{{', '.join(f'{k}: 1.0' for k in sorted(out.aux_losses))}}}"
         )
     targets = captions[:, 1:]  # (B, T)
     logits = out.logits.float()  # (B, T, V); fp32 under autocast too
@@ -47,7 +48,7 @@ def caption_loss(
     )
     parts = {"ce": ce, **{k: v.float() for k, v in out.aux_losses.items()}}
     total = ce
-    for name, weight in aux_loss_weights.items():
-        if weight:
-            total = total + weight * parts[name]
+    for name in out.aux_losses:
+        if aux_loss_weights[name]:
+            total = total + aux_loss_weights[name] * parts[name]
     return total, parts

@@ -1,0 +1,59 @@
+"""Load a trained captioner from a checkpoint and caption images with it."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from capkit.builder import build_captioner
+from capkit.config import ExperimentConfig, to_container
+from capkit.data.transforms import build_transform
+from capkit.data.vocab import Vocabulary
+from capkit.engine.checkpoint import load_checkpoint
+from capkit.models.captioner import Captioner
+from capkit.registry import import_plugins
+from capkit.types import Generation
+
+__all__ = ["TrainedCaptioner", "load_trained", "caption_images"]
+
+
+@dataclass
+class TrainedCaptioner:
+    model: Captioner  # in eval mode, on ``device``
+    vocab: Vocabulary
+    config: DictConfig  # the resolved experiment config the model was trained with
+    device: torch.device
+
+
+def load_trained(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedCaptioner:
+    """Rebuild the model from the config stored in ``checkpoint`` (a directory such as
+    ``RUN_DIR/checkpoints/best``) and load its weights, vocabulary and config. Reads no pickle."""
+    state = load_checkpoint(checkpoint)
+    if not state.get("config") or not state.get("vocab"):
+        raise ValueError(f"{checkpoint}: the checkpoint holds no config or vocabulary; was it written by tools/train.py?")
+    config = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), state["config"])
+    import_plugins(list(config.plugins))
+    vocab = Vocabulary(state["vocab"])  # the full id -> word list; the special tokens are re-added first
+    model = build_captioner(to_container(config.model), len(vocab))
+    model.load_state_dict(state["model"])
+    device = torch.device(device)
+    return TrainedCaptioner(model.to(device).eval(), vocab, config, device)
+
+
+def caption_images(
+    trained: TrainedCaptioner,
+    images: Sequence[Image.Image],
+    *,
+    beam_size: int = 3,
+    max_len: int = 16,
+    length_penalty: float = 0.0,
+) -> tuple[list[str], Generation]:
+    """Caption PIL images (preprocessed with the encoder's own transform); returns captions and the generation."""
+    transform = build_transform(trained.model.encoder.data_config)
+    batch = torch.stack([transform(img.convert("RGB")) for img in images]).to(trained.device)
+    generation = trained.model.generate(batch, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+    return [trained.vocab.decode(tokens) for tokens in generation.tokens], generation
