@@ -183,3 +183,12 @@ def test_a_caption_that_never_ends_stops_at_max_len(decoder):
     for hyps in generation.hypotheses:
         assert len(hyps) == 3
         assert all(len(h.tokens) == 5 and torch.isfinite(torch.tensor(h.score)) for h in hyps)
+
+
+def test_doubly_stochastic_regulariser_known_answer():
+    decoder = build("timm", {"name": "none"}, "show_attend_tell").decoder
+    alphas = torch.full((2, 3, 4), 0.25)  # (B, T, N) uniform attention
+    mask = torch.tensor([[True, True, False], [True, True, True]])  # the first caption has 2 valid steps
+    loss = decoder.aux_losses(alphas, mask)["doubly_stochastic"]
+    # coverage: 0.5 on every cell of image 0, 0.75 on image 1 -> mean of 0.25 and 0.0625
+    assert loss.item() == pytest.approx((0.25 + 0.0625) / 2)

@@ -17,8 +17,10 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
     At step t: z = beta * attend(h_{t-1}) with the gate beta = sigmoid(f_beta(h_{t-1})); the LSTM reads
     [E y_{t-1}; z]; the deep output is logits = L_o(dropout(tanh(E y_{t-1} + L_h h_t + L_z z))).
-    ``aux_losses`` returns the doubly stochastic regulariser sum_i (1 - sum_t alpha_ti)^2, averaged over
-    the batch (unweighted; the trainer weights it).
+    ``aux_losses`` returns the doubly stochastic regulariser (1 - sum_t alpha_ti)^2 averaged over the N grid
+    positions i and the batch (unweighted; the trainer weights it). Xu et al. sum over the positions; the
+    mean keeps the term on the cross-entropy's scale whatever the grid size (as the widely used PyTorch
+    implementation does), so a weight of 1 is a sensible default.
 
     Args:
         attention, encoder_dim, vocab_size: see ``CaptionDecoder`` (set by the builder).
@@ -60,4 +62,4 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
     def aux_losses(self, alphas: Tensor, mask: Tensor) -> dict[str, Tensor]:
         coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, N)
-        return {"doubly_stochastic": (1.0 - coverage).square().sum(dim=1).mean()}
+        return {"doubly_stochastic": (1.0 - coverage).square().mean()}
