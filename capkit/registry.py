@@ -112,7 +112,7 @@ class Registry:
     def origin(self, name: str) -> str:
         """``builtin`` for capkit's own components, else the distribution (or module) that provides ``name``."""
         self._scan()
-        if name in self._entry_points and name not in self._objects:
+        if name in self._entry_points:  # loaded or not (a clashing registration is refused), so it is stable
             return _distribution(self._entry_points[name]) or self._entry_points[name].value
         self.get(name)
         origin = self._origins[name]
