@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "capkit.cli.train",
     "caption": "capkit.cli.caption",
     "evaluate": "capkit.cli.evaluate",
+    "ablate": "capkit.cli.ablate",
 }
 
 

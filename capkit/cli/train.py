@@ -150,8 +150,9 @@ def run(cfg: DictConfig, *, config_path: Path, resume: Path | None = None, sampl
         started = time.perf_counter()
         trainer.fit()
         if dist_info.is_main:
-            log.info("training took %.1f s%s", time.perf_counter() - started,
-                     f" ({trainer.stop_reason})" if trainer.stop_reason else "")
+            seconds = time.perf_counter() - started
+            log.info("training took %.1f s%s", seconds, f" ({trainer.stop_reason})" if trainer.stop_reason else "")
+            _write_summary(run_dir, seconds, trainer)
             _test_best(cfg, run_dir, trainer.module, vocab, evaluator, decoding, loader_kwargs, samples)
         return run_dir
     finally:
@@ -184,6 +185,17 @@ def _test_best(cfg, run_dir: Path, model: Captioner, vocab: Vocabulary, evaluato
         print("\nsample captions (generated | first reference):")
         for image_id in shown:
             print(f"  {image_id}: {evaluator.hypotheses[image_id]} | {evaluator.references[image_id][0]}")
+
+
+def _write_summary(run_dir: Path, seconds: float, trainer: Trainer) -> None:
+    """``train_summary.json``: training wall time (summed over resumed sessions), position, stop reason."""
+    path = run_dir / "train_summary.json"
+    before = json.loads(path.read_text())["train_seconds"] if path.is_file() else 0.0
+    summary = {
+        "train_seconds": before + seconds, "epochs_done": trainer.epoch, "global_step": trainer.global_step,
+        "stop_reason": trainer.stop_reason,
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _check_same_config(saved: dict, cfg: DictConfig, run_dir: Path) -> None:

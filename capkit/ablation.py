@@ -1,0 +1,196 @@
+"""The attention ablation: train and evaluate variants on equal terms, then tabulate and plot them.
+
+Every variant starts from one experiment config (same data, same cached encoder features, same budget) and
+differs only by its overrides; each runs once per seed. A finished run leaves ``result.json`` in its
+directory, so re-running the ablation skips it (and an interrupted run resumes from its last checkpoint).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from capkit.cli.train import run as train_run
+from capkit.config import ConfigError, load_config, to_container
+from capkit.data import build_eval_loader, load_split
+from capkit.evaluation import CaptionEvaluator, run_evaluation
+from capkit.evaluation.grounding import run_grounding
+from capkit.inference import load_trained
+
+__all__ = ["VariantConfig", "AblationConfig", "load_ablation", "run_ablation", "summarise"]
+
+log = logging.getLogger("capkit.ablate")
+
+HEADLINE = ("bleu4", "cider", "grounding")  # plotted, when present
+
+
+@dataclass
+class VariantConfig:
+    name: str = MISSING  # a directory name: letters, digits, '-', '_'
+    attention: Optional[dict[str, Any]] = None  # replaces the base's model.attention section whole
+    decoder: Optional[dict[str, Any]] = None  # merged over the base's model.decoder section
+    overrides: list[str] = field(default_factory=list)  # dot-list overrides, applied last
+
+
+@dataclass
+class AblationConfig:
+    base: str = MISSING  # the experiment YAML every variant starts from (relative to this file or the cwd)
+    overrides: list[str] = field(default_factory=list)  # applied to every variant (the shared budget)
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    variants: list[VariantConfig] = field(default_factory=list)
+    output_dir: str = "runs/ablation"
+    split: str = "test"  # scored split (the runs' test metrics when "test", else re-evaluated on it)
+
+
+def load_ablation(path: str | Path, overrides: list[str] = ()) -> AblationConfig:
+    """Read an ablation YAML over its schema; ``base`` is resolved relative to the file, then the cwd."""
+    path = Path(path)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(AblationConfig), OmegaConf.load(path),
+                              OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
+    if not cfg.variants:
+        raise ConfigError(f"{path}: no variants listed")
+    names = [v.name for v in cfg.variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: variant names must be unique, got {names}")
+    beside = path.parent / cfg.base
+    cfg.base = str(beside if beside.is_file() else Path(cfg.base))
+    return OmegaConf.to_object(cfg)
+
+
+def run_ablation(ablation: AblationConfig) -> list[dict[str, Any]]:
+    """Train and score every (variant, seed) not finished yet; return every run's result."""
+    out = Path(ablation.output_dir)
+    results = []
+    for variant in ablation.variants:
+        for seed in ablation.seeds:
+            run_dir = out / variant.name / f"seed{seed}"
+            done = run_dir / "result.json"
+            if done.is_file():
+                log.info("skip %s seed %d: finished (%s)", variant.name, seed, done)
+                results.append(json.loads(done.read_text()))
+                continue
+            cfg = _variant_config(ablation, variant, seed, out)
+            resume = run_dir if (run_dir / "checkpoints" / "last").exists() else None
+            log.info("run %s seed %d%s", variant.name, seed, " (resuming)" if resume else "")
+            train_run(cfg, config_path=Path(ablation.base), resume=resume, samples=0)
+            result = {"variant": variant.name, "seed": seed, **_score(run_dir, ablation.split)}
+            done.write_text(json.dumps(result, indent=2) + "\n")
+            results.append(result)
+    return results
+
+
+def _variant_config(ablation: AblationConfig, variant: VariantConfig, seed: int, out: Path):
+    cfg = load_config(ablation.base, ablation.overrides)
+    if variant.attention is not None:
+        cfg.model.attention = variant.attention
+    if variant.decoder is not None:
+        cfg.model.decoder = OmegaConf.merge(cfg.model.decoder, variant.decoder)
+    run = [f"train.seed={seed}", f"train.output_dir={out / variant.name}", f"train.run_name=seed{seed}"]
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([*variant.overrides, *run]))
+
+
+def _score(run_dir: Path, split_name: str) -> dict[str, Any]:
+    """Metrics, parameter count, training time, decoding speed and (where boxes exist) grounding of a run."""
+    trained = load_trained(run_dir / "checkpoints" / "best")
+    cfg, model = trained.config, trained.model
+    split = load_split(to_container(cfg.data.dataset), split_name, skip_missing_images=cfg.data.skip_missing_images)
+    loader = build_eval_loader(
+        split, model.encoder, batch_size=cfg.eval.batch_size, cache_features=cfg.data.cache_features,
+        cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
+    )
+    metrics_file = run_dir / "test_metrics.json"
+    if split_name == "test" and metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+    else:
+        metrics = run_evaluation(
+            model, loader, CaptionEvaluator(list(cfg.eval.metrics)), beam_size=cfg.eval.beam_size,
+            max_len=cfg.eval.max_len, length_penalty=cfg.eval.length_penalty, decode=trained.vocab.decode,
+        )
+    started = time.perf_counter()
+    with torch.no_grad():
+        for batch in loader:
+            model.generate(batch.images, batch.features, beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len)
+    images_per_s = len(split.records) / (time.perf_counter() - started)
+    if any(r.boxes for r in split.records):
+        records = {r.image_id: r for r in split.records}
+        metrics.update(run_grounding(model, loader, records, trained.vocab.itos, beam_size=cfg.eval.beam_size,
+                                     max_len=cfg.eval.max_len))
+    decoder_params = sum(p.numel() for p in model.decoder.parameters())
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    return {**metrics, "decoder_params": decoder_params, "train_seconds": summary["train_seconds"],
+            "decode_images_per_s": images_per_s}
+
+
+def summarise(results: list[dict[str, Any]], output_dir: str | Path, title: str = "Attention ablation") -> Path:
+    """Write ``ablation.csv`` (mean and std over seeds per variant), ``ablation.md`` and ``ablation.png``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    keys = [k for k in dict.fromkeys(k for r in results for k in r) if k not in ("variant", "seed")]
+    rows = []
+    for name in variants:
+        runs = [r for r in results if r["variant"] == name]
+        row: dict[str, Any] = {"variant": name, "seeds": len(runs)}
+        for key in keys:
+            values = np.array([r.get(key, math.nan) for r in runs], dtype=float)
+            row[f"{key}_mean"], row[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1) if len(runs) > 1 else 0)
+        rows.append(row)
+    with (out / "ablation.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "ablation.md").write_text(_markdown(rows, keys, title))
+    _plot(rows, out / "ablation.png", title)
+    return out
+
+
+def _markdown(rows: list[dict[str, Any]], keys: list[str], title: str) -> str:
+    def cell(row: dict[str, Any], key: str) -> str:
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        if key == "decoder_params":
+            return f"{mean / 1e6:.2f} M"
+        if key in ("train_seconds", "decode_images_per_s", "grounded_words"):
+            return f"{mean:.0f} ± {std:.0f}"
+        return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+    header = ["variant", *keys]
+    lines = [f"### {title}", "", "mean ± standard deviation over seeds "
+             f"({', '.join(str(r['seeds']) for r in rows[:1])} per variant)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([row["variant"], *(cell(row, k) for k in keys)]) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    metrics = [m for m in HEADLINE if f"{m}_mean" in rows[0] and not math.isnan(rows[0][f"{m}_mean"])]
+    fig = Figure(figsize=(max(6.0, 0.9 * len(rows) * len(metrics) / 2 + 2), 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        means = [r[f"{metric}_mean"] for r in rows]
+        stds = [r[f"{metric}_std"] for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="tab:blue")
+        if metric == "grounding" and "grounding_uniform_mean" in rows[0]:
+            ax.plot(range(len(rows)), [r["grounding_uniform_mean"] for r in rows], "k_", markersize=14,
+                    label="uniform attention")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=60, ha="right", fontsize=8)
+        ax.set_title(metric)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

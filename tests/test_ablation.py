@@ -1,0 +1,82 @@
+"""The ablation runner on a tiny 2-variant, 1-epoch config: files, one row per variant, finished runs skipped."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from capkit import ablation as ablation_module
+from capkit.ablation import load_ablation, run_ablation, summarise
+from capkit.config import ConfigError
+
+BASE = """
+model:
+  encoder: {name: timm, model_name: test_efficientnet}
+  attention: {name: bahdanau, attn_dim: 8}
+  decoder: {name: show_attend_tell, embed_dim: 8, hidden_dim: 16, feature_dim: 16}
+data:
+  dataset: {name: shapes, num_train: 12, num_val: 4, num_test: 4, image_size: 64}
+  vocab_min_count: 1
+  num_workers: 0
+train: {epochs: 1, batch_size: 16, scheduler: none, early_stop_metric: sacrebleu}
+eval: {metrics: [sacrebleu], beam_size: 2, max_len: 8}
+"""
+
+ABLATION = """
+base: base.yaml
+overrides: [train.lr=0.001]
+seeds: [0]
+output_dir: {out}
+variants:
+  - {{name: sat-bahdanau, decoder: {{name: show_attend_tell}}}}
+  - {{name: luong-local, decoder: {{name: luong}}, attention: {{name: luong_local, window: 1}}}}
+"""
+
+
+@pytest.fixture
+def tiny_ablation(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "base.yaml").write_text(BASE)
+    path = tmp_path / "ablation.yaml"
+    path.write_text(ABLATION.format(out=tmp_path / "runs"))
+    return path
+
+
+def test_ablation_writes_one_row_per_variant_and_skips_finished_runs(tiny_ablation, tmp_path, monkeypatch):
+    ablation = load_ablation(tiny_ablation)
+    results = run_ablation(ablation)
+    assert [(r["variant"], r["seed"]) for r in results] == [("sat-bahdanau", 0), ("luong-local", 0)]
+    for r in results:
+        assert 0.0 <= r["grounding"] <= 1.0 and 0.0 < r["grounding_uniform"] < 1.0  # shapes has boxes
+        assert r["decoder_params"] > 0 and r["train_seconds"] > 0 and r["decode_images_per_s"] > 0
+        assert "sacrebleu" in r
+    out = summarise(results, ablation.output_dir)
+    with (out / "ablation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["variant"] for row in rows] == ["sat-bahdanau", "luong-local"]
+    assert "sacrebleu_mean" in rows[0] and "grounding_std" in rows[0]
+    table = (out / "ablation.md").read_text()
+    assert table.count("| sat-bahdanau |") == 1 and table.count("| luong-local |") == 1
+    assert (out / "ablation.png").stat().st_size > 1000
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation_module, "train_run", must_not_train)
+    again = run_ablation(load_ablation(tiny_ablation))
+    assert again == results
+
+
+def test_variant_attention_replaces_the_base_section(tiny_ablation, tmp_path):
+    ablation = load_ablation(tiny_ablation)
+    cfg = ablation_module._variant_config(ablation, ablation.variants[1], 3, tmp_path)
+    assert dict(cfg.model.attention) == {"name": "luong_local", "window": 1}  # attn_dim: 8 of the base is gone
+    assert cfg.model.decoder.name == "luong" and cfg.model.decoder.hidden_dim == 16
+    assert cfg.train.seed == 3 and cfg.train.lr == 0.001
+
+
+def test_duplicate_variant_names_are_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: x.yaml\nvariants: [{name: a}, {name: a}]\n")
+    with pytest.raises(ConfigError, match="variant names must be unique"):
+        load_ablation(path)
