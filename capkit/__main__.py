@@ -8,6 +8,7 @@ COMMANDS = {
     "list": "capkit.cli.list_components",
     "train": "capkit.cli.train",
     "caption": "capkit.cli.caption",
+    "visualize": "capkit.cli.visualize",
     "evaluate": "capkit.cli.evaluate",
     "ablate": "capkit.cli.ablate",
 }

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from capkit.data.records import Box
-from capkit.evaluation.grounding import GroundingMeter, box_coverage, visible_region
+from capkit.data.transforms import visible_region
+from capkit.evaluation.grounding import GroundingMeter, box_coverage
 
 NO_CROP = {"input_size": (3, 100, 100), "crop_pct": 1.0, "crop_mode": "center"}
 

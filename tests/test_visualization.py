@@ -64,3 +64,14 @@ def test_every_attention_draws_a_png_headless(tmp_path, attention):
     path = save_attention_figure(tmp_path / "att.png", grey_image(), words, hyp.alphas, (4, 4))
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size[0] > 100
+
+
+def test_the_grid_is_laid_over_the_region_the_encoder_saw():
+    from capkit.visualization.attention import _heat
+
+    alpha = np.zeros(4)
+    alpha[3] = 1.0  # bottom-right cell of a 2 x 2 grid
+    heat = _heat(alpha, (2, 2), (100, 100), region=(10, 10, 90, 90))
+    assert heat[:10].max() == 0 and heat[:, :10].max() == 0 and heat[90:].max() == 0  # nothing outside the crop
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert 50 <= y < 90 and 50 <= x < 90

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from capkit.data.transforms import visible_region
 from capkit.engine.device import resolve_device
 from capkit.inference import caption_images, load_trained
 from capkit.types import EOS
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.attention_out:
             words = [trained.vocab.itos[t] for t in hyp.tokens] + [EOS]
             figure = args.attention_out / f"{path.stem}_attention.png"
-            save_attention_figure(figure, picture, words, hyp.alphas, generation.grid, title=caption)
+            region = visible_region(*picture.size, trained.model.encoder.data_config)
+            save_attention_figure(figure, picture, words, hyp.alphas, generation.grid, title=caption, region=region)
     return 0
 
 

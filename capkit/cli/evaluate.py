@@ -19,11 +19,14 @@ from omegaconf import OmegaConf
 import capkit  # noqa: F401  (registers the builtins)
 from capkit.config import EvalConfig, to_container
 from capkit.data import build_eval_loader, load_split
+from capkit.data.transforms import visible_region
 from capkit.engine.device import resolve_device
 from capkit.evaluation import CaptionEvaluator, JavaNotFoundError, MetricResult, load_predictions, load_references
 from capkit.evaluation.results import write_per_image
 from capkit.evaluation.evaluator import run_evaluation
-from capkit.inference import load_trained
+from capkit.inference import caption_images, load_trained
+from capkit.types import EOS
+from capkit.visualization.gallery import GalleryItem, write_gallery
 from capkit.registry import METRICS
 
 
@@ -41,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
                        help="dataset overrides, e.g. root=/data/flickr8k (the run's data.dataset otherwise)")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    model.add_argument("--gallery", type=int, default=0, metavar="N",
+                       help="write an HTML gallery of the first N images (caption, references, scores, attention)")
+    model.add_argument("--gallery-dir", type=Path, metavar="DIR", help="default: RUN_DIR/gallery_<split>")
     files = parser.add_argument_group("score a results file (no model)")
     files.add_argument(
         "--predictions", type=Path, metavar="PRED.json", help='COCO results JSON: [{"image_id": ..., "caption": ...}]'
@@ -118,7 +124,32 @@ def _score_checkpoint(
         decode=trained.vocab.decode,
     )
     source = f"{dataset['name']} {args.split} split, {args.checkpoint}, beam {args.beam}"
+    if args.gallery:
+        out = args.gallery_dir or args.checkpoint.parent.parent / f"gallery_{args.split}"
+        page = _write_gallery(out, trained, split, evaluator, args)
+        print(f"gallery: {page}")
     return evaluator.hypotheses, evaluator.references, evaluator.result, source
+
+
+def _write_gallery(out: Path, trained, split, evaluator: CaptionEvaluator, args: argparse.Namespace) -> Path:
+    """Caption the first ``--gallery`` images again, keeping their attention maps, and write the page."""
+    records = split.records[: args.gallery]
+    images = [r.open() for r in records]
+    captions, generation = caption_images(
+        trained, images, beam_size=args.beam,
+        max_len=trained.config.eval.max_len if args.max_len is None else args.max_len,
+        length_penalty=trained.config.eval.length_penalty if args.length_penalty is None else args.length_penalty,
+    )
+    items = [
+        GalleryItem(
+            image_id=r.image_id, image=image, caption=caption, references=r.captions,
+            scores=evaluator.result.per_image.get(r.image_id, {}),
+            words=[trained.vocab.itos[t] for t in hyp.tokens] + [EOS], alphas=hyp.alphas, grid=generation.grid,
+            region=visible_region(*image.size, trained.model.encoder.data_config),
+        )
+        for r, image, caption, hyp in zip(records, images, captions, generation.best)
+    ]
+    return write_gallery(out, items, title=f"{args.checkpoint}: {args.split} split, beam {args.beam}")
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, object]:

@@ -10,7 +10,6 @@ Grid cells are laid over the part of the image the encoder sees: the eval transf
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,27 +17,11 @@ from typing import Any
 import numpy as np
 
 from capkit.data.records import Box
+from capkit.data.transforms import visible_region
 
-__all__ = ["visible_region", "box_coverage", "GroundingMeter"]
+__all__ = ["box_coverage", "GroundingMeter", "run_grounding"]
 
 SIZE_WORDS = frozenset({"small", "large", "big", "tiny"})  # describe an object but do not identify it
-
-
-def visible_region(width: int, height: int, data_config: Mapping[str, Any]) -> tuple[float, float, float, float]:
-    """The part (x0, y0, x1, y1) of a width x height image that timm's eval transform keeps."""
-    _, crop_h, crop_w = data_config["input_size"]
-    crop_pct = data_config.get("crop_pct") or 0.875
-    mode = data_config.get("crop_mode") or "center"
-    if mode == "center":  # shorter side resized to floor(crop / crop_pct), then a centre crop
-        scale = math.floor(crop_h / crop_pct) / min(width, height)
-        seen_w, seen_h = crop_w / scale, crop_h / scale
-    elif mode == "squash":  # each side resized to floor(crop / crop_pct), then a centre crop
-        seen_w = width * crop_w / math.floor(crop_w / crop_pct)
-        seen_h = height * crop_h / math.floor(crop_h / crop_pct)
-    else:
-        raise ValueError(f"grounding supports the 'center' and 'squash' crop modes, not {mode!r}")
-    x0, y0 = (width - seen_w) / 2, (height - seen_h) / 2
-    return x0, y0, x0 + seen_w, y0 + seen_h
 
 
 def box_coverage(

@@ -52,6 +52,7 @@ def attention_figure(
     columns: int = 5,
     panel_size: float = 2.4,
     title: str | None = None,
+    region: tuple[float, float, float, float] | None = None,
 ) -> Figure:
     """The image, then one panel per word with its attention map overlaid (the word as the panel's title).
 
@@ -63,6 +64,8 @@ def attention_figure(
         columns: panels per row.
         panel_size: inches per panel.
         title: the figure's title (e.g. the full caption).
+        region: (x0, y0, x1, y1), the part of the image the encoder saw (its centre crop, see
+            ``capkit.evaluation.grounding.visible_region``); the grid is laid over it. Default: the whole image.
     """
     alphas = np.asarray(alphas.detach().cpu() if isinstance(alphas, torch.Tensor) else alphas, dtype=np.float32)
     if alphas.ndim != 2 or alphas.shape[0] != len(words) or alphas.shape[1] != grid[0] * grid[1]:
@@ -83,12 +86,23 @@ def attention_figure(
             ax.imshow(picture)
             ax.set_title("image", fontsize=10)
         elif i < panels:
-            ax.imshow(overlay(picture, upsample_attention(alphas[i - 1], grid, size)))
+            ax.imshow(overlay(picture, _heat(alphas[i - 1], grid, size, region)))
             ax.set_title(words[i - 1], fontsize=11)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def _heat(alpha: np.ndarray, grid: tuple[int, int], size: tuple[int, int], region) -> np.ndarray:
+    """The upsampled map over ``region`` of an image of ``size`` (height, width), 0 outside it."""
+    if region is None:
+        return upsample_attention(alpha, grid, size)
+    x0, y0, x1, y1 = (int(round(v)) for v in region)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, size[1]), min(y1, size[0])
+    heat = np.zeros(size, dtype=np.float32)
+    heat[y0:y1, x0:x1] = upsample_attention(alpha, grid, (y1 - y0, x1 - x0))
+    return heat
 
 
 def save_attention_figure(path: str | os.PathLike, *args, dpi: int = 100, **kwargs) -> str:
