@@ -90,7 +90,7 @@ class Registry:
         found: dict[str, EntryPoint] = {}
         for ep in entry_points(group=self.group):
             origin = _entry_point_origin(ep)
-            if ep.name in self._origins:
+            if ep.name in self._origins and self._origins[ep.name] != origin:  # not: loaded from this very ep
                 raise KeyError(
                     f"{self.kind} name {ep.name!r} is registered twice: by {self._origins[ep.name]} "
                     f"and by {origin}. Rename the plugin's entry point or uninstall one of them."
