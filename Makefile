@@ -8,11 +8,13 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test demo bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The example plugin is installed too (one pip command, so capkit-captioning resolves to this checkout) and its
+# tests run with the core's; its setup.cfg holds its entry points, which only a reinstall updates.
+$(VENV)/.installed: setup.cfg pyproject.toml plugins/capkit-adaptive/setup.cfg plugins/capkit-adaptive/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e plugins/capkit-adaptive
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,4 +29,4 @@ bench: install
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info
