@@ -27,9 +27,24 @@ def build_captioner(model_cfg: Mapping[str, Any], vocab_size: int) -> Captioner:
             f"model config needs exactly the sections {', '.join(MODEL_SECTIONS)}; "
             f"missing: {missing or 'none'}, unknown: {extra or 'none'}"
         )
+    _check_supported_attention(model_cfg)
     encoder = ENCODERS.build(model_cfg["encoder"])
     attention = partial(ATTENTIONS.build, dict(model_cfg["attention"]))
     decoder = DECODERS.build(
         model_cfg["decoder"], attention=attention, encoder_dim=encoder.out_channels, vocab_size=vocab_size
     )
     return Captioner(encoder, decoder)
+
+
+def _check_supported_attention(model_cfg: Mapping[str, Any]) -> None:
+    """A decoder whose class sets ``supported_attentions`` (e.g. the transformer, which has its own
+    cross-attention) accepts only those attention names."""
+    decoder_name, attention_name = model_cfg["decoder"].get("name"), model_cfg["attention"].get("name")
+    if decoder_name is None or attention_name is None:
+        return  # the registries report the missing name
+    supported = getattr(DECODERS.get(decoder_name), "supported_attentions", None)
+    if supported is not None and attention_name not in supported:
+        raise ValueError(
+            f"decoder {decoder_name!r} does not take attention {attention_name!r}: it supports only "
+            f"{', '.join(repr(s) for s in supported)} (set model.attention: {{name: {supported[0]}}})"
+        )

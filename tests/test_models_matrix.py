@@ -13,19 +13,38 @@ VOCAB = 7  # 4 specials + 3 words
 WORDS = [t for t in range(VOCAB) if t not in (PAD_ID, BOS_ID, EOS_ID)]  # what generation may emit
 IMAGE = 96  # test_efficientnet reduces by 32: a 3 x 3 grid
 
-ENCODER_KWARGS = {"timm": {"model_name": "test_efficientnet", "finetune": "all"}}
+ENCODER_KWARGS = {
+    "timm": {"model_name": "test_efficientnet", "finetune": "all"},
+    # a tiny random ViT: 96 px in 32 px patches, the same 3 x 3 grid
+    "hf": {
+        "config": {"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "intermediate_size": 32, "image_size": IMAGE, "patch_size": 32},
+        "finetune": "all",
+    },
+}
 ATTENTION_VARIANTS = {
     "bahdanau": [{"attn_dim": 8}],
     "luong_global": [{"score": "dot"}, {"score": "general"}, {"score": "concat", "attn_dim": 8}],
     "luong_local": [{"window": 1.0, "attn_dim": 8}],
 }
-DECODER_KWARGS = {"embed_dim": 12, "hidden_dim": 16, "feature_dim": 16, "dropout": 0.1}
+LSTM_KWARGS = {"embed_dim": 12, "hidden_dim": 16, "feature_dim": 16, "dropout": 0.1}
+DECODER_KWARGS = {  # per decoder name; a decoder not listed (a plugin's) gets LSTM_KWARGS
+    "show_attend_tell": LSTM_KWARGS,
+    "luong": LSTM_KWARGS,
+    "transformer": {"d_model": 16, "num_layers": 2, "num_heads": 2, "ffn_dim": 24, "dropout": 0.1, "max_len": 16},
+}
 
 
 def attention_configs():
     for name in capkit.ATTENTIONS.names():
         for kwargs in ATTENTION_VARIANTS.get(name, [{}]):
             yield {"name": name, **kwargs}
+
+
+def supports(decoder: str, attention: dict) -> bool:
+    """A decoder may declare the only attentions it takes (``supported_attentions``); others are skipped."""
+    supported = getattr(capkit.DECODERS.get(decoder), "supported_attentions", None)
+    return supported is None or attention["name"] in supported
 
 
 def combo_id(encoder: str, attention: dict, decoder: str) -> str:
@@ -36,6 +55,7 @@ def combo_id(encoder: str, attention: dict, decoder: str) -> str:
 COMBOS = [
     pytest.param(enc, att, dec, id=combo_id(enc, att, dec))
     for enc, att, dec in itertools.product(capkit.ENCODERS.names(), attention_configs(), capkit.DECODERS.names())
+    if supports(dec, att)
 ]
 
 
@@ -45,7 +65,7 @@ def build(encoder: str, attention: dict, decoder: str, seed: int = 0) -> capkit.
         {
             "encoder": {"name": encoder, **ENCODER_KWARGS.get(encoder, {})},
             "attention": attention,
-            "decoder": {"name": decoder, **DECODER_KWARGS},
+            "decoder": {"name": decoder, **DECODER_KWARGS.get(decoder, LSTM_KWARGS)},
         },
         vocab_size=VOCAB,
     )
@@ -176,7 +196,8 @@ def test_batched_beam_search_equals_one_image_at_a_time(encoder, attention, deco
 
 @pytest.mark.parametrize("decoder", capkit.DECODERS.names())
 def test_a_caption_that_never_ends_stops_at_max_len(decoder):
-    model = build("timm", {"name": "bahdanau", "attn_dim": 8}, decoder).eval()
+    attention = {"name": "bahdanau", "attn_dim": 8}
+    model = build("timm", attention if supports(decoder, attention) else {"name": "none"}, decoder).eval()
     with torch.no_grad():
         model.decoder.out.bias[EOS_ID] = -1e4  # <end> is (almost) impossible
     generation = model.generate(images=images(2), beam_size=3, max_len=5, n_best=3)
@@ -192,3 +213,9 @@ def test_doubly_stochastic_regulariser_known_answer():
     loss = decoder.aux_losses(alphas, mask)["doubly_stochastic"]
     # coverage: 0.5 on every cell of image 0, 0.75 on image 1 -> mean of 0.25 and 0.0625
     assert loss.item() == pytest.approx((0.25 + 0.0625) / 2)
+
+
+@pytest.mark.parametrize("decoder", [d for d in capkit.DECODERS.names() if not supports(d, {"name": "bahdanau"})])
+def test_an_unsupported_attention_is_a_clear_builder_error(decoder):
+    with pytest.raises(ValueError, match=f"decoder '{decoder}' does not take attention 'bahdanau'"):
+        build("timm", {"name": "bahdanau", "attn_dim": 8}, decoder)
