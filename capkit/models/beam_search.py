@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from capkit.models.attention.base import AttentionMemory
@@ -24,6 +25,7 @@ def beam_search(
     max_len: int = 16,
     length_penalty: float = 0.0,
     n_best: int = 1,
+    share_memory: bool = False,
 ) -> Generation:
     """Find, for each image, the captions of highest log-probability.
 
@@ -34,6 +36,9 @@ def beam_search(
     ``score / length ** length_penalty`` (length counts ``<end>``); 0 ranks by total log-probability.
     Beam size 1 is greedy decoding.
 
+    The first step runs once per image (all of an image's beams start from the same ``<start>``), and the
+    beams of every image advance together after it: one ``step`` call of B * K rows per step.
+
     Args:
         step: the decoder's step function.
         state: decoder state for the B images, each tensor batch-first (B, ...).
@@ -42,28 +47,28 @@ def beam_search(
         max_len: most words per caption.
         length_penalty: exponent of the length normalisation of the final ranking.
         n_best: hypotheses returned per image (at most ``beam_size``).
+        share_memory: pass ``memory`` to ``step`` as it is, B rows for B * K hypotheses (the attention must
+            support it, see ``Attention``), instead of one copy per hypothesis.
     """
     if beam_size < 1 or n_best < 1 or max_len < 0:
         raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0; got {beam_size}, {n_best}, {max_len}")
     n_best = min(n_best, beam_size)
     batch, k = memory.values.shape[0], beam_size
     device = memory.values.device
-    expand = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,)
-    memory = memory.index_select(expand)
-    state = {name: value.index_select(0, expand) for name, value in state.items()}
+    step_memory = memory  # B rows at the first step; then B * K rows unless shared
 
-    tokens = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # one live hypothesis per image at the start
-    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
-    history = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # (B*K, t)
-    alpha_history: Tensor | None = None  # (B*K, t, N)
-    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    width = 1  # live hypotheses per image: 1 at the first step, K after
+    scores = torch.zeros(batch, 1, device=device)
+    finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    history = torch.empty(batch, 0, dtype=torch.long, device=device)  # (B*width, t)
+    alpha_history: Tensor | None = None  # (B*width, t, N)
+    done_row: Tensor | None = None
 
     for t in range(max_len + 1):
-        logits, alpha, state = step(tokens, state, memory)
-        logp = logits.float().log_softmax(dim=-1)  # (B*K, V)
+        logits, alpha, state = step(tokens, state, step_memory)
+        logp = logits.float().log_softmax(dim=-1)  # (B*width, V)
         vocab = logp.shape[-1]
         logp[:, PAD_ID] = float("-inf")
         logp[:, BOS_ID] = float("-inf")
@@ -71,17 +76,20 @@ def beam_search(
             eos = logp[:, EOS_ID].clone()
             logp.fill_(float("-inf"))
             logp[:, EOS_ID] = eos
-        logp = logp.view(batch, k, vocab)
-        # a finished hypothesis continues only with <pad>, at no cost
-        done_row = torch.full((vocab,), float("-inf"), device=device)
-        done_row[PAD_ID] = 0.0
-        logp = torch.where(finished.unsqueeze(2), done_row, logp)
+        logp = logp.view(batch, width, vocab)
+        if t > 0:  # a finished hypothesis continues only with <pad>, at no cost
+            if done_row is None:
+                done_row = torch.full((vocab,), float("-inf"), device=device)
+                done_row[PAD_ID] = 0.0
+            logp = torch.where(finished.unsqueeze(2), done_row, logp)
 
-        candidates = (scores.unsqueeze(2) + logp).view(batch, k * vocab)
+        candidates = (scores.unsqueeze(2) + logp).view(batch, width * vocab)
+        if width * vocab < k:  # fewer candidates than beams (a tiny vocabulary): the rest start dead
+            candidates = F.pad(candidates, (0, k - width * vocab), value=float("-inf"))
         scores, flat_index = candidates.topk(k, dim=1)  # (B, K)
-        parent = flat_index // vocab  # (B, K)
+        parent = (flat_index // vocab).clamp(max=width - 1)  # (B, K)
         new_tokens = flat_index % vocab
-        rows = (offsets + parent).view(-1)  # (B*K,) rows of the previous step's tensors
+        rows = (torch.arange(batch, device=device).unsqueeze(1) * width + parent).view(-1)  # rows of this step
 
         was_finished = finished.gather(1, parent)
         lengths = lengths.gather(1, parent) + (~was_finished).long()
@@ -93,6 +101,9 @@ def beam_search(
         )
         state = {name: value.index_select(0, rows) for name, value in state.items()}
         tokens = new_tokens.view(-1)
+        if t == 0 and not share_memory:
+            step_memory = memory.index_select(torch.arange(batch, device=device).repeat_interleave(k))
+        width = k
         if bool(finished.all()):
             break
 

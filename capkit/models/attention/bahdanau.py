@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from capkit.models.attention.base import Attention, AttentionMemory, weighted_context
 from capkit.registry import ATTENTIONS
 
-__all__ = ["BahdanauAttention"]
+__all__ = ["BahdanauAttention", "additive_attention"]
 
 
 @ATTENTIONS.register("bahdanau")
@@ -14,12 +14,15 @@ class BahdanauAttention(Attention):
     """score(h, v_i) = w^T tanh(W_k v_i + W_q h + b); alpha = softmax over the N grid positions.
 
     ``W_k v`` does not depend on the decoding step, so it is computed once per image in ``precompute``.
+    Supports shared memory (see ``Attention``).
 
     Args:
         query_dim: decoder state size (set by the builder).
         key_dim: encoder feature channels C (set by the builder).
         attn_dim: size A of the hidden layer of the score.
     """
+
+    supports_shared_memory = True
 
     def __init__(self, query_dim: int, key_dim: int, attn_dim: int = 512):
         super().__init__(query_dim, key_dim)
@@ -31,6 +34,13 @@ class BahdanauAttention(Attention):
         return AttentionMemory(values=feats, keys=self.key_proj(feats), grid=grid)  # keys (B, N, A)
 
     def forward(self, query: Tensor, memory: AttentionMemory) -> tuple[Tensor, Tensor]:
-        hidden = (memory.keys + self.query_proj(query).unsqueeze(1)).tanh()  # (B, N, A)
-        alpha = self.score(hidden).squeeze(2).softmax(dim=1)  # (B, N)
-        return weighted_context(alpha, memory.values), alpha
+        return additive_attention(self.query_proj(query), memory, self.score)
+
+
+def additive_attention(query: Tensor, memory: AttentionMemory, score: nn.Linear) -> tuple[Tensor, Tensor]:
+    """Projected queries (B * K, A) against keys (B, N, A): alpha = softmax(score(tanh(keys + query))),
+    each group of K queries against its memory row without copying the keys."""
+    b, n, a = memory.keys.shape
+    hidden = (memory.keys.unsqueeze(1) + query.view(b, -1, 1, a)).tanh_()  # (B, K, N, A)
+    alpha = score(hidden).view(-1, n).softmax(dim=1)  # (B * K, N)
+    return weighted_context(alpha, memory.values), alpha

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Attention", "AttentionMemory"]
+__all__ = ["Attention", "AttentionMemory", "beam_groups", "weighted_context"]
 
 
 @dataclass
@@ -35,7 +35,14 @@ class Attention(nn.Module):
     Subclasses take ``query_dim`` (decoder state size) and ``key_dim`` (feature channels C), both set by
     the builder, plus their own keyword options. They implement ``precompute`` (once per image) and
     ``forward`` (once per step), and return weights ``alpha (B, N)`` that sum to 1.
+
+    Shared memory: an attention whose ``supports_shared_memory`` is True also accepts B * K queries against
+    a memory of B rows, query row i reading memory row i // K; beam search then keeps one copy of each image's
+    memory for its K beams instead of K copies (see ``beam_search``'s ``share_memory``). ``beam_groups`` and
+    ``weighted_context`` below do the bookkeeping.
     """
+
+    supports_shared_memory = False
 
     def __init__(self, query_dim: int, key_dim: int):
         super().__init__()
@@ -51,6 +58,15 @@ class Attention(nn.Module):
         raise NotImplementedError
 
 
+def beam_groups(query: Tensor, memory: AttentionMemory) -> int:
+    """K, the number of consecutive queries that share each memory row (1 outside beam search)."""
+    rows = memory.values.shape[0]
+    if query.shape[0] % rows:
+        raise ValueError(f"{query.shape[0]} queries do not divide into the {rows} rows of the attention memory")
+    return query.shape[0] // rows
+
+
 def weighted_context(alpha: Tensor, values: Tensor) -> Tensor:
-    """alpha (B, N), values (B, N, C) -> context (B, C)."""
-    return torch.bmm(alpha.unsqueeze(1), values).squeeze(1)
+    """alpha (B * K, N), values (B, N, C) -> context (B * K, C); K = 1 unless the memory is shared."""
+    b, _, c = values.shape
+    return torch.bmm(alpha.view(b, -1, alpha.shape[1]), values).view(alpha.shape[0], c)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from capkit.models.attention.base import Attention, AttentionMemory, weighted_context
+from capkit.models.attention.base import Attention, AttentionMemory, beam_groups, weighted_context
 from capkit.registry import ATTENTIONS
 
 __all__ = ["LuongGlobalAttention", "LuongLocalAttention"]
@@ -47,11 +47,15 @@ class LuongScore(nn.Module):
         return None if self.kind == "dot" else self.key_proj(feats)
 
     def forward(self, query: Tensor, memory: AttentionMemory) -> Tensor:
+        """query (B * K, Dq) -> scores (B * K, N); K > 1 when the memory is shared (see ``Attention``)."""
+        k = beam_groups(query, memory)
         if self.kind == "concat":
-            hidden = (memory.keys + self.query_proj(query).unsqueeze(1)).tanh()  # (B, N, A)
-            return self.v(hidden).squeeze(2)
+            b, n, a = memory.keys.shape
+            hidden = (memory.keys.unsqueeze(1) + self.query_proj(query).view(b, k, 1, a)).tanh_()  # (B, K, N, A)
+            return self.v(hidden).view(-1, n)
         keys = memory.values if memory.keys is None else memory.keys  # (B, N, Dq)
-        return torch.bmm(keys, query.unsqueeze(2)).squeeze(2)  # (B, N)
+        scores = torch.bmm(keys, query.view(keys.shape[0], k, -1).transpose(1, 2))  # (B, N, K)
+        return scores.transpose(1, 2).reshape(query.shape[0], keys.shape[1])
 
 
 @ATTENTIONS.register("luong_global")
@@ -64,6 +68,8 @@ class LuongGlobalAttention(Attention):
         score: ``dot``, ``general`` or ``concat``.
         attn_dim: hidden size of the ``concat`` score.
     """
+
+    supports_shared_memory = True
 
     def __init__(self, query_dim: int, key_dim: int, score: str = "general", attn_dim: int = 512):
         super().__init__(query_dim, key_dim)

@@ -19,8 +19,12 @@ AttentionFactory = Callable[..., Attention]
 class CaptionDecoder(nn.Module):
     """Base class of the recurrent caption decoders.
 
-    A subclass implements ``init_state`` and ``step``; teacher forcing (``forward``), log-probabilities
-    and beam search (``generate``) run the same ``step``, so they agree to the last bit.
+    A subclass implements ``init_state``, ``recur`` (the recurrence: attention and LSTM, one step) and
+    ``output`` (state -> logits). ``step`` is ``output(recur(..))`` for one token, as beam search (``generate``)
+    calls it; teacher forcing (``forward``) embeds every input word at once, runs ``recur`` step by step and
+    ``output`` once over all steps (one large matrix product instead of one per step). Both run the same
+    layers on the same values, so they agree up to float rounding (the tests hold them to 1e-5). A subclass
+    may instead implement ``step`` alone; ``forward`` then loops over it.
 
     Args:
         attention: factory that builds the attention, called with ``query_dim`` and ``key_dim``.
@@ -32,6 +36,10 @@ class CaptionDecoder(nn.Module):
         feature_dim: if set, the features are first mapped to this size (Linear + ReLU) once per image, and
             attention reads the mapped features; needed by Luong's ``dot`` score when C != hidden_dim.
     """
+
+    # True when ``step`` reads the memory only through ``self.attention``, so that beam search may pass one
+    # memory row per image for its K beams when the attention supports it (see ``Attention``)
+    beams_share_memory = False
 
     def __init__(
         self,
@@ -67,11 +75,24 @@ class CaptionDecoder(nn.Module):
         mean = memory.values.mean(dim=1)  # (B, C)
         return {"h": self.init_h(mean).tanh(), "c": self.init_c(mean).tanh()}
 
+    def recur(
+        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One step of the recurrence: previous word's embedding emb (B, E) -> what ``output`` reads (B, D),
+        alpha (B, N), next state."""
+        raise NotImplementedError
+
+    def output(self, emb: Tensor, out: Tensor) -> Tensor:
+        """Logits (..., V) from the embeddings (..., E) and ``recur``'s outputs (..., D), for any leading dims."""
+        raise NotImplementedError
+
     def step(
         self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """tokens (B,) -> logits (B, V), alpha (B, N), next state."""
-        raise NotImplementedError
+        emb = self.embed(tokens)  # (B, E)
+        out, alpha, state = self.recur(emb, state, memory)
+        return self.output(emb, out), alpha, state
 
     def aux_losses(self, alphas: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Auxiliary losses from the attention weights alphas (B, T, N) of the valid steps mask (B, T)."""
@@ -81,14 +102,24 @@ class CaptionDecoder(nn.Module):
         """Teacher forcing. captions (B, L) = <start> w_1 .. w_n <end> <pad>..; predicts captions[:, 1:]."""
         memory = self.prepare(enc)
         state = self.init_state(memory)
-        logits, alphas = [], []
-        for t in range(captions.shape[1] - 1):
-            step_logits, alpha, state = self.step(captions[:, t], state, memory)
-            logits.append(step_logits)
-            alphas.append(alpha)
+        inputs = captions[:, :-1]  # (B, T)
+        outs, alphas = [], []
+        if type(self).recur is CaptionDecoder.recur:  # a subclass that implements step alone
+            for t in range(inputs.shape[1]):
+                step_logits, alpha, state = self.step(inputs[:, t], state, memory)
+                outs.append(step_logits)
+                alphas.append(alpha)
+            logits = torch.stack(outs, dim=1)
+        else:
+            emb = self.embed(inputs)  # (B, T, E): every input word at once
+            for t in range(inputs.shape[1]):
+                out, alpha, state = self.recur(emb[:, t], state, memory)
+                outs.append(out)
+                alphas.append(alpha)
+            logits = self.output(emb, torch.stack(outs, dim=1))  # (B, T, V): every step at once
         alphas_t = torch.stack(alphas, dim=1)  # (B, T, N)
         mask = captions[:, 1:] != PAD_ID  # (B, T)
-        return DecoderOutput(torch.stack(logits, dim=1), alphas_t, self.aux_losses(alphas_t, mask))
+        return DecoderOutput(logits, alphas_t, self.aux_losses(alphas_t, mask))
 
     @torch.no_grad()
     def generate(
@@ -110,4 +141,5 @@ class CaptionDecoder(nn.Module):
             max_len=max_len,
             length_penalty=length_penalty,
             n_best=n_best,
+            share_memory=self.beams_share_memory and getattr(self.attention, "supports_shared_memory", False),
         )

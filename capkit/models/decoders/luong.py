@@ -27,6 +27,8 @@ class LuongDecoder(CaptionDecoder):
         feature_dim: optional feature mapping size (see ``CaptionDecoder``).
     """
 
+    beams_share_memory = True
+
     def __init__(
         self,
         attention: AttentionFactory,
@@ -49,11 +51,13 @@ class LuongDecoder(CaptionDecoder):
         state["h_tilde"] = torch.zeros_like(state["h"])
         return state
 
-    def step(
-        self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+    def recur(
+        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        emb = self.embed(tokens)  # (B, E)
         h, c = self.lstm(torch.cat([emb, state["h_tilde"]], dim=1), (state["h"], state["c"]))
         context, alpha = self.attention(h, memory)  # (B, C), (B, N)
         h_tilde = self.combine(torch.cat([context, h], dim=1)).tanh()  # (B, H)
-        return self.out(self.dropout(h_tilde)), alpha, {"h": h, "c": c, "h_tilde": h_tilde}
+        return h_tilde, alpha, {"h": h, "c": c, "h_tilde": h_tilde}
+
+    def output(self, emb: Tensor, out: Tensor) -> Tensor:
+        return self.out(self.dropout(out))  # out = h~

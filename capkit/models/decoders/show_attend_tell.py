@@ -30,6 +30,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
         feature_dim: optional feature mapping size (see ``CaptionDecoder``).
     """
 
+    beams_share_memory = True
+
     def __init__(
         self,
         attention: AttentionFactory,
@@ -49,16 +51,19 @@ class ShowAttendTellDecoder(CaptionDecoder):
         self.out_context = nn.Linear(self.feature_dim, embed_dim, bias=False)  # L_z
         self.out = nn.Linear(embed_dim, vocab_size)  # L_o
 
-    def step(
-        self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+    def recur(
+        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         h, c = state["h"], state["c"]  # (B, H)
         context, alpha = self.attention(h, memory)  # (B, C), (B, N)
         context = torch.sigmoid(self.f_beta(h)) * context
-        emb = self.embed(tokens)  # (B, E)
         h, c = self.lstm(torch.cat([emb, context], dim=1), (h, c))
-        deep = (emb + self.out_hidden(h) + self.out_context(context)).tanh()  # (B, E)
-        return self.out(self.dropout(deep)), alpha, {"h": h, "c": c}
+        return torch.cat([h, context], dim=1), alpha, {"h": h, "c": c}  # (B, H + C) for the deep output
+
+    def output(self, emb: Tensor, out: Tensor) -> Tensor:
+        h, context = out.split([self.hidden_dim, self.feature_dim], dim=-1)
+        deep = (emb + self.out_hidden(h) + self.out_context(context)).tanh()  # (..., E)
+        return self.out(self.dropout(deep))
 
     def aux_losses(self, alphas: Tensor, mask: Tensor) -> dict[str, Tensor]:
         coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, N)
