@@ -40,7 +40,7 @@ HEADLINE = ("bleu4", "cider", "grounding")  # plotted, when present
 class VariantConfig:
     name: str = MISSING  # a directory name: letters, digits, '-', '_'
     attention: Optional[dict[str, Any]] = None  # replaces the base's model.attention section whole
-    decoder: Optional[dict[str, Any]] = None  # merged over the base's model.decoder section
+    decoder: Optional[dict[str, Any]] = None  # replaces the base's model.decoder section whole
     overrides: list[str] = field(default_factory=list)  # dot-list overrides, applied last
 
 
@@ -52,6 +52,7 @@ class AblationConfig:
     variants: list[VariantConfig] = field(default_factory=list)
     output_dir: str = "runs/ablation"
     split: str = "test"  # scored split (the runs' test metrics when "test", else re-evaluated on it)
+    definitions: dict[str, Any] = field(default_factory=dict)  # YAML anchors the variants share; not read
 
 
 def load_ablation(path: str | Path, overrides: list[str] = ()) -> AblationConfig:
@@ -99,7 +100,7 @@ def _variant_config(ablation: AblationConfig, variant: VariantConfig, seed: int,
     if variant.attention is not None:
         cfg.model.attention = variant.attention
     if variant.decoder is not None:
-        cfg.model.decoder = OmegaConf.merge(cfg.model.decoder, variant.decoder)
+        cfg.model.decoder = variant.decoder
     run = [f"train.seed={seed}", f"train.output_dir={out / variant.name}", f"train.run_name=seed{seed}"]
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([*variant.overrides, *run]))
 

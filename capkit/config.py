@@ -36,7 +36,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "timm", "model_name": "inception_v3"})
+    # defaults name the component only: its constructor's defaults apply (the timm encoder's is inception_v3),
+    # and a file that names another component inherits no option it does not take
+    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "timm"})
     attention: dict[str, Any] = field(default_factory=lambda: {"name": "bahdanau"})
     decoder: dict[str, Any] = field(default_factory=lambda: {"name": "show_attend_tell"})
 
@@ -113,8 +115,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} not found")
         try:
-            loaded = OmegaConf.load(path)
-            cfg = OmegaConf.merge(_drop_replaced_components(cfg, loaded), loaded)
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {_first_line(err)} (key: {_full_key(err)})") from err
     if overrides:
@@ -126,23 +127,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         except OmegaConfBaseException as err:
             raise ConfigError(f"command-line override: {_first_line(err)} (key: {_full_key(err)})") from err
     import_plugins(list(cfg.plugins))
-    return cfg
-
-
-COMPONENT_SECTIONS = ("model.encoder", "model.attention", "model.decoder", "data.dataset")
-
-
-def _drop_replaced_components(cfg: DictConfig, incoming: Any) -> DictConfig:
-    """A component section of the file that names another component than the schema's default starts
-    afresh: the default's options (``model_name: inception_v3`` of the timm encoder) do not leak into it.
-    (Command-line overrides still merge: ``model.decoder.name=luong`` keeps the file's LSTM sizes.)"""
-    for key in COMPONENT_SECTIONS:
-        new = OmegaConf.select(incoming, key, default=None) if isinstance(incoming, DictConfig) else None
-        if not isinstance(new, DictConfig) or "name" not in new:
-            continue
-        old = OmegaConf.select(cfg, key, default=None)
-        if isinstance(old, DictConfig) and old.get("name") != new.get("name"):
-            OmegaConf.update(cfg, key, {"name": new.get("name")}, merge=False)
     return cfg
 
 

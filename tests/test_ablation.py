@@ -28,8 +28,8 @@ overrides: [train.lr=0.001]
 seeds: [0]
 output_dir: {out}
 variants:
-  - {{name: sat-bahdanau, decoder: {{name: show_attend_tell}}}}
-  - {{name: luong-local, decoder: {{name: luong}}, attention: {{name: luong_local, window: 1}}}}
+  - {{name: sat-bahdanau}}
+  - {{name: luong-local, decoder: {{name: luong, embed_dim: 8, hidden_dim: 16}}, attention: {{name: luong_local, window: 1}}}}
 """
 
 
@@ -71,7 +71,7 @@ def test_variant_attention_replaces_the_base_section(tiny_ablation, tmp_path):
     ablation = load_ablation(tiny_ablation)
     cfg = ablation_module._variant_config(ablation, ablation.variants[1], 3, tmp_path)
     assert dict(cfg.model.attention) == {"name": "luong_local", "window": 1}  # attn_dim: 8 of the base is gone
-    assert cfg.model.decoder.name == "luong" and cfg.model.decoder.hidden_dim == 16
+    assert dict(cfg.model.decoder) == {"name": "luong", "embed_dim": 8, "hidden_dim": 16}  # replaced whole
     assert cfg.train.seed == 3 and cfg.train.lr == 0.001
 
 

@@ -18,7 +18,8 @@ def test_defaults_are_the_reference_hyperparameters():
     cfg = load_config()
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs) == (4e-4, 64, 30)
     assert (cfg.data.max_caption_len, cfg.data.vocab_max_size) == (16, 5000)
-    assert cfg.model.encoder.model_name == "inception_v3"
+    assert dict(cfg.model.encoder) == {"name": "timm"}
+    assert capkit.ENCODERS.get("timm")().model_name == "inception_v3"  # the constructor's default applies
 
 
 def test_typo_in_a_schema_key_names_file_key_and_suggestion(tmp_path):

@@ -361,6 +361,15 @@ def test_max_steps_stops_mid_epoch_and_saves_last(tmp_path):
     assert not (tmp_path / "checkpoints" / "best").exists()
 
 
+def test_max_steps_on_an_epochs_last_batch_still_ends_the_epoch(tmp_path):
+    evaluations = []
+    hooks = [EvalHook(lambda m: evaluations.append(1) or {"score": 1.0}), CheckpointHook(tmp_path, metric="score")]
+    trainer = make_trainer(hooks, n=16, epochs=3, max_steps=4)  # 16 samples / batch 4: one epoch is 4 steps
+    trainer.fit()
+    assert (trainer.epoch, trainer.batch_in_epoch, trainer.global_step) == (1, 0, 4)
+    assert evaluations == [1] and (tmp_path / "checkpoints" / "best").is_dir()
+
+
 def test_checkpoint_hook_must_be_last_and_hook_names_unique(tmp_path):
     with pytest.raises(ValueError, match="CheckpointHook must be the last hook"):
         make_trainer([CheckpointHook(tmp_path), Recorder()]).fit()

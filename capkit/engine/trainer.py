@@ -170,8 +170,8 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}", captions_s=f"{seen / (time.perf_counter() - start):.1f}")
                 self.call("after_step", loss=loss)
-                if self._should_stop():
-                    return
+                if self._should_stop() and self.batch_in_epoch != _length(self.train_loader):
+                    return  # stopped inside the epoch; a stop on its last batch still ends it (evaluation, best)
         self._epoch_done = True
         self.call("after_epoch")
         self.epoch += 1
