@@ -286,4 +286,7 @@ def test_cli_help_and_mode_check(capsys):
     assert exit_info.value.code == 0 and "--predictions PRED.json" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main([])
-    assert exit_info.value.code == 2 and "give --predictions" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "give either --checkpoint DIR, or --predictions" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--checkpoint", "runs/x", "--predictions", "p.json", "--references", "r.json"])
+    assert exit_info.value.code == 2 and "give either" in capsys.readouterr().err
