@@ -34,7 +34,7 @@ from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
 
 BATCH, GRID, CHANNELS, VOCAB, DIM = 64, (8, 8), 2048, 5000, 512
 WORDS = (10, 16)  # caption length range, in words
-WARMUP, TIMED = 1, 3  # iterations per implementation (interleaved); the median is reported
+WARMUP, TIMED = 1, 5  # iterations per implementation (interleaved); the median is reported
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_decoder_train.json"
 
 
