@@ -207,7 +207,8 @@ def machine() -> dict:
 def main() -> None:
     result = run()
     print(f"decoder training step: batch {result['batch']}, grid {result['grid'][0]}x{result['grid'][1]}x"
-          f"{result['channels']}, vocab {result['vocab']}, dim {result['dim']}, {result['words'][0]}-{result['words'][1]} "
+          f"{result['channels']}, vocab {result['vocab']}, dim {result['dim']}, "
+          f"{result['words'][0]}-{result['words'][1]} "
           f"words, {result['device']} {result['amp']}, {torch.get_num_threads()} threads, median of {result['timed']}")
     print(f"same loss before timing: capkit {result['loss_check'][0]:.6f}, baseline {result['loss_check'][1]:.6f}")
     print(f"{'implementation':<16}{'step (s)':>10}{'captions/s':>12}")

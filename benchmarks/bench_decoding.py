@@ -54,7 +54,9 @@ def build(channels: int, vocab: int, dim: int, device: torch.device) -> ShowAtte
     return decoder.to(device).eval()
 
 
-def gemm_ceiling(rows: int, batched_rows: int, inner: int, outer: int, device: torch.device, repeats: int = 20) -> float:
+def gemm_ceiling(
+    rows: int, batched_rows: int, inner: int, outer: int, device: torch.device, repeats: int = 20
+) -> float:
     """How much faster per row the LSTM's largest product, (rows, inner) x (inner, outer), runs with
     ``batched_rows`` rows than with ``rows``: roughly the most batching can gain when both paths do the
     same arithmetic (it gains more where small products are slower, e.g. on GPUs)."""
@@ -118,7 +120,8 @@ def run(
         batched_s = statistics.median(times)
         ceiling = gemm_ceiling(beam, per_batch * beam, channels + dim, 4 * dim, device)
         rows.append({
-            "beam": beam, "gemm_ceiling": ceiling, "one_at_a_time_s": alone_s, "batched_s": batched_s, "batched_all_s": times,
+            "beam": beam, "gemm_ceiling": ceiling, "one_at_a_time_s": alone_s, "batched_s": batched_s,
+            "batched_all_s": times,
             "one_at_a_time_img_s": images / alone_s, "batched_img_s": images / batched_s,
             "speedup": alone_s / batched_s, "max_score_diff": worst, "same_captions_timed": timed_same,
             "mean_words": statistics.mean(len(h.tokens) for h in together),

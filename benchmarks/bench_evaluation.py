@@ -32,7 +32,8 @@ def load() -> tuple[dict[str, str], dict[str, list[str]], dict[str, float]]:
     refs: dict[str, list[str]] = defaultdict(list)
     for a in json.loads((FIXTURE / "image_caption_gt.json").read_text())["annotations"]:
         refs[str(a["image_id"])].append(a["caption"])
-    hyps = {str(p["image_id"]): p["caption"] for p in json.loads((FIXTURE / "image_caption_prediction.json").read_text())}
+    predictions = json.loads((FIXTURE / "image_caption_prediction.json").read_text())
+    hyps = {str(p["image_id"]): p["caption"] for p in predictions}
     expected = json.loads((FIXTURE / "expected_scores.json").read_text())["expected"]
     return hyps, dict(refs), expected
 
