@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from capkit.models.decoders.base import CaptionDecoder
+from capkit.models.decoders.base import StepDecoder
 from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
 
 __all__ = ["Captioner"]
@@ -17,7 +17,7 @@ class Captioner(nn.Module):
     feature cache or a previous ``encode``), so cached and raw-image training share one model.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: CaptionDecoder):
+    def __init__(self, encoder: nn.Module, decoder: StepDecoder):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder

@@ -10,13 +10,69 @@ from capkit.models.attention.base import Attention, AttentionMemory
 from capkit.models.beam_search import beam_search
 from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
 
-__all__ = ["CaptionDecoder", "AttentionFactory"]
+__all__ = ["StepDecoder", "CaptionDecoder", "AttentionFactory"]
 
 # called by a decoder with its own sizes: attention(query_dim=..., key_dim=...)
 AttentionFactory = Callable[..., Attention]
 
 
-class CaptionDecoder(nn.Module):
+class StepDecoder(nn.Module):
+    """What every registered decoder provides; the Captioner, trainer, evaluator and beam search use only this.
+
+    - ``prepare(enc) -> AttentionMemory``: per-image work, done once;
+    - ``init_state(memory) -> dict[str, Tensor]``: the decoding state, every tensor batch-first (B, ...), so that
+      beam search can reorder it with ``index_select``;
+    - ``step(tokens (B,), state, memory) -> (logits (B, V), alpha (B, N), next state)``;
+    - ``forward(enc, captions (B, L)) -> DecoderOutput``: teacher forcing, consistent with ``step``;
+    - ``aux_losses(alphas, mask)``: auxiliary training losses (none by default).
+
+    ``generate`` (batched beam search over ``step``) is implemented here.
+    """
+
+    # True when ``step`` reads the memory only through ``self.attention``, so that beam search may pass one
+    # memory row per image for its K beams when the attention supports it (see ``Attention``)
+    beams_share_memory = False
+
+    def prepare(self, enc: EncoderOutput) -> AttentionMemory:
+        raise NotImplementedError
+
+    def init_state(self, memory: AttentionMemory) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def step(
+        self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def aux_losses(self, alphas: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Auxiliary losses from the attention weights alphas (B, T, N) of the valid steps mask (B, T)."""
+        return {}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        enc: EncoderOutput,
+        *,
+        beam_size: int = 3,
+        max_len: int = 16,
+        length_penalty: float = 0.0,
+        n_best: int = 1,
+    ) -> Generation:
+        """Batched beam search (see ``capkit.models.beam_search.beam_search``)."""
+        memory = self.prepare(enc)
+        return beam_search(
+            self.step,
+            self.init_state(memory),
+            memory,
+            beam_size=beam_size,
+            max_len=max_len,
+            length_penalty=length_penalty,
+            n_best=n_best,
+            share_memory=self.beams_share_memory and getattr(self.attention, "supports_shared_memory", False),
+        )
+
+
+class CaptionDecoder(StepDecoder):
     """Base class of the recurrent caption decoders.
 
     A subclass implements ``init_state``, ``recur`` (the recurrence: attention and LSTM, one step) and
@@ -36,10 +92,6 @@ class CaptionDecoder(nn.Module):
         feature_dim: if set, the features are first mapped to this size (Linear + ReLU) once per image, and
             attention reads the mapped features; needed by Luong's ``dot`` score when C != hidden_dim.
     """
-
-    # True when ``step`` reads the memory only through ``self.attention``, so that beam search may pass one
-    # memory row per image for its K beams when the attention supports it (see ``Attention``)
-    beams_share_memory = False
 
     def __init__(
         self,
@@ -94,10 +146,6 @@ class CaptionDecoder(nn.Module):
         out, alpha, state = self.recur(emb, state, memory)
         return self.output(emb, out), alpha, state
 
-    def aux_losses(self, alphas: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        """Auxiliary losses from the attention weights alphas (B, T, N) of the valid steps mask (B, T)."""
-        return {}
-
     def forward(self, enc: EncoderOutput, captions: Tensor) -> DecoderOutput:
         """Teacher forcing. captions (B, L) = <start> w_1 .. w_n <end> <pad>..; predicts captions[:, 1:]."""
         memory = self.prepare(enc)
@@ -120,26 +168,3 @@ class CaptionDecoder(nn.Module):
         alphas_t = torch.stack(alphas, dim=1)  # (B, T, N)
         mask = captions[:, 1:] != PAD_ID  # (B, T)
         return DecoderOutput(logits, alphas_t, self.aux_losses(alphas_t, mask))
-
-    @torch.no_grad()
-    def generate(
-        self,
-        enc: EncoderOutput,
-        *,
-        beam_size: int = 3,
-        max_len: int = 16,
-        length_penalty: float = 0.0,
-        n_best: int = 1,
-    ) -> Generation:
-        """Batched beam search (see ``capkit.models.beam_search.beam_search``)."""
-        memory = self.prepare(enc)
-        return beam_search(
-            self.step,
-            self.init_state(memory),
-            memory,
-            beam_size=beam_size,
-            max_len=max_len,
-            length_penalty=length_penalty,
-            n_best=n_best,
-            share_memory=self.beams_share_memory and getattr(self.attention, "supports_shared_memory", False),
-        )

@@ -8,10 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capkit.models.attention.base import AttentionMemory
-from capkit.models.beam_search import beam_search
-from capkit.models.decoders.base import AttentionFactory
+from capkit.models.decoders.base import AttentionFactory, StepDecoder
 from capkit.registry import DECODERS
-from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
+from capkit.types import PAD_ID, DecoderOutput, EncoderOutput
 
 __all__ = ["TransformerDecoder", "POSITIONAL_ENCODINGS"]
 
@@ -19,7 +18,7 @@ POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 
 
 @DECODERS.register("transformer")
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(StepDecoder):
     """Pre-norm Transformer decoder (Vaswani et al. 2017): causal self-attention over the words so far,
     multi-head cross-attention to the encoder grid, feed-forward; then a final LayerNorm and the output layer.
 
@@ -169,31 +168,6 @@ class TransformerDecoder(nn.Module):
         logits = self.out(self.dropout(self.norm(x)))
         return logits[:, 0], alpha[:, 0], new_state  # type: ignore[index]
 
-    def aux_losses(self, alphas: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        """No auxiliary loss (the doubly stochastic regulariser belongs to Show, Attend and Tell)."""
-        return {}
-
-    @torch.no_grad()
-    def generate(
-        self,
-        enc: EncoderOutput,
-        *,
-        beam_size: int = 3,
-        max_len: int = 16,
-        length_penalty: float = 0.0,
-        n_best: int = 1,
-    ) -> Generation:
-        """Batched beam search (see ``capkit.models.beam_search.beam_search``) over ``step``."""
-        memory = self.prepare(enc)
-        return beam_search(
-            self.step,
-            self.init_state(memory),
-            memory,
-            beam_size=beam_size,
-            max_len=max_len,
-            length_penalty=length_penalty,
-            n_best=n_best,
-        )
 
 
 class _DecoderLayer(nn.Module):
