@@ -36,13 +36,14 @@ def test_boxes_inside_image_and_objects_drawn_there():
             assert np.abs(centre.astype(int) - colour).max() < 5, (r.image_id, box)
 
 
-def test_captions_name_only_objects_in_the_image():
+def test_captions_name_only_objects_in_the_image_and_at_least_one():
     pattern = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
     for r in ShapesDataset("train", **SIZES).records:
         present = {tuple(b.label.split()[1:]) for b in r.boxes}
         for caption in r.captions:
             named = set(pattern.findall(caption))
             assert named <= present, (caption, present)
+            assert named, caption  # grounding needs a named object in every caption
             for count, number in enumerate(("one", "two", "three"), 1):
                 if caption.startswith(number):
                     assert count == len(present), (caption, present)
