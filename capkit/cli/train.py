@@ -44,6 +44,7 @@ from capkit.engine import (
 )
 from capkit.evaluation import CaptionEvaluator, run_evaluation
 from capkit.models.captioner import Captioner
+from capkit.models.encoders.timm_encoder import WeightsUnavailableError
 
 log = logging.getLogger("capkit.train")
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, config_path=Path(args.config), resume=Path(args.resume) if args.resume else None, samples=args.samples)
-    except (ConfigError, DatasetNotFoundError, MissingImagesError, FileNotFoundError) as err:
+    except (ConfigError, DatasetNotFoundError, MissingImagesError, FileNotFoundError, WeightsUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,9 +12,13 @@ from capkit.models.encoders.pypi_weights import PYPI_WEIGHTS, load_pypi_weights
 from capkit.registry import ENCODERS
 from capkit.types import EncoderOutput
 
-__all__ = ["TimmEncoder", "FINETUNE_MODES"]
+__all__ = ["TimmEncoder", "FINETUNE_MODES", "WeightsUnavailableError"]
 
 FINETUNE_MODES = ("none", "last", "all")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded; the message says which offline weights to use instead."""
 
 
 @ENCODERS.register("timm")
@@ -122,7 +126,7 @@ def _create_model(model_name: str, pretrained: bool, weights: str | None, kwargs
     except (OSError, RuntimeError) as err:
         if not pretrained:
             raise
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"could not download the pretrained weights of {model_name!r} ({type(err).__name__}: {err}). "
             f"Without internet, use a local file (model.encoder.weights: PATH) or the offline EfficientNet-Lite "
             f"weights (e.g. configs/show_attend_tell_flickr8k_offline.yaml: model_name tf_efficientnet_lite2, weights efficientnet-lite2-pypi)"
