@@ -178,7 +178,12 @@ def _markdown(rows: list[dict[str, Any]], keys: list[str], title: str) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    metrics = [m for m in HEADLINE if f"{m}_mean" in rows[0] and not math.isnan(rows[0][f"{m}_mean"])]
+    def measured(metric: str) -> bool:
+        return any(not math.isnan(r.get(f"{metric}_mean", math.nan)) for r in rows)
+
+    bookkeeping = {"grounding_uniform", "grounded_words", "decoder_params", "train_seconds", "decode_images_per_s"}
+    scores = [k.removesuffix("_mean") for k in rows[0] if k.endswith("_mean")]
+    metrics = [m for m in HEADLINE if measured(m)] or [m for m in scores if m not in bookkeeping][:1]
     fig = Figure(figsize=(max(6.0, 0.9 * len(rows) * len(metrics) / 2 + 2), 4))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -186,7 +191,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         means = [r[f"{metric}_mean"] for r in rows]
         stds = [r[f"{metric}_std"] for r in rows]
         ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="tab:blue")
-        if metric == "grounding" and "grounding_uniform_mean" in rows[0]:
+        if metric == "grounding":
             ax.plot(range(len(rows)), [r["grounding_uniform_mean"] for r in rows], "k_", markersize=14,
                     label="uniform attention")
             ax.legend(fontsize=8)
