@@ -139,16 +139,15 @@ def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
 
 def _write(path: Path, write) -> None:
     write(str(path))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
 
 
 def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
+    if os.name != "nt":  # directories cannot be opened for fsync on Windows
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
