@@ -23,11 +23,10 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capkit.cli.train import run as train_run
-from capkit.config import ConfigError, load_config, to_container
-from capkit.data import build_eval_loader, load_split
+from capkit.config import ConfigError, load_config
 from capkit.evaluation import CaptionEvaluator, run_evaluation
-from capkit.evaluation.grounding import run_grounding
-from capkit.inference import load_trained
+from capkit.evaluation.grounding import measure_grounding
+from capkit.inference import load_eval_split, load_trained
 
 __all__ = ["VariantConfig", "AblationConfig", "load_ablation", "run_ablation", "summarise"]
 
@@ -109,11 +108,7 @@ def _score(run_dir: Path, split_name: str) -> dict[str, Any]:
     """Metrics, parameter count, training time, decoding speed and (where boxes exist) grounding of a run."""
     trained = load_trained(run_dir / "checkpoints" / "best")
     cfg, model = trained.config, trained.model
-    split = load_split(to_container(cfg.data.dataset), split_name, skip_missing_images=cfg.data.skip_missing_images)
-    loader = build_eval_loader(
-        split, model.encoder, batch_size=cfg.eval.batch_size, cache_features=cfg.data.cache_features,
-        cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
-    )
+    split, loader = load_eval_split(trained, split_name)
     metrics_file = run_dir / "test_metrics.json"
     if split_name == "test" and metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
@@ -122,15 +117,19 @@ def _score(run_dir: Path, split_name: str) -> dict[str, Any]:
             model, loader, CaptionEvaluator(list(cfg.eval.metrics)), beam_size=cfg.eval.beam_size,
             max_len=cfg.eval.max_len, length_penalty=cfg.eval.length_penalty, decode=trained.vocab.decode,
         )
-    started = time.perf_counter()
+    captions, started = {}, time.perf_counter()
     with torch.no_grad():
         for batch in loader:
-            model.generate(batch.images, batch.features, beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len)
+            generation = model.generate(
+                batch.images, batch.features, beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len
+            )
+            captions.update(zip(batch.image_ids, generation.best))
     images_per_s = len(split.records) / (time.perf_counter() - started)
     if any(r.boxes for r in split.records):
         records = {r.image_id: r for r in split.records}
-        metrics.update(run_grounding(model, loader, records, trained.vocab.itos, beam_size=cfg.eval.beam_size,
-                                     max_len=cfg.eval.max_len))
+        metrics.update(
+            measure_grounding(captions, records, trained.vocab.itos, generation.grid, model.encoder.data_config)
+        )
     decoder_params = sum(p.numel() for p in model.decoder.parameters())
     summary = json.loads((run_dir / "train_summary.json").read_text())
     return {**metrics, "decoder_params": decoder_params, "train_seconds": summary["train_seconds"],

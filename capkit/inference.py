@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from capkit.builder import build_captioner
 from capkit.config import ExperimentConfig, to_container
+from capkit.data.build import LoadedSplit, build_eval_loader, load_split
 from capkit.data.transforms import build_transform
 from capkit.data.vocab import Vocabulary
 from capkit.engine.checkpoint import load_checkpoint
@@ -18,7 +21,7 @@ from capkit.models.captioner import Captioner
 from capkit.registry import import_plugins
 from capkit.types import Generation
 
-__all__ = ["TrainedCaptioner", "load_trained", "caption_images"]
+__all__ = ["TrainedCaptioner", "load_trained", "load_eval_split", "caption_images"]
 
 
 @dataclass
@@ -42,6 +45,22 @@ def load_trained(checkpoint: str | os.PathLike, device: str | torch.device = "cp
     model.load_state_dict(state["model"])
     device = torch.device(device)
     return TrainedCaptioner(model.to(device).eval(), vocab, config, device)
+
+
+def load_eval_split(
+    trained: TrainedCaptioner, split: str, dataset_overrides: Mapping[str, Any] | None = None
+) -> tuple[LoadedSplit, DataLoader]:
+    """A split of the dataset the model was trained on (``dataset_overrides``, e.g. another ``root``, win) and
+    its evaluation batches, prepared as the run's data config says (cached features where it used them)."""
+    data = trained.config.data
+    dataset = {**to_container(data.dataset), **(dataset_overrides or {})}
+    loaded = load_split(dataset, split, skip_missing_images=data.skip_missing_images)
+    loader = build_eval_loader(
+        loaded, trained.model.encoder, batch_size=trained.config.eval.batch_size, cache_features=data.cache_features,
+        cache_dir=data.cache_dir, skip_corrupt_images=data.skip_corrupt_images, num_workers=data.num_workers,
+        device=trained.device,
+    )
+    return loaded, loader
 
 
 def caption_images(

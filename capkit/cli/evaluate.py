@@ -18,13 +18,12 @@ from omegaconf import OmegaConf
 
 import capkit  # noqa: F401  (registers the builtins)
 from capkit.config import EvalConfig, to_container
-from capkit.data import build_eval_loader, load_split
 from capkit.data.transforms import visible_region
 from capkit.engine.device import resolve_device
 from capkit.evaluation import CaptionEvaluator, JavaNotFoundError, MetricResult, load_predictions, load_references
 from capkit.evaluation.results import write_per_image
 from capkit.evaluation.evaluator import run_evaluation
-from capkit.inference import caption_images, load_trained
+from capkit.inference import caption_images, load_eval_split, load_trained
 from capkit.types import EOS
 from capkit.visualization.gallery import GalleryItem, write_gallery
 from capkit.registry import METRICS
@@ -110,20 +109,14 @@ def _score_checkpoint(
 ) -> tuple[dict[str, str], dict[str, list[str]], MetricResult, str]:
     trained = load_trained(args.checkpoint, resolve_device(args.device))
     cfg = trained.config
-    dataset = {**to_container(cfg.data.dataset), **_parse_overrides(args.data)}
-    split = load_split(dataset, args.split, skip_missing_images=cfg.data.skip_missing_images)
-    loader = build_eval_loader(
-        split, trained.model.encoder, batch_size=cfg.eval.batch_size, cache_features=cfg.data.cache_features,
-        cache_dir=cfg.data.cache_dir, skip_corrupt_images=cfg.data.skip_corrupt_images,
-        num_workers=cfg.data.num_workers, device=trained.device,
-    )
+    split, loader = load_eval_split(trained, args.split, _parse_overrides(args.data))
     run_evaluation(
         trained.model, loader, evaluator, beam_size=args.beam,
         max_len=cfg.eval.max_len if args.max_len is None else args.max_len,
         length_penalty=cfg.eval.length_penalty if args.length_penalty is None else args.length_penalty,
         decode=trained.vocab.decode,
     )
-    source = f"{dataset['name']} {args.split} split, {args.checkpoint}, beam {args.beam}"
+    source = f"{split.data.name} {args.split} split, {args.checkpoint}, beam {args.beam}"
     if args.gallery:
         out = args.gallery_dir or args.checkpoint.parent.parent / f"gallery_{args.split}"
         page = _write_gallery(out, trained, split, evaluator, args)

@@ -19,7 +19,7 @@ import numpy as np
 from capkit.data.records import Box
 from capkit.data.transforms import visible_region
 
-__all__ = ["box_coverage", "GroundingMeter", "run_grounding"]
+__all__ = ["box_coverage", "GroundingMeter", "measure_grounding"]
 
 SIZE_WORDS = frozenset({"small", "large", "big", "tiny"})  # describe an object but do not identify it
 
@@ -80,43 +80,28 @@ class GroundingMeter:
         }
 
 
-def run_grounding(
-    model: Any,
-    loader: Any,
+def measure_grounding(
+    captions: Mapping[str, Any],
     records: Mapping[str, Any],
     itos: Sequence[str],
-    *,
-    beam_size: int,
-    max_len: int,
+    grid: tuple[int, int],
+    data_config: Mapping[str, Any],
 ) -> dict[str, float]:
-    """Caption every batch of ``loader`` and measure grounding against ``records[image_id].boxes``.
+    """Grounding of generated captions against their images' boxes (``GroundingMeter.result()``).
 
     Args:
-        model: a ``Captioner`` (put in eval mode here; its mode is restored after).
-        loader: evaluation batches (``CaptionBatch``) of a split whose records have boxes.
-        records: image id -> ``ImageRecord`` (with ``boxes``).
+        captions: image id -> the ``Hypothesis`` generated for it (tokens and alphas (T, N)).
+        records: image id -> ``ImageRecord``; images without ``boxes`` are not scored.
         itos: the vocabulary's id -> word list.
+        grid: (H, W) of the attention maps.
+        data_config: the encoder's data config (its crop decides where the grid lies).
     """
-    import torch
-
     meter = GroundingMeter()
-    device = next(model.parameters()).device
-    data_config = model.encoder.data_config
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                batch = batch.to(device)
-                generation = model.generate(batch.images, batch.features, beam_size=beam_size, max_len=max_len)
-                for image_id, hyp in zip(batch.image_ids, generation.best):
-                    record = records[image_id]
-                    if not record.boxes:
-                        continue
-                    with record.open() as image:
-                        size = image.size
-                    words = [itos[t] for t in hyp.tokens]
-                    meter.add(words, hyp.alphas.numpy(), generation.grid, record.boxes, size, data_config)
-    finally:
-        model.train(was_training)
+    for image_id, hyp in captions.items():
+        record = records[image_id]
+        if not record.boxes:
+            continue
+        with record.open() as image:
+            size = image.size
+        meter.add([itos[t] for t in hyp.tokens], hyp.alphas.numpy(), grid, record.boxes, size, data_config)
     return meter.result()
