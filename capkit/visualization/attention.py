@@ -72,8 +72,7 @@ def attention_figure(
         raise ValueError(
             f"alphas {alphas.shape} must be (len(words)={len(words)}, H*W={grid[0] * grid[1]}) for grid {grid}"
         )
-    picture = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB") if isinstance(image, np.ndarray)
-                         else image.convert("RGB"))
+    picture = np.asarray((Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB"))
     size = picture.shape[:2]
     panels = len(words) + 1
     rows = math.ceil(panels / columns)
