@@ -16,18 +16,15 @@ On CUDA (when available) both run under bf16 autocast. Prints a table and writes
 """
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.common import sync, write_results
 from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
@@ -35,7 +32,6 @@ from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
 BATCH, GRID, CHANNELS, VOCAB, DIM = 64, (8, 8), 2048, 5000, 512
 WORDS = (10, 16)  # caption length range, in words
 WARMUP, TIMED = 1, 5  # iterations per implementation (interleaved); the median is reported
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_decoder_train.json"
 
 
 class NaiveShowAttendTell(nn.Module):
@@ -130,11 +126,6 @@ def make_batch(batch: int, grid: tuple[int, int], channels: int, vocab: int, dev
     return feats.to(device), captions.to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run(
     batch: int = BATCH, grid: tuple[int, int] = GRID, channels: int = CHANNELS, vocab: int = VOCAB, dim: int = DIM,
     warmup: int = WARMUP, timed: int = TIMED, device: torch.device | None = None,
@@ -170,14 +161,14 @@ def run(
     times: dict[str, list[float]] = {name: [] for name in impls}
     for i in range(warmup + timed):
         for name, (loss_fn, optimizer) in impls.items():  # interleaved: background load hits both alike
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = loss_fn()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     rows = []
@@ -193,17 +184,6 @@ def run(
     }
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_average_1min": os.getloadavg()[0],
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
 def main() -> None:
     result = run()
     print(f"decoder training step: batch {result['batch']}, grid {result['grid'][0]}x{result['grid'][1]}x"
@@ -215,9 +195,7 @@ def main() -> None:
     for r in result["results"]:
         print(f"{r['impl']:<16}{r['step_s']:>10.3f}{r['captions_per_s']:>12.1f}")
     print(f"speedup (capkit / baseline captions/s): {result['speedup']:.2f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine(), **result}, indent=1))
-    print(f"wrote {RESULTS}")
+    write_results("bench_decoder_train", torch.device(result["device"]), result)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@ layer scaled x5 so the word distributions are peaked like a trained model's), at
 - **one image at a time**: ``model.generate`` called per image (what the widely used implementations do:
   a beam of K hypotheses for one image per step);
 - **batched**: ``model.generate`` on batches of ``IMAGES_PER_BATCH`` images (every image's beams in one tensor
-  per step).
+  per step);
+- **usual implementation**: the beam search of the widely used tutorials (sgrvinod's ``caption.py`` style,
+  ``usual_beam_search`` below) on the same weights (``NaiveShowAttendTell`` of the training benchmark): one
+  image at a time, its features copied to every hypothesis, the encoder-side attention projection recomputed
+  at every step, Python lists for the hypotheses. It is slow, so it decodes the first ``USUAL_IMAGES`` images
+  and its images/s is compared with the batched search's.
 
-Both must return identical captions (asserted, in fp32; under CUDA autocast the share of identical captions
+All must return identical captions (asserted, in fp32; under CUDA autocast the share of identical captions
 in the timed bf16 runs is recorded too) before the timings are reported. Both run the same
 arithmetic, so the gain is what large matrix products gain over small ones on the machine; the table's
 "GEMM ceiling" measures that for the LSTM's largest product (beam rows vs 64 x beam rows). One-image-at-a-time is timed
@@ -20,28 +25,24 @@ Run: ``python -m benchmarks`` (or ``make bench``).
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-from benchmarks.bench_decoder_train import machine
+from torch import Tensor
+
+from benchmarks.bench_decoder_train import NaiveShowAttendTell, baseline_from
+from benchmarks.common import sync, write_results
 from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
-from capkit.types import EncoderOutput
+from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
 
 IMAGES, IMAGES_PER_BATCH, GRID, CHANNELS, VOCAB, DIM, MAX_LEN = 256, 64, (8, 8), 2048, 5000, 512, 16
 BEAMS = (1, 3, 5)
 TIMED = 3
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_decoding.json"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+USUAL_IMAGES = 16  # images the usual implementation decodes (it recomputes the attention projection per step)
 
 
 def build(channels: int, vocab: int, dim: int, device: torch.device) -> ShowAttendTellDecoder:
@@ -52,6 +53,43 @@ def build(channels: int, vocab: int, dim: int, device: torch.device) -> ShowAtte
     with torch.no_grad():
         decoder.out.weight.mul_(5.0)
     return decoder.to(device).eval()
+
+
+@torch.no_grad()
+def usual_beam_search(model: NaiveShowAttendTell, feats: Tensor, beam: int, max_len: int) -> tuple[list[int], float]:
+    """Beam search over one image's features (N, C) as the widely used tutorials write it, with capkit's search
+    rules (so the captions can be compared): ``<pad>`` and ``<start>`` banned, a finished hypothesis kept with
+    its score frozen, ``<end>`` forced after ``max_len`` words, the best total log-probability returned."""
+    enc = feats.unsqueeze(0)  # (1, N, C)
+    mean = enc.mean(dim=1)
+    h, c = model.init_h(mean).tanh(), model.init_c(mean).tanh()
+    words = torch.tensor([BOS_ID], device=feats.device)
+    scores = torch.zeros(1, device=feats.device)
+    seqs: list[list[int]] = [[]]
+    finished = [False]
+    for t in range(max_len + 1):
+        context, _ = model.attend(enc.expand(len(seqs), -1, -1), h)  # the projection of every copy, every step
+        context = torch.sigmoid(model.f_beta(h)) * context
+        emb = model.embedding(words)
+        h, c = model.decode_step(torch.cat([emb, context], dim=1), (h, c))
+        logp = model.fc((emb + model.L_h(h) + model.L_z(context)).tanh()).float().log_softmax(dim=-1)
+        logp[:, [PAD_ID, BOS_ID]] = float("-inf")
+        if t == max_len:
+            logp[:, :EOS_ID] = logp[:, EOS_ID + 1 :] = float("-inf")
+        for i, done in enumerate(finished):
+            if done:
+                logp[i] = float("-inf")
+                logp[i, PAD_ID] = 0.0
+        vocab = logp.shape[1]
+        scores, flat = (scores.unsqueeze(1) + logp).view(-1).topk(beam)
+        parents, new = (flat // vocab).tolist(), (flat % vocab).tolist()
+        seqs = [seqs[p] if finished[p] else seqs[p] + [w] for p, w in zip(parents, new)]
+        finished = [finished[p] or w == EOS_ID for p, w in zip(parents, new)]
+        h, c, words = h[parents], c[parents], flat % vocab
+        if all(finished):
+            break
+    best = int(scores.argmax())
+    return seqs[best][:-1], float(scores[best])  # without <end>
 
 
 def gemm_ceiling(
@@ -65,11 +103,11 @@ def gemm_ceiling(
     for m in (rows, batched_rows):
         x = torch.randn(m, inner, device=device)
         torch.nn.functional.linear(x, weight)  # warm-up
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
             torch.nn.functional.linear(x, weight)
-        _sync(device)
+        sync(device)
         per_row.append((time.perf_counter() - start) / (repeats * m))
     return per_row[0] / per_row[1]
 
@@ -94,21 +132,27 @@ def run(
     def one_at_a_time(beam: int, amp: torch.dtype | None = amp) -> list:
         return [h for i in range(images) for h in decode(i, i + 1, beam, amp)]
 
+    usual = baseline_from(decoder).eval()
+
+    def usual_images(beam: int, amp: torch.dtype | None = amp) -> list[tuple[list[int], float]]:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return [usual_beam_search(usual, feats[i], beam, max_len) for i in range(USUAL_IMAGES)]
+
     rows = []
     for beam in beams:
         for i in range(4):  # warm-up
             decode(i, i + 1, beam)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         alone = one_at_a_time(beam)
-        _sync(device)
+        sync(device)
         alone_s = time.perf_counter() - start
         times, together = [], None
         for i in range(1 + timed):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             together = batched(beam)
-            _sync(device)
+            sync(device)
             if i:
                 times.append(time.perf_counter() - start)
         timed_same = sum(a.tokens == b.tokens for a, b in zip(alone, together)) / images
@@ -117,13 +161,25 @@ def run(
         mismatched = [i for i, (a, b) in enumerate(zip(alone, together)) if a.tokens != b.tokens]
         assert not mismatched, f"beam {beam}: captions differ for images {mismatched[:10]}"
         worst = max(abs(a.score - b.score) for a, b in zip(alone, together))
+        sync(device)
+        start = time.perf_counter()
+        usual_out = usual_images(beam)
+        sync(device)
+        usual_s = time.perf_counter() - start
+        if amp is not None:
+            usual_out = usual_images(beam, None)
+        differ = [i for i, (tokens, _) in enumerate(usual_out) if tokens != alone[i].tokens]
+        assert not differ, f"beam {beam}: the usual implementation's captions differ for images {differ}"
+        worst = max(worst, *(abs(score - alone[i].score) for i, (_, score) in enumerate(usual_out)))
         batched_s = statistics.median(times)
         ceiling = gemm_ceiling(beam, per_batch * beam, channels + dim, 4 * dim, device)
         rows.append({
             "beam": beam, "gemm_ceiling": ceiling, "one_at_a_time_s": alone_s, "batched_s": batched_s,
             "batched_all_s": times,
             "one_at_a_time_img_s": images / alone_s, "batched_img_s": images / batched_s,
-            "speedup": alone_s / batched_s, "max_score_diff": worst, "same_captions_timed": timed_same,
+            "speedup": alone_s / batched_s, "max_score_diff": worst,
+            "usual_images": USUAL_IMAGES, "usual_s": usual_s, "usual_img_s": USUAL_IMAGES / usual_s,
+            "speedup_vs_usual": (images / batched_s) / (USUAL_IMAGES / usual_s), "same_captions_timed": timed_same,
             "mean_words": statistics.mean(len(h.tokens) for h in together),
         })
     return {"device": device.type, "amp": str(amp) if amp else "fp32", "images": images, "images_per_batch": per_batch,
@@ -136,17 +192,18 @@ def main() -> None:
     print(f"decoding {result['images']} images: grid {result['grid'][0]}x{result['grid'][1]}x{result['channels']}, "
           f"vocab {result['vocab']}, dim {result['dim']}, max {result['max_len']} words, {result['device']} "
           f"{result['amp']}, {torch.get_num_threads()} threads; batched = {result['images_per_batch']} images per "
-          f"generate call (median of {result['timed']}), one image at a time = 1 pass")
-    print(f"{'beam':>4}{'1-at-a-time img/s':>19}{'batched img/s':>15}{'speedup':>9}{'same captions':>15}"
-          f"{'max |dscore|':>14}{'GEMM ceiling':>14}")
+          f"generate call (median of {result['timed']}), one image at a time = 1 pass, usual implementation = "
+          f"1 pass over {USUAL_IMAGES} images")
+    print(f"{'beam':>4}{'usual img/s':>13}{'1-at-a-time img/s':>19}{'batched img/s':>15}{'vs usual':>10}"
+          f"{'vs 1-at-a-time':>16}{'same captions':>15}{'max |dscore|':>14}{'GEMM ceiling':>14}")
     for r in result["results"]:
-        print(f"{r['beam']:>4}{r['one_at_a_time_img_s']:>19.1f}{r['batched_img_s']:>15.1f}{r['speedup']:>8.1f}x"
-              f"{'yes':>15}{r['max_score_diff']:>14.1e}{r['gemm_ceiling']:>13.1f}x")
-    print("GEMM ceiling: per-row speed of the LSTM's (rows, 2560) x (2560, 2048) product with 64 x beam rows "
-          "over beam rows, on this machine")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine(), **result}, indent=1))
-    print(f"wrote {RESULTS}")
+        print(f"{r['beam']:>4}{r['usual_img_s']:>13.1f}{r['one_at_a_time_img_s']:>19.1f}{r['batched_img_s']:>15.1f}"
+              f"{r['speedup_vs_usual']:>9.1f}x{r['speedup']:>15.1f}x{'yes':>15}{r['max_score_diff']:>14.1e}"
+              f"{r['gemm_ceiling']:>13.1f}x")
+    print("usual: the tutorials' per-image beam search (attention projection recomputed per step); 1-at-a-time: "
+          "capkit's search on one image per call;\nGEMM ceiling: per-row speed of the LSTM's (rows, 2560) x "
+          "(2560, 2048) product with 64 x beam rows over beam rows, on this machine")
+    write_results("bench_decoding", torch.device(result["device"]), result)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.bench_decoder_train import machine
+import torch
+
+from benchmarks.common import write_results
 from capkit.evaluation.coco import ptb_tokenize, spice_missing_jars
 from capkit.evaluation.metric import as_result, build_metric
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "metric_fixtures" / "coco_karpathy_test5k"
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_evaluation.json"
 # capkit score key -> the fixture's published key
 PUBLISHED = {"bleu1": "Bleu_1", "bleu4": "Bleu_4", "meteor": "METEOR", "rouge_l": "ROUGE_L", "cider": "CIDEr",
              "spice": "SPICE"}
@@ -74,10 +75,7 @@ def main() -> None:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in r["scores"].items())
         print(f"{r['step']:<14}{r['seconds']:>9.2f}  {scores}")
     print(f"{'total':<14}{total:>9.2f}  (published COCO scores reproduced to 1e-6)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine(), "images": len(hyps), "results": rows, "total_s": total},
-                                  indent=1))
-    print(f"wrote {RESULTS}")
+    write_results("bench_evaluation", torch.device("cpu"), {"images": len(hyps), "results": rows, "total_s": total})
 
 
 if __name__ == "__main__":

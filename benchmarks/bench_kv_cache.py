@@ -9,15 +9,12 @@ Run: ``python -m benchmarks`` (all benchmarks) or ``python -m benchmarks.bench_k
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 import capkit  # noqa: F401  (registers the decoders)
+from benchmarks.common import sync, write_results
 from capkit.registry import DECODERS
 from capkit.types import EOS_ID, EncoderOutput
 
@@ -28,20 +25,22 @@ MAX_LEN = 16
 REPEATS = 2  # best of: the machine may be shared
 GRID, CHANNELS, VOCAB = (7, 7), 512, 5000
 DECODER = {"name": "transformer", "d_model": 256, "num_layers": 3, "num_heads": 8, "ffn_dim": 1024, "dropout": 0.1}
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_kv_cache.json"
 
 
 @torch.inference_mode()
 def _decode(decoder, batches: list[EncoderOutput], use_cache: bool, beam_size: int, max_len: int, repeats: int):
     decoder.use_cache = use_cache
+    device = batches[0].feats.device
     decoder.generate(batches[0], beam_size=beam_size, max_len=2)  # warm-up
     best, generations = float("inf"), []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         generations = [decoder.generate(b, beam_size=beam_size, max_len=max_len) for b in batches]
+        sync(device)
         best = min(best, time.perf_counter() - start)
     tokens = [t for g in generations for t in g.tokens]
-    scores = torch.cat([g.scores for g in generations])
+    scores = torch.cat([g.scores for g in generations]).cpu()
     return best, tokens, scores
 
 
@@ -51,15 +50,17 @@ def main(
     max_len: int = MAX_LEN,
     repeats: int = REPEATS,
     decoder_cfg: dict | None = None,
-    results: Path | None = RESULTS,
+    write: bool = True,
+    device: torch.device | None = None,
 ) -> dict:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = dict(decoder_cfg or DECODER)
     cfg.setdefault("max_len", max_len + 1)
     torch.manual_seed(0)
-    decoder = DECODERS.build(cfg, attention=None, encoder_dim=CHANNELS, vocab_size=VOCAB).eval()
+    decoder = DECODERS.build(cfg, attention=None, encoder_dim=CHANNELS, vocab_size=VOCAB).to(device).eval()
     with torch.no_grad():
         decoder.out.bias[EOS_ID] = -1e4  # every hypothesis runs to max_len: equal work in both modes
-    feats = torch.randn(num_images, GRID[0] * GRID[1], CHANNELS, generator=torch.Generator().manual_seed(1))
+    feats = torch.randn(num_images, GRID[0] * GRID[1], CHANNELS, generator=torch.Generator().manual_seed(1)).to(device)
     batches = [EncoderOutput(feats[i : i + BATCH_SIZE], GRID) for i in range(0, num_images, BATCH_SIZE)]
 
     cached_s, cached_tokens, cached_scores = _decode(decoder, batches, True, beam_size, max_len, repeats)
@@ -67,6 +68,7 @@ def main(
     same_tokens = cached_tokens == plain_tokens
     max_score_diff = float((cached_scores - plain_scores).abs().max())
     row = {
+        "device": device.type,
         "images": num_images,
         "beam_size": beam_size,
         "max_len": max_len,
@@ -81,21 +83,16 @@ def main(
     params = sum(p.numel() for p in decoder.parameters())
     print(f"{num_images} images of {GRID[0]}x{GRID[1]}x{CHANNELS} random features, batch {BATCH_SIZE}, beam {beam_size}, "
           f"max_len {max_len}, decoder {cfg} ({params / 1e6:.1f} M params), vocab {VOCAB}, "
-          f"{torch.get_num_threads()} threads, best of {repeats}")
+          f"{device.type} fp32, {torch.get_num_threads()} threads, best of {repeats}")
     print(f"{'mode':<22}{'seconds':>10}{'img/s':>10}")
     print(f"{'kv cache':<22}{cached_s:>10.2f}{row['cache_img_s']:>10.1f}")
     print(f"{'recompute prefix':<22}{plain_s:>10.2f}{row['recompute_img_s']:>10.1f}")
     print(f"speed-up {row['speedup']:.2f}x; same tokens: {same_tokens}; max score difference {max_score_diff:.1e}")
     if not same_tokens or max_score_diff > 1e-4:
         raise AssertionError("the cached and recomputed decodings differ")
-    if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "python": platform.python_version(),
-                   "load_average_1min": os.getloadavg()[0]}
-        results.write_text(json.dumps({"machine": machine, "decoder": cfg, "vocab": VOCAB, "grid": list(GRID),
-                                       "channels": CHANNELS, "batch_size": BATCH_SIZE, "results": [row]}, indent=1))
-        print(f"wrote {results}")
+    if write:
+        write_results("bench_kv_cache", device, {"decoder": cfg, "vocab": VOCAB, "grid": list(GRID),
+                                                 "channels": CHANNELS, "batch_size": BATCH_SIZE, "results": [row]})
     return row
 
 

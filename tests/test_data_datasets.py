@@ -35,6 +35,9 @@ def test_flickr8k_missing_images_error_or_skip(flickr8k_copy):
     with pytest.warns(UserWarning, match="1 of 4 images are missing"):
         _, records = _flickr(flickr8k_copy, "train", skip_missing_images=True)
     assert [r.image_id for r in records] == ["t0.jpg", "t1.jpg", "t2.jpg"]
+    (flickr8k_copy / "Flicker8k_Dataset" / "x0.jpg").unlink()  # the whole test split gone: nothing to skip to
+    with pytest.raises(MissingImagesError, match=r"1 of 1 images are missing .*every image is missing"):
+        _flickr(flickr8k_copy, "test", skip_missing_images=True)
 
 
 def test_corrupt_image_error_names_file_even_in_a_worker(flickr8k_copy, tiny_encoder):

@@ -11,9 +11,8 @@ import time
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-import capkit
 from capkit.engine import (
     CheckpointHook,
     EarlyStoppingHook,
@@ -22,22 +21,19 @@ from capkit.engine import (
     Hook,
     LoggingHook,
     LRSchedulerHook,
-    Trainer,
     build_optimizer,
     build_scheduler,
-    build_train_sampler,
     caption_loss,
     init_distributed,
     load_checkpoint,
     resolve_amp_dtype,
     resolve_device,
     save_checkpoint,
-    seed_everything,
 )
 from capkit.engine import checkpoint as checkpoint_module
-from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, DecoderOutput, EncoderOutput
+from capkit.types import BOS_ID, EOS_ID, PAD_ID, DecoderOutput
+from toys import ToyData, make_trainer, tiny_model
 
-AUX = {"doubly_stochastic": 1.0}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,59 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_model(finetune: str = "none") -> capkit.Captioner:
-    return capkit.build_captioner(
-        {
-            "encoder": {"name": "timm", "model_name": "test_efficientnet", "finetune": finetune},
-            "attention": {"name": "bahdanau", "attn_dim": 16},
-            "decoder": {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32},
-        },
-        vocab_size=20,
-    )
-
-
-def random_captions(n: int, g: torch.Generator, max_words: int = 5) -> torch.Tensor:
-    captions = torch.full((n, max_words + 2), PAD_ID)
-    for i in range(n):
-        k = int(torch.randint(1, max_words + 1, (1,), generator=g))
-        captions[i, 0], captions[i, k + 1] = BOS_ID, EOS_ID
-        captions[i, 1 : k + 1] = torch.randint(4, 20, (k,), generator=g)
-    return captions
-
-
-class ToyData(Dataset):
-    """n items of cached features (grid 2 x 2, 256 channels: test_efficientnet's) or 32 x 32 images."""
-
-    def __init__(self, n: int = 16, images: bool = False):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, 32, 32, generator=g) if images else torch.randn(n, 4, 256, generator=g)
-        self.images = images
-        self.captions = random_captions(n, g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return str(i), self.x[i], self.captions[i]
-
-    def collate(self, items) -> CaptionBatch:
-        ids, xs, caps = zip(*items)
-        x = torch.stack(xs)
-        if self.images:
-            return CaptionBatch(list(ids), captions=torch.stack(caps), images=x)
-        return CaptionBatch(list(ids), captions=torch.stack(caps), features=EncoderOutput(x, (2, 2)))
-
-
-def make_trainer(hooks=(), *, n=16, epochs=2, finetune="none", images=False, seed=0, **kwargs) -> Trainer:
-    seed_everything(seed)
-    model = tiny_model(finetune)
-    data = ToyData(n, images)
-    loader = DataLoader(data, batch_size=4, sampler=build_train_sampler(data, seed=seed), collate_fn=data.collate)
-    optimizer = build_optimizer(model, lr=1e-2, encoder_lr=1e-3)
-    kwargs = {"device": "cpu", "aux_loss_weights": AUX, "progress": False, **kwargs}
-    return Trainer(model, optimizer, loader, epochs=epochs, hooks=hooks, **kwargs)
 
 
 class Recorder(Hook):
@@ -361,6 +304,17 @@ def test_max_steps_stops_mid_epoch_and_saves_last(tmp_path):
     assert not (tmp_path / "checkpoints" / "best").exists()
 
 
+def test_a_run_stopped_by_max_steps_inside_an_epoch_is_evaluated_and_keeps_its_best(tmp_path):
+    evaluations = []  # the score improves at every evaluation
+    hooks = [EvalHook(lambda m: evaluations.append(1) or {"score": len(evaluations)}),
+             CheckpointHook(tmp_path, metric="score")]
+    trainer = make_trainer(hooks, n=16, epochs=3, max_steps=6)  # one epoch is 4 steps: stops at step 2 of epoch 1
+    trainer.fit()
+    assert len(evaluations) == 2  # after epoch 0, and at the stop
+    best = load_checkpoint(tmp_path / "checkpoints" / "best")
+    assert (best["epoch"], best["batch_in_epoch"], best["global_step"]) == (1, 2, 6)
+
+
 def test_max_steps_on_an_epochs_last_batch_still_ends_the_epoch(tmp_path):
     evaluations = []
     hooks = [EvalHook(lambda m: evaluations.append(1) or {"score": 1.0}), CheckpointHook(tmp_path, metric="score")]
@@ -420,7 +374,8 @@ def test_logging_hook_writes_metrics_jsonl_and_tensorboard(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(x["step"], x["epoch"]) for x in lines] == [(2, 0), (2, 0), (4, 1), (4, 1)]
     step, val = lines[0], lines[1]
-    assert set(step) == {"step", "epoch", "loss", "loss/ce", "loss/doubly_stochastic", "lr"}
+    assert set(step) == {"step", "epoch", "loss", "loss/ce", "loss/doubly_stochastic", "lr", "captions_s"}
+    assert all(x["captions_s"] > 0 for x in lines[::2])  # 2 steps of 4 captions per line
     assert step["loss"] == pytest.approx(step["loss/ce"] + step["loss/doubly_stochastic"]) and step["lr"] == 1e-2
     assert val == {"step": 2, "epoch": 0, "val/cider": 0.25}
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -168,9 +168,10 @@ def test_sigkilled_run_resumes_exactly(tmp_path, reference, kill_at, saved_posit
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [g["lr"] for g in ref.optimizer.param_groups]
     assert trainer.optimizer.param_groups[0]["lr"] < 3e-3
     # the metrics log holds every step once, with the uninterrupted run's values
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    ref_lines = [json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [pytest.approx(x, rel=1e-6) for x in ref_lines]
+    def logged(path):  # every logged value but the wall-clock throughput
+        return [{k: v for k, v in json.loads(x).items() if k != "captions_s"} for x in path.read_text().splitlines()]
+
+    assert logged(run_dir / "metrics.jsonl") == [pytest.approx(x, rel=1e-6) for x in logged(ref_dir / "metrics.jsonl")]
 
 
 class NoisyToyCaptions(ToyCaptions):

@@ -118,8 +118,8 @@ def _extract(
         EvaluationDataset(ImageSource(records, transform, skip_corrupt), records), batch_size, num_workers=num_workers
     )
     partial_path = data_path.with_name(data_path.name + ".partial")
-    was_training = encoder.training
-    encoder.eval()
+    was_training, home = encoder.training, next(encoder.parameters()).device
+    encoder.eval().to(device)  # extraction runs on ``device``; the encoder goes back where it was afterwards
     array, kept, grid = None, [], (0, 0)
     try:
         for batch in tqdm(loader, desc=f"features {data_path.stem}", unit="batch"):
@@ -133,7 +133,7 @@ def _extract(
             array[len(kept) : len(kept) + len(batch)] = out.feats.to("cpu", torch.float16).numpy()
             kept.extend(batch.image_ids)
     finally:
-        encoder.train(was_training)
+        encoder.train(was_training).to(home)
     if array is None:
         raise RuntimeError(f"no image of {data_path.stem} could be decoded; nothing to cache")
     array.flush()

@@ -66,7 +66,8 @@ def drop_missing(records: list[ImageRecord], skip: bool, dataset: str) -> list[I
     """Records whose image file exists.
 
     Raises:
-        MissingImagesError: some files are missing and ``skip`` is False (count and first names given).
+        MissingImagesError: some files are missing and ``skip`` is False, or every file is missing (count and
+            first names given).
     """
     missing = [r for r in records if r.loader is None and not r.path.is_file()]
     if not missing:
@@ -75,6 +76,8 @@ def drop_missing(records: list[ImageRecord], skip: bool, dataset: str) -> list[I
     summary = f"{dataset}: {len(missing)} of {len(records)} images are missing ({names})"
     if not skip:
         raise MissingImagesError(f"{summary}. Restore them, or set data.skip_missing_images=true to leave them out.")
+    if len(missing) == len(records):
+        raise MissingImagesError(f"{summary}: every image is missing, nothing is left once they are skipped")
     warnings.warn(f"{summary}; skipped (data.skip_missing_images=true)", stacklevel=2)
     missing_ids = {id(r) for r in missing}
     return [r for r in records if id(r) not in missing_ids]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +61,8 @@ class Hook:
 
 
 class EvalHook(Hook):
-    """Every ``every_epochs`` epochs (and after the last), evaluate on rank 0 and announce ``after_eval``.
+    """Every ``every_epochs`` epochs (and after the last), evaluate on rank 0 and announce ``after_eval``; a run
+    that stops on its step budget (``max_steps``) inside an epoch is evaluated where it stops.
 
     The metrics are broadcast to every rank, so schedules and early stopping agree across ranks. The RNG
     state is saved around the evaluation, so evaluating never changes the training's random numbers.
@@ -81,6 +83,14 @@ class EvalHook(Hook):
         done = trainer.epoch + 1
         if done % self.every_epochs and done != trainer.epochs:
             return
+        self._announce(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        budget = trainer.max_steps is not None and trainer.global_step >= trainer.max_steps
+        if trainer.error is None and budget and trainer.batch_in_epoch:
+            self._announce(trainer)
+
+    def _announce(self, trainer: Trainer) -> None:
         metrics = self._evaluate(trainer.module) if trainer.is_main else None
         trainer.call("after_eval", metrics=broadcast_object(metrics))
 
@@ -99,7 +109,8 @@ class EvalHook(Hook):
 class LoggingHook(Hook):
     """Writes ``RUN_DIR/metrics.jsonl`` (one JSON object per line) and TensorBoard events (rank 0 only).
 
-    Step lines: ``{"step", "epoch", "loss", "loss/<part>", "lr", "lr/<group>"}`` every ``every_steps`` steps;
+    Step lines: ``{"step", "epoch", "loss", "loss/<part>", "lr", "lr/<group>", "captions_s"}`` every
+    ``every_steps`` steps (``captions_s``: this process's training captions per second since the previous line);
     evaluation lines: ``{"step", "epoch", "val/<metric>": ...}``. On resume, lines past the checkpoint's step
     (written by the interrupted run after its last checkpoint) are dropped, so the file has no duplicates.
     """
@@ -109,6 +120,7 @@ class LoggingHook(Hook):
         self.every_steps = every_steps
         self._file = None
         self._writer: SummaryWriter | None = None
+        self._since: tuple[float, int] = (0.0, 0)  # (time, captions seen) at the previous step line
 
     def before_train(self, trainer: Trainer) -> None:
         if not trainer.is_main:
@@ -119,6 +131,7 @@ class LoggingHook(Hook):
         path.write_text("".join(kept))
         self._file = path.open("a")
         self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=trainer.global_step or None)
+        self._since = (time.perf_counter(), trainer.captions_seen)
 
     def after_step(self, trainer: Trainer, loss: float) -> None:
         if self._file is None or trainer.global_step % self.every_steps:
@@ -126,6 +139,9 @@ class LoggingHook(Hook):
         record = {"loss": loss, **{f"loss/{k}": v for k, v in trainer.loss_parts.items()}}
         for i, group in enumerate(trainer.optimizer.param_groups):
             record["lr" if i == 0 else f"lr/{group.get('name', i)}"] = group["lr"]
+        now, (then, seen) = time.perf_counter(), self._since
+        record["captions_s"] = (trainer.captions_seen - seen) / max(now - then, 1e-9)
+        self._since = (now, trainer.captions_seen)
         self._log(trainer, record)
 
     def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
@@ -149,7 +165,8 @@ class CheckpointHook(Hook):
     """Saves ``RUN_DIR/checkpoints/last`` after every epoch (and every ``every_steps`` steps), and
     ``RUN_DIR/checkpoints/best`` after an epoch whose evaluation improved ``metric``. Rank 0 only.
 
-    A run that ends without error between two checkpoints (``max_steps``) saves ``last`` at the end too.
+    A run that ends without error between two checkpoints (``max_steps``) saves ``last`` at the end too, and
+    ``best`` when the evaluation at its stop (``EvalHook``) improved ``metric``.
 
     Args:
         run_dir: the run's directory.
@@ -205,6 +222,9 @@ class CheckpointHook(Hook):
     def after_train(self, trainer: Trainer) -> None:
         if trainer.error is None and self._saved_step != trainer.global_step:
             self.save(trainer, "last")
+        if trainer.error is None and self._improved:
+            self.save(trainer, "best")
+            self._improved = False
 
     def save(self, trainer: Trainer, name: str) -> None:
         """Write checkpoint ``name`` of the trainer's current state (on rank 0; a no-op elsewhere)."""

@@ -94,6 +94,7 @@ class Trainer:
         self.max_steps = max_steps
         self.progress = progress
         self.epoch = self.global_step = self.batch_in_epoch = 0
+        self.captions_seen = 0  # training captions this process has stepped on since it started (throughput)
         self.loss_parts: dict[str, float] = {}
         self.error: BaseException | None = None
         self.stop_reason: str | None = None
@@ -167,6 +168,7 @@ class Trainer:
                 self.global_step += 1
                 self.batch_in_epoch += 1
                 seen += len(batch)
+                self.captions_seen += len(batch)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}", captions_s=f"{seen / (time.perf_counter() - start):.1f}")
                 self.call("after_step", loss=loss)

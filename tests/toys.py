@@ -1,0 +1,64 @@
+"""Toy models, data and trainers shared by the engine tests (on the test path: ``pythonpath = tests``)."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import capkit
+from capkit.engine import Trainer, build_optimizer, build_train_sampler, seed_everything
+from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, EncoderOutput
+
+AUX = {"doubly_stochastic": 1.0}
+
+
+def tiny_model(finetune: str = "none") -> capkit.Captioner:
+    return capkit.build_captioner(
+        {
+            "encoder": {"name": "timm", "model_name": "test_efficientnet", "finetune": finetune},
+            "attention": {"name": "bahdanau", "attn_dim": 16},
+            "decoder": {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32},
+        },
+        vocab_size=20,
+    )
+
+
+def random_captions(n: int, g: torch.Generator, max_words: int = 5) -> torch.Tensor:
+    captions = torch.full((n, max_words + 2), PAD_ID)
+    for i in range(n):
+        k = int(torch.randint(1, max_words + 1, (1,), generator=g))
+        captions[i, 0], captions[i, k + 1] = BOS_ID, EOS_ID
+        captions[i, 1 : k + 1] = torch.randint(4, 20, (k,), generator=g)
+    return captions
+
+
+class ToyData(Dataset):
+    """n items of cached features (grid 2 x 2, 256 channels: test_efficientnet's) or 32 x 32 images."""
+
+    def __init__(self, n: int = 16, images: bool = False):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 32, 32, generator=g) if images else torch.randn(n, 4, 256, generator=g)
+        self.images = images
+        self.captions = random_captions(n, g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return str(i), self.x[i], self.captions[i]
+
+    def collate(self, items) -> CaptionBatch:
+        ids, xs, caps = zip(*items)
+        x = torch.stack(xs)
+        if self.images:
+            return CaptionBatch(list(ids), captions=torch.stack(caps), images=x)
+        return CaptionBatch(list(ids), captions=torch.stack(caps), features=EncoderOutput(x, (2, 2)))
+
+
+def make_trainer(hooks=(), *, n=16, epochs=2, finetune="none", images=False, seed=0, **kwargs) -> Trainer:
+    seed_everything(seed)
+    model = tiny_model(finetune)
+    data = ToyData(n, images)
+    loader = DataLoader(data, batch_size=4, sampler=build_train_sampler(data, seed=seed), collate_fn=data.collate)
+    optimizer = build_optimizer(model, lr=1e-2, encoder_lr=1e-3)
+    kwargs = {"device": "cpu", "aux_loss_weights": AUX, "progress": False, **kwargs}
+    return Trainer(model, optimizer, loader, epochs=epochs, hooks=hooks, **kwargs)
