@@ -34,6 +34,7 @@ from capkit.engine import (
     seed_everything,
 )
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch
+from toys import tiny_model  # on sys.path: pytest's pythonpath, or this file's folder when run as a script
 
 SEED, EPOCHS, BATCH, N_ITEMS, EVERY_STEPS = 7, 3, 4, 24, 4  # 6 batches per epoch, 18 steps
 
@@ -69,17 +70,6 @@ class ToyCaptions(Dataset):
 def collate(items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> CaptionBatch:
     ids, images, captions = zip(*items)
     return CaptionBatch(list(ids), captions=torch.stack(captions), images=torch.stack(images))
-
-
-def tiny_model(finetune: str = "none") -> capkit.Captioner:
-    return capkit.build_captioner(
-        {
-            "encoder": {"name": "timm", "model_name": "test_efficientnet", "finetune": finetune},
-            "attention": {"name": "bahdanau", "attn_dim": 16},
-            "decoder": {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32},
-        },
-        vocab_size=20,
-    )
 
 
 class KillAt(Hook):

@@ -215,14 +215,17 @@ class CheckpointHook(Hook):
 
     def after_epoch(self, trainer: Trainer) -> None:
         self.save(trainer, "last")
-        if self._improved:
-            self.save(trainer, "best")
-            self._improved = False
+        self._save_best_if_improved(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
-        if trainer.error is None and self._saved_step != trainer.global_step:
+        if trainer.error is not None:
+            return
+        if self._saved_step != trainer.global_step:
             self.save(trainer, "last")
-        if trainer.error is None and self._improved:
+        self._save_best_if_improved(trainer)
+
+    def _save_best_if_improved(self, trainer: Trainer) -> None:
+        if self._improved:
             self.save(trainer, "best")
             self._improved = False
 

@@ -161,16 +161,16 @@ class Trainer:
             total=_length(self.train_loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
             disable=not (self.progress and self.is_main), dynamic_ncols=True,
         )
-        start, seen = time.perf_counter(), 0
+        start, seen_before = time.perf_counter(), self.captions_seen
         with bar:
             for batch in batches:
                 loss = self.train_step(batch)
                 self.global_step += 1
                 self.batch_in_epoch += 1
-                seen += len(batch)
                 self.captions_seen += len(batch)
                 bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}", captions_s=f"{seen / (time.perf_counter() - start):.1f}")
+                rate = (self.captions_seen - seen_before) / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss:.4f}", captions_s=f"{rate:.1f}")
                 self.call("after_step", loss=loss)
                 if self._should_stop() and self.batch_in_epoch != _length(self.train_loader):
                     return  # stopped inside the epoch; a stop on its last batch still ends it (evaluation, best)

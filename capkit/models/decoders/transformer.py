@@ -169,7 +169,6 @@ class TransformerDecoder(StepDecoder):
         return logits[:, 0], alpha[:, 0], new_state  # type: ignore[index]
 
 
-
 class _DecoderLayer(nn.Module):
     """Pre-norm layer: x += SelfAttn(LN x); x += CrossAttn(LN x, memory); x += FFN(LN x)."""
 
