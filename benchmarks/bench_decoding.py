@@ -25,6 +25,7 @@ Run: ``python -m benchmarks`` (or ``make bench``).
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from functools import partial
@@ -187,6 +188,36 @@ def run(
             "timed": timed, "results": rows}
 
 
+def compare_compiled(beam: int = 3, timed: int = TIMED) -> dict:
+    """Batched decoding with the decoder's step compiled (inductor, weights frozen) against eager, same captions
+    asserted. Not part of ``make bench`` (compiling takes a while):
+    ``python -m benchmarks.bench_decoding --compile``."""
+    import torch._inductor.config as inductor_config
+
+    device = torch.device("cpu")
+    decoder = build(CHANNELS, VOCAB, DIM, device)
+    feats = torch.rand(IMAGES, GRID[0] * GRID[1], CHANNELS, generator=torch.Generator().manual_seed(0))
+
+    def batched() -> tuple[list, float]:
+        start = time.perf_counter()
+        best = [h for i in range(0, IMAGES, IMAGES_PER_BATCH)
+                for h in decoder.generate(EncoderOutput(feats[i : i + IMAGES_PER_BATCH], GRID), beam_size=beam).best]
+        return best, time.perf_counter() - start
+
+    batched()  # warm-up
+    eager = [batched() for _ in range(timed)]
+    inductor_config.freezing = True
+    with torch.no_grad():
+        decoder.step = torch.compile(decoder.step, dynamic=False)
+        batched()  # compiles
+        compiled = [batched() for _ in range(timed)]
+    assert all(a.tokens == b.tokens for a, b in zip(eager[0][0], compiled[0][0])), "compiled captions differ"
+    eager_s, compiled_s = statistics.median(t for _, t in eager), statistics.median(t for _, t in compiled)
+    print(f"beam {beam}, {IMAGES} images: eager {eager_s:.2f} s, compiled step {compiled_s:.2f} s "
+          f"({eager_s / compiled_s:.2f}x), same captions")
+    return {"beam": beam, "eager_s": eager_s, "compiled_s": compiled_s}
+
+
 def main() -> None:
     result = run()
     print(f"decoding {result['images']} images: grid {result['grid'][0]}x{result['grid'][1]}x{result['channels']}, "
@@ -207,4 +238,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="compare the compiled decoder step with eager instead")
+    if parser.parse_args().compile:
+        compare_compiled()
+    else:
+        main()

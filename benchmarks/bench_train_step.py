@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from benchmarks.bench_decoder_train import make_batch
 from benchmarks.common import sync, write_results
 from capkit import build_captioner
-from capkit.engine import Trainer, build_optimizer
+from capkit.engine import CrossEntropyCriterion, Trainer, build_optimizer
 from capkit.types import CaptionBatch
 
 BATCH, VOCAB, IMAGE_SIZE, WARMUP, TIMED = 64, 5000, 299, 5, 20
@@ -34,7 +34,8 @@ def run(amp: str, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_captioner(MODEL, VOCAB)
     trainer = Trainer(model, build_optimizer(model, lr=4e-4), DataLoader([]), epochs=1, device=device, amp=amp,
-                      aux_loss_weights={"doubly_stochastic": 1.0}, grad_clip=5.0, progress=False)
+                      criterion=CrossEntropyCriterion({"doubly_stochastic": 1.0}), grad_clip=5.0,
+                      progress=False)
     _, captions = make_batch(BATCH, (1, 1), 1, VOCAB, device)
     images = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     batch = CaptionBatch([str(i) for i in range(BATCH)], captions=captions, images=images)

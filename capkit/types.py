@@ -20,6 +20,7 @@ __all__ = [
     "DecoderOutput",
     "Hypothesis",
     "Generation",
+    "SampledCaptions",
     "CaptionBatch",
 ]
 
@@ -104,6 +105,31 @@ class Generation:
     @property
     def scores(self) -> Tensor:  # (B,)
         return torch.tensor([h.score for h in self.best])
+
+
+@dataclass
+class SampledCaptions:
+    """Captions drawn from the model's word distributions (self-critical training), S per image, with grad.
+
+    Rows are image-major: row ``b * S + s`` is sample s of image b.
+
+    Attributes:
+        tokens: (B * S, T) word ids, ``<end>`` included, ``<pad>`` after it.
+        log_probs: (B * S, T) log-probability of each drawn token (0 at the padding), differentiable.
+        num_samples: S.
+    """
+
+    tokens: Tensor
+    log_probs: Tensor
+    num_samples: int
+
+    @property
+    def mask(self) -> Tensor:  # (B * S, T): the drawn tokens, <end> included
+        return self.tokens != PAD_ID
+
+    def words(self) -> list[list[int]]:
+        """Each sample's word ids, without ``<end>`` and padding."""
+        return [[t for t in row if t not in (EOS_ID, PAD_ID)] for row in self.tokens.tolist()]
 
 
 @dataclass

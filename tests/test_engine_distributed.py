@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 import capkit
 from capkit.engine import (
     CheckpointHook,
+    CrossEntropyCriterion,
     EncoderFinetuneHook,
     EvalHook,
     Hook,
@@ -95,7 +96,7 @@ def main(run_dir: Path) -> None:
     ]
     trainer = Trainer(
         model, build_optimizer(model, lr=1e-2, encoder_lr=1e-2), loader, epochs=EPOCHS, hooks=hooks,
-        device=info.device, aux_loss_weights={"doubly_stochastic": 1.0}, progress=False,
+        device=info.device, criterion=CrossEntropyCriterion({"doubly_stochastic": 1.0}), progress=False,
     )
     trainer.fit()
     # parameters only: DDP copies rank 0's buffers (batch-norm statistics) to the others at the start of each

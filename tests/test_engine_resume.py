@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 import capkit
 from capkit.engine import (
     CheckpointHook,
+    CrossEntropyCriterion,
     EarlyStoppingHook,
     EncoderFinetuneHook,
     EvalHook,
@@ -34,7 +35,7 @@ from capkit.engine import (
     seed_everything,
 )
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch
-from toys import tiny_model  # on sys.path: pytest's pythonpath, or this file's folder when run as a script
+from toys import AUX, tiny_model  # on sys.path: pytest's pythonpath, or this file's folder when run as a script
 
 SEED, EPOCHS, BATCH, N_ITEMS, EVERY_STEPS = 7, 3, 4, 24, 4  # 6 batches per epoch, 18 steps
 
@@ -112,7 +113,7 @@ def train(run_dir: Path, kill_at: int | None = None, resume: bool = False) -> Tr
     hooks.append(CheckpointHook(run_dir, metric="logp", every_steps=EVERY_STEPS, config={"seed": SEED}, vocab=["w"]))
     trainer = Trainer(
         model, optimizer, loader, epochs=EPOCHS, hooks=hooks, device="cpu", grad_clip=1.0,
-        aux_loss_weights={"doubly_stochastic": 1.0}, label_smoothing=0.1, progress=False,
+        criterion=CrossEntropyCriterion(AUX, label_smoothing=0.1), progress=False,
     )
     if resume:
         trainer.resume(run_dir / "checkpoints" / "last")
@@ -182,7 +183,7 @@ def _train_with_workers(run_dir: Path, generator: bool, max_steps: int | None = 
     )
     trainer = Trainer(
         model, build_optimizer(model, lr=3e-3), loader, epochs=2, hooks=[CheckpointHook(run_dir)], device="cpu",
-        aux_loss_weights={"doubly_stochastic": 1.0}, max_steps=max_steps, progress=False,
+        criterion=CrossEntropyCriterion(AUX), max_steps=max_steps, progress=False,
     )
     if resume:
         trainer.resume(run_dir / "checkpoints" / "last")

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import capkit
-from capkit.engine import Trainer, build_optimizer, build_train_sampler, seed_everything
+from capkit.engine import CrossEntropyCriterion, Trainer, build_optimizer, build_train_sampler, seed_everything
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, EncoderOutput
 
 AUX = {"doubly_stochastic": 1.0}
@@ -60,5 +60,5 @@ def make_trainer(hooks=(), *, n=16, epochs=2, finetune="none", images=False, see
     data = ToyData(n, images)
     loader = DataLoader(data, batch_size=4, sampler=build_train_sampler(data, seed=seed), collate_fn=data.collate)
     optimizer = build_optimizer(model, lr=1e-2, encoder_lr=1e-3)
-    kwargs = {"device": "cpu", "aux_loss_weights": AUX, "progress": False, **kwargs}
+    kwargs = {"device": "cpu", "criterion": CrossEntropyCriterion(AUX), "progress": False, **kwargs}
     return Trainer(model, optimizer, loader, epochs=epochs, hooks=hooks, **kwargs)

@@ -1,5 +1,8 @@
 """``tools/train.py CONFIG [key=value ...] [--resume RUN_DIR]``: train, keep the best checkpoint, test it.
 
+``train.objective=scst train.init_from=RUN/checkpoints/best`` continues a cross-entropy run with self-critical
+training on CIDEr-D (the usual second stage).
+
 Composes config -> data -> builder -> Trainer + hooks, as detectron2's ``do_train`` does; the trainer itself
 never reads the config. Works alone or under ``torchrun --nproc_per_node N`` (DistributedDataParallel).
 """
@@ -21,34 +24,41 @@ from capkit.builder import build_captioner
 from capkit.config import ConfigError, load_config, save_config, to_container
 from capkit.data import (
     DatasetNotFoundError,
+    ImageRecord,
     MissingImagesError,
     Vocabulary,
     build_eval_loader,
     build_train_loader,
     load_split,
+    tokenize,
 )
 from capkit.engine import (
     CheckpointHook,
+    Criterion,
+    CrossEntropyCriterion,
     EarlyStoppingHook,
     EncoderFinetuneHook,
     EvalHook,
     LoggingHook,
     LRSchedulerHook,
+    SelfCriticalCriterion,
     Trainer,
     build_optimizer,
     build_scheduler,
     destroy_distributed,
+    load_optimizer_moments,
     init_distributed,
     load_checkpoint,
     seed_everything,
 )
-from capkit.evaluation import CaptionEvaluator, run_evaluation
+from capkit.evaluation import CaptionEvaluator, CiderD, run_evaluation
 from capkit.models.captioner import Captioner
 from capkit.models.encoders.timm_encoder import WeightsUnavailableError
 
 log = logging.getLogger("capkit.train")
 
 CHECKPOINT_EVERY_STEPS = 200  # step checkpoints let a killed run resume inside an epoch
+OBJECTIVES = ("xent", "scst")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: DictConfig, *, config_path: Path, resume: Path | None = None, samples: int = 5) -> Path:
     """Train ``cfg``; returns the run directory."""
     t, d, e = cfg.train, cfg.data, cfg.eval
+    if t.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective is {t.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     dist_info = init_distributed(t.device)
     try:
         seed_everything(t.seed)
@@ -86,12 +98,17 @@ def run(cfg: DictConfig, *, config_path: Path, resume: Path | None = None, sampl
         train_split = load_split(dataset, "train", skip_missing_images=d.skip_missing_images)  # fail fast on data
         val_split = load_split(dataset, "val", skip_missing_images=d.skip_missing_images)
         checkpoint = load_checkpoint(run_dir / "checkpoints" / "last") if resume else None
+        initial = load_checkpoint(t.init_from) if t.init_from and checkpoint is None else None
         if checkpoint is not None:
             _check_same_config(checkpoint["config"], cfg, resume)
             vocab = Vocabulary(checkpoint["vocab"])
+        elif initial is not None:
+            vocab = Vocabulary(initial["vocab"])
         else:
             vocab = Vocabulary.build((c for r in train_split.records for c in r.captions), d.vocab_min_count, d.vocab_max_size)
         model = build_captioner(to_container(cfg.model), len(vocab))
+        if initial is not None:
+            _load_initial_weights(model, initial["model"], t.init_from)
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
@@ -109,7 +126,7 @@ def run(cfg: DictConfig, *, config_path: Path, resume: Path | None = None, sampl
             train_loader = build_train_loader(
                 train_split, model.encoder, vocab, batch_size=t.batch_size, max_caption_len=d.max_caption_len,
                 augment=d.augment, cache_features=cache, seed=t.seed, rank=dist_info.rank,
-                world_size=dist_info.world_size, **loader_kwargs,
+                world_size=dist_info.world_size, per_image=t.objective == "scst", **loader_kwargs,
             )
             val_loader = build_eval_loader(
                 val_split, model.encoder, batch_size=e.batch_size, max_images=e.max_images, cache_features=cache,
@@ -123,6 +140,8 @@ def run(cfg: DictConfig, *, config_path: Path, resume: Path | None = None, sampl
             return run_evaluation(m, val_loader, evaluator, decode=vocab.decode, **decoding)
 
         optimizer = build_optimizer(model, lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay)
+        if initial is not None and not load_optimizer_moments(optimizer, initial["optimizer"]):
+            log.info("train.init_from: the optimizer state does not fit this run's trainable parameters; fresh state")
         scheduler = build_scheduler(
             optimizer, t.scheduler, epochs=t.epochs, factor=t.lr_decay, patience=t.lr_patience, mode="max"
         )
@@ -143,7 +162,7 @@ def run(cfg: DictConfig, *, config_path: Path, resume: Path | None = None, sampl
         trainer = Trainer(
             model, optimizer, train_loader, epochs=t.epochs, hooks=hooks, device=dist_info.device,
             grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last,
-            aux_loss_weights=dict(t.aux_loss_weights), label_smoothing=t.label_smoothing, max_steps=t.max_steps,
+            criterion=_criterion(cfg, train_split.records, vocab), max_steps=t.max_steps,
         )
         if checkpoint is not None:
             trainer.load_state_dict(checkpoint)
@@ -186,6 +205,30 @@ def _test_best(cfg, run_dir: Path, model: Captioner, vocab: Vocabulary, evaluato
         print("\nsample captions (generated | first reference):")
         for image_id in shown:
             print(f"  {image_id}: {evaluator.hypotheses[image_id]} | {evaluator.references[image_id][0]}")
+
+
+def _criterion(cfg: DictConfig, records: list[ImageRecord], vocab: Vocabulary) -> Criterion:
+    """Cross-entropy, or self-critical training rewarded by CIDEr-D against the training references."""
+    t = cfg.train
+    if t.objective == "xent":
+        return CrossEntropyCriterion(dict(t.aux_loss_weights), label_smoothing=t.label_smoothing)
+    cider = CiderD({r.image_id: [" ".join(tokenize(c)) for c in r.captions] for r in records})
+
+    def reward(image_ids: list[str], words: list[list[int]]) -> list[float]:  # <unk> stays, and matches nothing
+        return cider(image_ids, [" ".join(vocab.itos[w] for w in ws) for ws in words])
+
+    return SelfCriticalCriterion(reward, num_samples=t.scst_samples, max_len=cfg.data.max_caption_len)
+
+
+def _load_initial_weights(model: Captioner, weights: dict, path: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ConfigError(
+            f"train.init_from={path}: its weights do not fit this config's model ({detail}); use the model "
+            f"section of the config that trained it"
+        ) from err
 
 
 def _write_summary(run_dir: Path, seconds: float, trainer: Trainer) -> None:

@@ -70,8 +70,10 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
+    per_image: bool = False,
 ) -> DataLoader:
     """One (image, caption) sample per caption, shuffled by (seed, epoch): call ``sampler.set_epoch(epoch)``.
+    With ``per_image``, one sample per image with all its references instead (self-critical training).
 
     With a frozen encoder and ``cache_features`` (and no augmentation), batches carry cached ``features``
     (extracted on ``device`` the first time) instead of ``images``.
@@ -80,7 +82,10 @@ def build_train_loader(
         split, encoder, augment=augment, cache_features=cache_features, cache_dir=cache_dir,
         skip_corrupt_images=skip_corrupt_images, num_workers=num_workers, batch_size=batch_size, device=device,
     )
-    dataset = TrainingDataset(source, split.records, vocab, max_caption_len)
+    if per_image:
+        dataset: TrainingDataset | EvaluationDataset = EvaluationDataset(source, split.records)
+    else:
+        dataset = TrainingDataset(source, split.records, vocab, max_caption_len)
     return build_loader(
         dataset, batch_size, shuffle=True, seed=seed, num_workers=num_workers, rank=rank, world_size=world_size
     )

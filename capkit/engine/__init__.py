@@ -39,13 +39,21 @@ from capkit.engine.hooks import (
     LoggingHook,
     LRSchedulerHook,
 )
-from capkit.engine.loss import caption_loss
-from capkit.engine.optim import build_optimizer, build_scheduler, set_requires_grad
+from capkit.engine.loss import (
+    Criterion,
+    CrossEntropyCriterion,
+    SelfCriticalCriterion,
+    caption_loss,
+    self_critical_loss,
+)
+from capkit.engine.optim import build_optimizer, build_scheduler, load_optimizer_moments, set_requires_grad
 from capkit.engine.rng import get_rng_state, seed_everything, set_rng_state
 from capkit.engine.trainer import Trainer
 
 __all__ = [
     "CheckpointHook",
+    "Criterion",
+    "CrossEntropyCriterion",
     "DistInfo",
     "EarlyStoppingHook",
     "EncoderFinetuneHook",
@@ -53,6 +61,7 @@ __all__ = [
     "Hook",
     "LRSchedulerHook",
     "LoggingHook",
+    "SelfCriticalCriterion",
     "Trainer",
     "broadcast_object",
     "build_optimizer",
@@ -63,12 +72,14 @@ __all__ = [
     "get_rng_state",
     "init_distributed",
     "is_main_process",
+    "load_optimizer_moments",
     "load_checkpoint",
     "resolve_amp_dtype",
     "resolve_checkpoint",
     "resolve_device",
     "save_checkpoint",
     "seed_everything",
+    "self_critical_loss",
     "set_rng_state",
     "set_requires_grad",
 ]

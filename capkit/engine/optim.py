@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule builders, from typed arguments."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ __all__ = [
     "SCHEDULERS",
     "build_optimizer",
     "build_scheduler",
+    "load_optimizer_moments",
     "param_group",
     "set_requires_grad",
 ]
@@ -84,6 +86,33 @@ def build_scheduler(
     if name == "none":
         return None
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def load_optimizer_moments(optimizer: Optimizer, saved: Mapping[str, Any]) -> bool:
+    """Continue the per-parameter state of a saved optimizer (Adam's running moment estimates) in ``optimizer``,
+    keeping ``optimizer``'s own hyperparameters (learning rates, betas, ...).
+
+    A second training stage started from a checkpoint (``train.init_from``) continues the optimizer as the
+    self-critical codebases do: a fresh Adam's first updates have the full learning rate in every coordinate
+    whatever the gradient's scale, which noisy gradients (policy gradients) turn into a random walk.
+
+    Returns:
+        False, changing nothing, when the saved parameter groups differ (names, sizes or tensor shapes).
+    """
+    current = optimizer.state_dict()
+    if _group_sizes(current["param_groups"]) != _group_sizes(saved["param_groups"]):
+        return False
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, state in saved["state"].items():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                return False
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": current["param_groups"]})
+    return True
+
+
+def _group_sizes(groups: Iterable[Mapping[str, Any]]) -> list[tuple[Any, int]]:
+    return [(g.get("name"), len(g["params"])) for g in groups]
 
 
 def set_requires_grad(params: Iterable[nn.Parameter], flag: bool) -> None:

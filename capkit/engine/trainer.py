@@ -2,6 +2,7 @@
 early stopping are hooks (``capkit.engine.hooks``)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -20,7 +21,7 @@ from capkit.engine.checkpoint import load_checkpoint
 from capkit.engine.device import resolve_amp_dtype, resolve_device
 from capkit.engine.distributed import is_main_process, world_size
 from capkit.engine.hooks import Hook
-from capkit.engine.loss import caption_loss
+from capkit.engine.loss import CrossEntropyCriterion, Criterion
 from capkit.engine.rng import get_rng_state, set_rng_state
 from capkit.types import CaptionBatch
 
@@ -30,7 +31,8 @@ HOOK_EVENTS = ("before_train", "before_epoch", "after_step", "after_epoch", "aft
 
 
 class Trainer:
-    """Trains a ``Captioner`` on batches of ``CaptionBatch`` (captions (B, L) plus images or features).
+    """Trains a ``Captioner`` on batches of ``CaptionBatch``: captions (B, L) plus images or features for the
+    cross-entropy criterion, images or features plus references for the self-critical one.
 
     Args:
         model: the model; moved to ``device`` (and wrapped in DistributedDataParallel when a process group
@@ -44,15 +46,17 @@ class Trainer:
         grad_clip: clip the gradient norm to this value (None: no clipping).
         amp: ``auto`` | ``bf16`` | ``fp16`` | ``none`` (see ``resolve_amp_dtype``); fp16 uses a GradScaler.
         channels_last: on CUDA, keep images and the model in channels-last memory format.
-        aux_loss_weights: a weight per auxiliary loss of the decoder (see ``caption_loss``).
-        label_smoothing: cross-entropy label smoothing.
+        criterion: the objective, (model, batch) -> (loss, parts) (``capkit.engine.loss``); default:
+            ``CrossEntropyCriterion()``, which has no auxiliary-loss weights (a decoder that returns auxiliary
+            losses needs them).
         max_steps: stop after this many optimizer steps in total.
         progress: show a tqdm bar with the loss and captions/s (rank 0 only).
 
     Attributes:
         epoch, global_step, batch_in_epoch: the position; ``batch_in_epoch`` batches of ``epoch`` are done.
         module: the unwrapped model (``model`` may be its DDP wrapper). Hooks evaluate ``module``.
-        loss_parts: the last step's unweighted loss parts (``ce`` and the auxiliary losses), floats.
+        loss_parts: the last step's loss parts as the criterion names them (e.g. ``ce`` and the unweighted
+            auxiliary losses), floats.
         error: the exception that ended ``fit``, if any (hooks read it in ``after_train``).
     """
 
@@ -68,8 +72,7 @@ class Trainer:
         grad_clip: float | None = None,
         amp: str = "auto",
         channels_last: bool = True,
-        aux_loss_weights: Mapping[str, float] | None = None,
-        label_smoothing: float = 0.0,
+        criterion: Criterion | None = None,
         max_steps: int | None = None,
         progress: bool = True,
     ):
@@ -89,8 +92,7 @@ class Trainer:
             raise ValueError(f"hook names must be unique (they key the checkpointed hook states), got {names}")
         self.grad_clip = grad_clip
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.aux_loss_weights = dict(aux_loss_weights or {})
-        self.label_smoothing = label_smoothing
+        self.criterion = criterion or CrossEntropyCriterion()
         self.max_steps = max_steps
         self.progress = progress
         self.epoch = self.global_step = self.batch_in_epoch = 0
@@ -182,17 +184,11 @@ class Trainer:
 
     def train_step(self, batch: CaptionBatch) -> float:
         """One optimizer step on ``batch``; returns the total loss (averaged over ranks)."""
-        if batch.captions is None:
-            raise ValueError("training batches need captions; got an evaluation batch (captions=None)")
         batch = batch.to(self.device, non_blocking=True)
-        images = batch.images
-        if images is not None and self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        if batch.images is not None and self.channels_last:
+            batch = dataclasses.replace(batch, images=batch.images.contiguous(memory_format=torch.channels_last))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.model(batch.captions, images=images, features=batch.features)
-        loss, parts = caption_loss(
-            out, batch.captions, aux_loss_weights=self.aux_loss_weights, label_smoothing=self.label_smoothing
-        )
+            loss, parts = self.criterion(self.model, batch)
         value = self._mean_over_ranks(loss.detach())
         if not math.isfinite(value):  # every rank sees the same value, so all stop together
             raise FloatingPointError(

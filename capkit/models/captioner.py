@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from capkit.models.decoders.base import StepDecoder
-from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
+from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation, SampledCaptions
 
 __all__ = ["Captioner"]
 
@@ -31,9 +31,24 @@ class Captioner(nn.Module):
         return self.encode(images) if features is None else features
 
     def forward(
-        self, captions: Tensor, images: Tensor | None = None, features: EncoderOutput | None = None
-    ) -> DecoderOutput:
-        """Teacher forcing: captions (B, L) -> logits (B, L-1, V), alphas (B, L-1, N), aux losses."""
+        self,
+        captions: Tensor | None = None,
+        images: Tensor | None = None,
+        features: EncoderOutput | None = None,
+        *,
+        num_samples: int = 0,
+        max_len: int = 16,
+    ) -> DecoderOutput | SampledCaptions:
+        """Teacher forcing: captions (B, L) -> logits (B, L-1, V), alphas (B, L-1, N), aux losses.
+
+        With ``num_samples`` S > 0 and no captions: S captions drawn per image (at most ``max_len`` words),
+        with gradients, for self-critical training. Both go through ``forward`` so that DistributedDataParallel
+        synchronises the gradients of either.
+        """
+        if (captions is None) == (num_samples == 0):
+            raise ValueError("pass captions= (teacher forcing) or num_samples= (sampling), not both or neither")
+        if captions is None:
+            return self.decoder.sample(self._features(images, features), num_samples=num_samples, max_len=max_len)
         return self.decoder(self._features(images, features), captions)
 
     def log_prob(

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from capkit.models.attention.base import Attention, AttentionMemory
 from capkit.models.beam_search import beam_search
-from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
+from capkit.models.sampling import sample_captions
+from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation, SampledCaptions
 
 __all__ = ["StepDecoder", "CaptionDecoder", "AttentionFactory"]
 
@@ -26,7 +27,8 @@ class StepDecoder(nn.Module):
     - ``forward(enc, captions (B, L)) -> DecoderOutput``: teacher forcing, consistent with ``step``;
     - ``aux_losses(alphas, mask)``: auxiliary training losses (none by default).
 
-    ``generate`` (batched beam search over ``step``) is implemented here.
+    ``generate`` (batched beam search over ``step``) and ``sample`` (drawn captions, for self-critical
+    training) are implemented here.
     """
 
     # True when ``step`` reads the memory only through ``self.attention``, so that beam search may pass one
@@ -68,8 +70,27 @@ class StepDecoder(nn.Module):
             max_len=max_len,
             length_penalty=length_penalty,
             n_best=n_best,
-            share_memory=self.beams_share_memory and getattr(self.attention, "supports_shared_memory", False),
+            share_memory=self._share_memory(),
         )
+
+    def sample(
+        self, enc: EncoderOutput, *, num_samples: int, max_len: int = 16, generator: torch.Generator | None = None
+    ) -> SampledCaptions:
+        """``num_samples`` captions drawn per image, with gradients (see ``capkit.models.sampling``)."""
+        memory = self.prepare(enc)
+        return sample_captions(
+            self.step,
+            self.init_state(memory),
+            memory,
+            num_samples=num_samples,
+            max_len=max_len,
+            share_memory=self._share_memory(),
+            generator=generator,
+        )
+
+    def _share_memory(self) -> bool:
+        """Whether several hypotheses of an image may read one memory row (see ``Attention``)."""
+        return self.beams_share_memory and getattr(self.attention, "supports_shared_memory", False)
 
 
 class CaptionDecoder(StepDecoder):

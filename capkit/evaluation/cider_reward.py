@@ -1,0 +1,81 @@
+"""CIDEr-D against a fixed corpus: the reward of self-critical training (Rennie et al. 2017)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from pycocoevalcap.cider.cider_scorer import precook
+
+__all__ = ["CiderD"]
+
+_NgramVectors = tuple[list[dict[tuple[str, ...], float]], list[float], int]  # tf-idf per order, norms, length
+
+
+class CiderD:
+    """CIDEr-D of candidate captions, with the document frequencies of a fixed reference corpus.
+
+    The arithmetic is pycocoevalcap's ``CiderScorer`` (n-grams up to 4, clipped tf-idf, the Gaussian length
+    penalty with sigma 6, x10). pycocoevalcap takes the document frequencies from the references of the
+    captions it scores, which for a training batch of 64 images would be meaningless; here they come from the
+    whole corpus given once (the training references), as the self-critical literature does. Scoring a set of
+    images against themselves as the corpus gives pycocoevalcap's per-image scores.
+
+    Args:
+        references: image id -> its reference captions, tokenized, words separated by single spaces.
+        n: longest n-gram.
+        sigma: width of the length penalty.
+    """
+
+    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0):
+        if not references:
+            raise ValueError("CiderD needs a reference corpus; got no images")
+        self.n, self.sigma = n, sigma
+        cooked = {image_id: [precook(r, n) for r in refs] for image_id, refs in references.items()}
+        document_frequency: Counter = Counter()
+        for refs in cooked.values():
+            document_frequency.update({ngram for ref in refs for ngram in ref})
+        self.log_df = {ngram: math.log(count) for ngram, count in document_frequency.items()}
+        self.log_corpus_size = math.log(len(cooked))
+        self.references = {image_id: [self._vectors(r) for r in refs] for image_id, refs in cooked.items()}
+
+    def __call__(self, image_ids: Sequence[str], candidates: Sequence[str]) -> list[float]:
+        """CIDEr-D of ``candidates[i]`` (tokenized, space-separated) against the references of ``image_ids[i]``."""
+        if len(image_ids) != len(candidates):
+            raise ValueError(f"{len(image_ids)} image ids for {len(candidates)} candidates")
+        unknown = [i for i in dict.fromkeys(image_ids) if i not in self.references]
+        if unknown:
+            raise KeyError(f"CiderD has no references for the images {unknown[:5]} (of {len(unknown)})")
+        scores = []
+        for image_id, candidate in zip(image_ids, candidates):
+            vec, norm, length = self._vectors(precook(candidate, self.n))
+            refs = self.references[image_id]
+            total = sum(self._similarity(vec, norm, length, *ref) for ref in refs)
+            scores.append(total / len(refs) * 10.0)
+        return scores
+
+    def _vectors(self, counts: Mapping[tuple[str, ...], int]) -> _NgramVectors:
+        """tf-idf vector and norm per n-gram order, and the length (pycocoevalcap counts the bigrams)."""
+        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(self.n)]
+        norm = [0.0] * self.n
+        length = 0
+        for ngram, term_freq in counts.items():
+            order = len(ngram) - 1
+            weight = float(term_freq) * (self.log_corpus_size - self.log_df.get(ngram, 0.0))
+            vec[order][ngram] = weight
+            norm[order] += weight**2
+            if order == 1:
+                length += term_freq
+        return vec, [math.sqrt(x) for x in norm], length
+
+    def _similarity(self, vec, norm, length, ref_vec, ref_norm, ref_length) -> float:
+        """Mean over n-gram orders of the clipped cosine similarity, times the length penalty."""
+        penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma**2))
+        total = 0.0
+        for order in range(self.n):
+            ref = ref_vec[order]
+            value = sum(min(weight, ref.get(ngram, 0.0)) * ref.get(ngram, 0.0) for ngram, weight in vec[order].items())
+            if norm[order] != 0 and ref_norm[order] != 0:
+                value /= norm[order] * ref_norm[order]
+            total += value * penalty
+        return total / self.n

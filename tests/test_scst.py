@@ -1,0 +1,214 @@
+"""Self-critical sequence training: sampling, the CIDEr-D reward, the loss, the criterion and the CLI stage."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from pycocoevalcap.cider.cider import Cider
+from torch.utils.data import DataLoader
+
+from capkit.cli import train as train_cli
+from capkit.engine import (
+    CrossEntropyCriterion,
+    SelfCriticalCriterion,
+    Trainer,
+    build_optimizer,
+    build_train_sampler,
+    load_optimizer_moments,
+    self_critical_loss,
+)
+from capkit.evaluation import CiderD
+from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, EncoderOutput, SampledCaptions
+from toys import ToyData, tiny_model
+
+GRID = (2, 2)
+
+
+def features(n: int, seed: int = 0) -> EncoderOutput:
+    return EncoderOutput(torch.randn(n, 4, 256, generator=torch.Generator().manual_seed(seed)), GRID)
+
+
+def test_samples_follow_the_search_rules():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    samples = model(features=features(6), num_samples=4, max_len=3)
+    tokens = samples.tokens
+    assert tokens.shape[0] == 24 and tokens.shape[1] <= 4 and samples.log_probs.shape == tokens.shape
+    for row in tokens.tolist():
+        end = row.index(EOS_ID)  # every sample ends, within max_len words
+        assert end <= 3 and all(t == PAD_ID for t in row[end + 1 :])
+        assert all(t not in (PAD_ID, BOS_ID, EOS_ID) for t in row[:end])
+    assert samples.mask.sum().item() == sum(row.index(EOS_ID) + 1 for row in tokens.tolist())
+    assert samples.words() == [row[: row.index(EOS_ID)] for row in tokens.tolist()]
+
+
+def test_sampled_log_probs_are_the_teacher_forced_ones_under_the_same_rules():
+    """Drawn tokens' log-probabilities = teacher forcing on the drawn caption, with <pad> and <start> banned
+    (renormalised), and 0 for the <end> forced after max_len words."""
+    torch.manual_seed(1)
+    model = tiny_model().eval()  # no dropout: both passes see the same function
+    max_len, s = 4, 3
+    enc = features(5)
+    samples = model(features=enc, num_samples=s, max_len=max_len)
+    captions = torch.cat([torch.full((len(samples.tokens), 1), BOS_ID), samples.tokens], dim=1)
+    repeated = EncoderOutput(enc.feats.repeat_interleave(s, dim=0), GRID)
+    logits = model(captions, features=repeated).logits  # (B * S, T, V)
+    logits[..., [PAD_ID, BOS_ID]] = float("-inf")
+    expected = logits.log_softmax(-1).gather(2, samples.tokens.unsqueeze(2)).squeeze(2)
+    expected = expected.masked_fill(~samples.mask, 0.0)
+    if samples.tokens.shape[1] == max_len + 1:
+        forced = samples.tokens[:, max_len] == EOS_ID
+        assert forced.any()  # this seed reaches the limit, so the forced <end> is exercised
+        assert torch.equal(samples.log_probs[forced, max_len], torch.zeros(int(forced.sum())))
+        expected[:, max_len] = samples.log_probs[:, max_len]
+    torch.testing.assert_close(samples.log_probs, expected, rtol=1e-5, atol=1e-5)
+    assert samples.log_probs.requires_grad
+
+
+def test_sampling_draws_from_the_given_generator():
+    model = tiny_model().eval()
+    draw = lambda seed: model.decoder.sample(  # noqa: E731
+        features(3), num_samples=2, max_len=5, generator=torch.Generator().manual_seed(seed)
+    ).tokens
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+
+
+CORPUS = {
+    "a": ["a dog runs on the grass", "a brown dog is running", "the dog runs fast"],
+    "b": ["a cat sits on a mat", "a cat is sitting", "the cat sits on the red mat"],
+    "c": ["two men ride bikes", "men are riding bicycles on a road", "two people cycle on the road"],
+}
+
+
+def test_cider_d_is_pycocoevalcaps_when_the_corpus_is_the_scored_set():
+    ids = ["a", "b", "c", "a", "b"]
+    candidates = ["a dog runs on grass", "a cat on the mat", "two men riding bikes on a road", "a cat", "dog"]
+    ours = CiderD(CORPUS)(ids, candidates)
+    for image_id, candidate, score in zip(ids, candidates, ours):  # pycocoevalcap scores one set per call
+        gts = {k: v for k, v in CORPUS.items()}
+        res = {k: [candidate if k == image_id else v[0]] for k, v in CORPUS.items()}
+        _, expected = Cider().compute_score(gts, res)
+        assert score == pytest.approx(expected[list(CORPUS).index(image_id)], rel=1e-12, abs=1e-12)
+    assert min(ours[:3]) > 1.0
+    assert ours[3] == ours[4] == 0.0  # "a" is in every image's references (idf 0); "cat", "dog" not in these
+
+
+def test_cider_d_known_answer_with_corpus_document_frequencies():
+    """A candidate equal to the only reference: cosine 1 for the 1-, 2- and 3-grams, no 4-grams, no length
+    penalty, so (1 + 1 + 1 + 0) / 4 * 10 = 7.5; a word in every image's references has idf 0."""
+    cider = CiderD({"x": ["a dog runs"], "y": ["a cat sits"]})
+    assert cider(["x", "y", "x"], ["a dog runs", "a", "a"]) == [pytest.approx(7.5, abs=1e-12), 0.0, 0.0]
+    with pytest.raises(KeyError, match=r"no references for the images \['z'\]"):
+        cider(["z"], ["a dog"])
+
+
+def test_self_critical_loss_uses_the_other_samples_mean_as_baseline():
+    tokens = torch.tensor([[5, EOS_ID], [EOS_ID, PAD_ID], [6, EOS_ID], [7, EOS_ID]])  # 2 images x 2 samples
+    log_probs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-1.5, -1.0], [-0.2, -0.3]], requires_grad=True)
+    loss, advantage = self_critical_loss(SampledCaptions(tokens, log_probs, 2), torch.tensor([1.0, 0.0, 2.0, 2.0]))
+    assert advantage.tolist() == [1.0, -1.0, 0.0, 0.0]  # r - mean of the image's other samples
+    assert loss.item() == pytest.approx(-(1.0 * -3.0 + -1.0 * -0.5) / 7)  # 7 drawn tokens
+    loss.backward()
+    assert torch.allclose(log_probs.grad, torch.tensor([[-1, -1], [1, 0], [0, 0], [0, 0]]) / 7.0)
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        self_critical_loss(SampledCaptions(tokens, log_probs, 1), torch.zeros(4))
+
+
+class ImageBatches(ToyData):
+    """ToyData as per-image batches with references (what the self-critical criterion trains on)."""
+
+    def collate(self, items) -> CaptionBatch:
+        ids, xs, _ = zip(*items)
+        return CaptionBatch(list(ids), features=EncoderOutput(torch.stack(xs), GRID), references=[["r"]] * len(ids))
+
+
+def mean_reward_of_word(model, word: int, n: int = 64) -> float:
+    with torch.no_grad():
+        samples = model(features=features(n, seed=5), num_samples=4, max_len=6)
+    return sum(word in ws for ws in samples.words()) / len(samples.words())
+
+
+def test_self_critical_training_raises_the_reward():
+    """Rewarding the captions that contain word 7 makes the model draw it more often."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    data = ImageBatches(32)
+    loader = DataLoader(data, batch_size=8, sampler=build_train_sampler(data, seed=0), collate_fn=data.collate)
+    reward = lambda ids, words: [float(7 in ws) for ws in words]  # noqa: E731
+    trainer = Trainer(
+        model, build_optimizer(model, lr=1e-2), loader, epochs=6, device="cpu", progress=False,
+        criterion=SelfCriticalCriterion(reward, num_samples=4, max_len=6),
+    )
+    before = mean_reward_of_word(model.eval(), 7)
+    trainer.fit()
+    after = mean_reward_of_word(model.eval(), 7)
+    assert after > before + 0.3, (before, after)
+    assert set(trainer.loss_parts) == {"scst", "reward"}
+
+
+def test_criteria_name_the_loader_they_need():
+    model = tiny_model()
+    per_image = ImageBatches(4).collate([ImageBatches(4)[i] for i in range(4)])
+    with pytest.raises(ValueError, match="per_image=False"):
+        CrossEntropyCriterion()(model, per_image)
+    captions = ToyData(4).collate([ToyData(4)[i] for i in range(4)])
+    scst = SelfCriticalCriterion(lambda ids, words: [0.0] * len(words), num_samples=2)
+    with pytest.raises(ValueError, match="per_image=True"):
+        scst(model, captions)
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        SelfCriticalCriterion(lambda ids, words: [], num_samples=1)
+
+
+BASE = """
+model:
+  encoder: {name: timm, model_name: test_efficientnet}
+  attention: {name: bahdanau, attn_dim: 8}
+  decoder: {name: show_attend_tell, embed_dim: 8, hidden_dim: 16, feature_dim: 16}
+data:
+  dataset: {name: shapes, num_train: 12, num_val: 4, num_test: 4, image_size: 64}
+  vocab_min_count: 1
+  num_workers: 0
+train: {epochs: 1, batch_size: 16, scheduler: none, early_stop_metric: sacrebleu, output_dir: OUT}
+eval: {metrics: [sacrebleu], beam_size: 2, max_len: 8}
+"""
+
+
+def test_cli_self_critical_stage_starts_from_a_cross_entropy_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(BASE.replace("OUT", str(tmp_path / "runs")))
+    assert train_cli.main([str(config), "train.run_name=xent"]) == 0
+    best = tmp_path / "runs" / "xent" / "checkpoints" / "best"
+    assert train_cli.main([
+        str(config), "train.run_name=scst", "train.objective=scst", f"train.init_from={best}", "train.scst_samples=3",
+        "train.lr=1e-4", "train.batch_size=2", "train.epochs=2",  # 12 steps: the log's every 10th is written
+    ]) == 0
+    scst_run, xent_run = tmp_path / "runs" / "scst", tmp_path / "runs" / "xent"
+    assert json.loads((scst_run / "vocab.json").read_text()) == json.loads((xent_run / "vocab.json").read_text())
+    steps = [json.loads(line) for line in (scst_run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps and all(math.isfinite(s["loss/scst"]) and s["loss/reward"] >= 0.0 for s in steps)
+
+    capsys.readouterr()
+    wrong = [str(config), "train.objective=scst", f"train.init_from={best}", "model.decoder.hidden_dim=32"]
+    assert train_cli.main(wrong) == 2
+    assert f"train.init_from={best}: its weights do not fit" in capsys.readouterr().err
+    assert train_cli.main([str(config), "train.objective=rl"]) == 2
+    assert "train.objective is 'rl'; choose one of xent, scst" in capsys.readouterr().err
+
+
+def test_optimizer_moments_continue_with_this_runs_learning_rate():
+    model = tiny_model()
+    first = build_optimizer(model, lr=1e-2)
+    model(ToyData(4).captions, features=features(4)).logits.square().mean().backward()
+    first.step()
+    second = build_optimizer(model, lr=5e-5)
+    assert load_optimizer_moments(second, first.state_dict())
+    assert second.param_groups[0]["lr"] == 5e-5 and "initial_lr" not in second.param_groups[0]
+    for p in model.parameters():
+        if p.requires_grad:
+            assert torch.equal(second.state[p]["exp_avg_sq"], first.state[p]["exp_avg_sq"])
+    other = build_optimizer(tiny_model("all"), lr=5e-5)  # an encoder group too: the groups differ
+    assert not load_optimizer_moments(other, first.state_dict()) and not other.state
