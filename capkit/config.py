@@ -67,6 +67,7 @@ class TrainConfig:
     objective: str = "xent"  # xent (cross-entropy) | scst (self-critical, CIDEr-D reward; start from init_from)
     init_from: Optional[str] = None  # checkpoint whose weights, vocabulary and optimizer moments start the run
     scst_samples: int = 5  # captions drawn per image by self-critical training
+    scst_reward: dict[str, float] = field(default_factory=lambda: {"cider": 1.0})  # weights: cider, bleu4
     label_smoothing: float = 0.0
     aux_loss_weights: dict[str, float] = field(default_factory=lambda: {"doubly_stochastic": 1.0})
     scheduler: str = "plateau"  # plateau | cosine | none

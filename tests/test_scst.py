@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from torch.utils.data import DataLoader
 
@@ -19,7 +20,7 @@ from capkit.engine import (
     load_optimizer_moments,
     self_critical_loss,
 )
-from capkit.evaluation import CiderD
+from capkit.evaluation import CiderD, SentenceBleu, build_reward
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, EncoderOutput, SampledCaptions
 from toys import ToyData, tiny_model
 
@@ -103,6 +104,28 @@ def test_cider_d_known_answer_with_corpus_document_frequencies():
     assert cider(["x", "y", "x"], ["a dog runs", "a", "a"]) == [pytest.approx(7.5, abs=1e-12), 0.0, 0.0]
     with pytest.raises(KeyError, match=r"no references for the images \['z'\]"):
         cider(["z"], ["a dog"])
+
+
+def test_sentence_bleu_is_pycocoevalcaps_per_image_bleu4():
+    ids = ["a", "b", "c", "a"]
+    candidates = ["a dog runs on the grass", "a cat is sitting on a mat", "two men ride", "a brown dog is running"]
+    ours = SentenceBleu(CORPUS)(ids, candidates)
+    for image_id, candidate, score in zip(ids, candidates, ours):
+        _, per_image = Bleu(4).compute_score({image_id: CORPUS[image_id]}, {image_id: [candidate]}, verbose=0)
+        assert score == pytest.approx(per_image[3][0], rel=1e-12)
+    assert ours[0] == pytest.approx(1.0, abs=1e-8)  # a reference itself
+    assert ours[2] < 0.05 < ours[3]  # 3 words: no 4-gram to match
+
+
+def test_build_reward_sums_the_weighted_rewards_and_names_the_choices():
+    ids, candidates = ["a", "b"], ["a dog runs fast", "a cat sits on the mat"]
+    mixed = build_reward({"cider": 1.0, "bleu4": 2.0}, CORPUS)(ids, candidates)
+    cider, bleu = CiderD(CORPUS)(ids, candidates), SentenceBleu(CORPUS)(ids, candidates)
+    assert mixed == pytest.approx([c + 2 * b for c, b in zip(cider, bleu)], rel=1e-12)
+    with pytest.raises(ValueError, match=r"names come from cider, bleu4 .* \(unknown: spice\)"):
+        build_reward({"spice": 1.0}, CORPUS)
+    with pytest.raises(ValueError, match="at least one weight is non-zero"):
+        build_reward({"cider": 0.0}, CORPUS)
 
 
 def test_self_critical_loss_uses_the_other_samples_mean_as_baseline():
@@ -197,6 +220,10 @@ def test_cli_self_critical_stage_starts_from_a_cross_entropy_checkpoint(tmp_path
     assert f"train.init_from={best}: its weights do not fit" in capsys.readouterr().err
     assert train_cli.main([str(config), "train.objective=rl"]) == 2
     assert "train.objective is 'rl'; choose one of xent, scst" in capsys.readouterr().err
+    assert train_cli.main([str(config), "train.objective=scst", "train.scst_reward={spice: 1.0}"]) == 2
+    assert "train.scst_reward: reward weights {'cider': 1.0, 'spice': 1.0}: names come from cider, bleu4" in (
+        capsys.readouterr().err
+    )
 
 
 def test_optimizer_moments_continue_with_this_runs_learning_rate():

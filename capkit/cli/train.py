@@ -51,7 +51,7 @@ from capkit.engine import (
     load_checkpoint,
     seed_everything,
 )
-from capkit.evaluation import CaptionEvaluator, CiderD, run_evaluation
+from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
 from capkit.models.captioner import Captioner
 from capkit.models.encoders.timm_encoder import WeightsUnavailableError
 
@@ -109,6 +109,7 @@ def run(cfg: DictConfig, *, config_path: Path, resume: Path | None = None, sampl
         model = build_captioner(to_container(cfg.model), len(vocab))
         if initial is not None:
             _load_initial_weights(model, initial["model"], t.init_from)
+        criterion = _criterion(cfg, train_split.records, vocab)  # before the feature cache: config errors first
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
@@ -162,7 +163,7 @@ def run(cfg: DictConfig, *, config_path: Path, resume: Path | None = None, sampl
         trainer = Trainer(
             model, optimizer, train_loader, epochs=t.epochs, hooks=hooks, device=dist_info.device,
             grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last,
-            criterion=_criterion(cfg, train_split.records, vocab), max_steps=t.max_steps,
+            criterion=criterion, max_steps=t.max_steps,
         )
         if checkpoint is not None:
             trainer.load_state_dict(checkpoint)
@@ -208,14 +209,18 @@ def _test_best(cfg, run_dir: Path, model: Captioner, vocab: Vocabulary, evaluato
 
 
 def _criterion(cfg: DictConfig, records: list[ImageRecord], vocab: Vocabulary) -> Criterion:
-    """Cross-entropy, or self-critical training rewarded by CIDEr-D against the training references."""
+    """Cross-entropy, or self-critical training rewarded against the training references (``scst_reward``)."""
     t = cfg.train
     if t.objective == "xent":
         return CrossEntropyCriterion(dict(t.aux_loss_weights), label_smoothing=t.label_smoothing)
-    cider = CiderD({r.image_id: [" ".join(tokenize(c)) for c in r.captions] for r in records})
+    references = {r.image_id: [" ".join(tokenize(c)) for c in r.captions] for r in records}
+    try:
+        score = build_reward(dict(t.scst_reward), references)
+    except ValueError as err:
+        raise ConfigError(f"train.scst_reward: {err}") from err
 
     def reward(image_ids: list[str], words: list[list[int]]) -> list[float]:  # <unk> stays, and matches nothing
-        return cider(image_ids, [" ".join(vocab.itos[w] for w in ws) for ws in words])
+        return score(image_ids, [" ".join(vocab.itos[w] for w in ws) for ws in words])
 
     return SelfCriticalCriterion(reward, num_samples=t.scst_samples, max_len=cfg.data.max_caption_len)
 

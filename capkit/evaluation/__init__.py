@@ -4,7 +4,7 @@ Importing this package registers the builtin metrics: bleu, meteor, rouge_l, cid
 See ``capkit.evaluation.metric`` for the interface a plugin metric implements.
 """
 from capkit.evaluation import coco, sacrebleu_metric  # noqa: F401  (registers the builtin metrics)
-from capkit.evaluation.cider_reward import CiderD
+from capkit.evaluation.rewards import REWARDS, CiderD, SentenceBleu, build_reward
 from capkit.evaluation.coco import ptb_tokenize, spice_missing_jars
 from capkit.evaluation.evaluator import CaptionEvaluator, run_evaluation
 from capkit.evaluation.metric import JavaNotFoundError, Metric, MetricResult, build_metric, require_java
@@ -13,6 +13,9 @@ from capkit.evaluation.results import load_predictions, load_references, write_c
 __all__ = [
     "CaptionEvaluator",
     "CiderD",
+    "REWARDS",
+    "SentenceBleu",
+    "build_reward",
     "JavaNotFoundError",
     "Metric",
     "MetricResult",

@@ -1,13 +1,18 @@
-"""CIDEr-D against a fixed corpus: the reward of self-critical training (Rennie et al. 2017)."""
+"""Caption-level rewards of self-critical training (Rennie et al. 2017): CIDEr-D against a fixed corpus and
+per-caption BLEU-4, and their weighted sum (``build_reward``)."""
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider_scorer import precook
 
-__all__ = ["CiderD"]
+__all__ = ["CiderD", "SentenceBleu", "REWARDS", "build_reward"]
+
+# (image ids, tokenized candidate captions) -> one reward per caption
+CaptionReward = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 _NgramVectors = tuple[list[dict[tuple[str, ...], float]], list[float], int]  # tf-idf per order, norms, length
 
@@ -79,3 +84,47 @@ class CiderD:
                 value /= norm[order] * ref_norm[order]
             total += value * penalty
         return total / self.n
+
+
+class SentenceBleu:
+    """BLEU-n of each candidate caption on its own: pycocoevalcap's per-sentence scores (the reference length
+    closest to the candidate's; its smoothing counts an order without any n-gram as precision 1e-6).
+
+    Args:
+        references: image id -> its reference captions, tokenized, words separated by single spaces.
+        n: the BLEU order reported.
+    """
+
+    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4):
+        self.references = {image_id: list(refs) for image_id, refs in references.items()}
+        self.n = n
+
+    def __call__(self, image_ids: Sequence[str], candidates: Sequence[str]) -> list[float]:
+        scorer = BleuScorer(n=self.n)
+        for image_id, candidate in zip(image_ids, candidates, strict=True):
+            scorer += (candidate, self.references[image_id])
+        _, per_caption = scorer.compute_score(option="closest")
+        return list(per_caption[self.n - 1])
+
+
+REWARDS: dict[str, Callable[[Mapping[str, Sequence[str]]], CaptionReward]] = {"cider": CiderD, "bleu4": SentenceBleu}
+
+
+def build_reward(weights: Mapping[str, float], references: Mapping[str, Sequence[str]]) -> CaptionReward:
+    """The weighted sum of the rewards named in ``weights`` (names from ``REWARDS``), each built on
+    ``references`` (image id -> tokenized reference captions)."""
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown or not any(weights.values()):
+        raise ValueError(
+            f"reward weights {dict(weights)}: names come from {', '.join(REWARDS)} and at least one weight is "
+            f"non-zero" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    parts = [(weight, REWARDS[name](references)) for name, weight in weights.items() if weight]
+
+    def reward(image_ids: Sequence[str], candidates: Sequence[str]) -> list[float]:
+        total = [0.0] * len(candidates)
+        for weight, score in parts:
+            total = [t + weight * s for t, s in zip(total, score(image_ids, candidates))]
+        return total
+
+    return reward
