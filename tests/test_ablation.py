@@ -9,19 +9,7 @@ import pytest
 from capkit import ablation as ablation_module
 from capkit.ablation import load_ablation, run_ablation, summarise
 from capkit.config import ConfigError
-
-BASE = """
-model:
-  encoder: {name: timm, model_name: test_efficientnet}
-  attention: {name: bahdanau, attn_dim: 8}
-  decoder: {name: show_attend_tell, embed_dim: 8, hidden_dim: 16, feature_dim: 16}
-data:
-  dataset: {name: shapes, num_train: 12, num_val: 4, num_test: 4, image_size: 64}
-  vocab_min_count: 1
-  num_workers: 0
-train: {epochs: 1, batch_size: 16, scheduler: none, early_stop_metric: sacrebleu}
-eval: {metrics: [sacrebleu], beam_size: 2, max_len: 8}
-"""
+from toys import TINY_SHAPES_CONFIG
 
 ABLATION = """
 base: base.yaml
@@ -37,7 +25,7 @@ variants:
 @pytest.fixture
 def tiny_ablation(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "base.yaml").write_text(BASE)
+    (tmp_path / "base.yaml").write_text(TINY_SHAPES_CONFIG)
     path = tmp_path / "ablation.yaml"
     path.write_text(ABLATION.format(out=tmp_path / "runs"))
     return path

@@ -22,7 +22,7 @@ from capkit.engine import (
 )
 from capkit.evaluation import CiderD, SentenceBleu, build_reward
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, EncoderOutput, SampledCaptions
-from toys import ToyData, tiny_model
+from toys import TINY_SHAPES_CONFIG, ToyData, tiny_model
 
 GRID = (2, 2)
 
@@ -185,24 +185,11 @@ def test_criteria_name_the_loader_they_need():
         SelfCriticalCriterion(lambda ids, words: [], num_samples=1)
 
 
-BASE = """
-model:
-  encoder: {name: timm, model_name: test_efficientnet}
-  attention: {name: bahdanau, attn_dim: 8}
-  decoder: {name: show_attend_tell, embed_dim: 8, hidden_dim: 16, feature_dim: 16}
-data:
-  dataset: {name: shapes, num_train: 12, num_val: 4, num_test: 4, image_size: 64}
-  vocab_min_count: 1
-  num_workers: 0
-train: {epochs: 1, batch_size: 16, scheduler: none, early_stop_metric: sacrebleu, output_dir: OUT}
-eval: {metrics: [sacrebleu], beam_size: 2, max_len: 8}
-"""
-
-
 def test_cli_self_critical_stage_starts_from_a_cross_entropy_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
     config = tmp_path / "tiny.yaml"
-    config.write_text(BASE.replace("OUT", str(tmp_path / "runs")))
+    config.write_text(TINY_SHAPES_CONFIG)
+    monkeypatch.chdir(tmp_path)  # runs/ lands here
     assert train_cli.main([str(config), "train.run_name=xent"]) == 0
     best = tmp_path / "runs" / "xent" / "checkpoints" / "best"
     assert train_cli.main([

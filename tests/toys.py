@@ -10,6 +10,20 @@ from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, EncoderOutput
 
 AUX = {"doubly_stochastic": 1.0}
 
+# a complete experiment on a few generated `shapes` images with a random tiny encoder: seconds to train
+TINY_SHAPES_CONFIG = """
+model:
+  encoder: {name: timm, model_name: test_efficientnet}
+  attention: {name: bahdanau, attn_dim: 8}
+  decoder: {name: show_attend_tell, embed_dim: 8, hidden_dim: 16, feature_dim: 16}
+data:
+  dataset: {name: shapes, num_train: 12, num_val: 4, num_test: 4, image_size: 64}
+  vocab_min_count: 1
+  num_workers: 0
+train: {epochs: 1, batch_size: 16, scheduler: none, early_stop_metric: sacrebleu}
+eval: {metrics: [sacrebleu], beam_size: 2, max_len: 8}
+"""
+
 
 def tiny_model(finetune: str = "none") -> capkit.Captioner:
     return capkit.build_captioner(
