@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import MISSING, OmegaConf
@@ -24,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from capkit.cli.train import run as train_run
 from capkit.config import ConfigError, load_config
-from capkit.evaluation import CaptionEvaluator
+from capkit.evaluation import CaptionEvaluator, decode_batches
 from capkit.evaluation.grounding import measure_grounding
 from capkit.inference import load_eval_split, load_trained
 
@@ -110,15 +109,12 @@ def _score(run_dir: Path, split_name: str) -> dict[str, Any]:
     cfg, model = trained.config, trained.model
     split, loader = load_eval_split(trained, split_name)
     evaluator = CaptionEvaluator(list(cfg.eval.metrics))
+    decoding = dict(beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len, length_penalty=cfg.eval.length_penalty)
     captions, started = {}, time.perf_counter()
-    with torch.no_grad():  # one timed decoding pass gives the speed, the scored captions and the grounding
-        for batch in loader:
-            generation = model.generate(
-                batch.images, batch.features, beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
-                length_penalty=cfg.eval.length_penalty,
-            )
-            captions.update(zip(batch.image_ids, generation.best))
-            evaluator.process(batch, generation, trained.vocab.decode)
+    # one timed decoding pass gives the speed, the scored captions and the grounding
+    for batch, generation in decode_batches(model, loader, **decoding):
+        captions.update(zip(batch.image_ids, generation.best))
+        evaluator.process(batch, generation, trained.vocab.decode)
     images_per_s = len(split.records) / (time.perf_counter() - started)
     metrics = evaluator.evaluate()
     if any(r.boxes for r in split.records):

@@ -6,7 +6,7 @@ See ``capkit.evaluation.metric`` for the interface a plugin metric implements.
 from capkit.evaluation import coco, sacrebleu_metric  # noqa: F401  (registers the builtin metrics)
 from capkit.evaluation.rewards import REWARDS, CiderD, SentenceBleu, build_reward
 from capkit.evaluation.coco import ptb_tokenize, spice_missing_jars
-from capkit.evaluation.evaluator import CaptionEvaluator, run_evaluation
+from capkit.evaluation.evaluator import CaptionEvaluator, decode_batches, run_evaluation
 from capkit.evaluation.metric import JavaNotFoundError, Metric, MetricResult, build_metric, require_java
 from capkit.evaluation.results import load_predictions, load_references, write_coco_results, write_per_image
 
@@ -16,6 +16,7 @@ __all__ = [
     "REWARDS",
     "SentenceBleu",
     "build_reward",
+    "decode_batches",
     "JavaNotFoundError",
     "Metric",
     "MetricResult",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +16,7 @@ from capkit.types import CaptionBatch, Generation
 if TYPE_CHECKING:
     from capkit.models.captioner import Captioner
 
-__all__ = ["CaptionEvaluator", "run_evaluation"]
+__all__ = ["CaptionEvaluator", "decode_batches", "run_evaluation"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,26 @@ def _ptb_tokenize_pairs(
     return {i: out[("hyp", i)][0] for i in hyps}, {i: out[("ref", i)] for i in refs}
 
 
-@torch.no_grad()
+def decode_batches(
+    model: Captioner, loader: Iterable[CaptionBatch], *, beam_size: int, max_len: int, length_penalty: float
+) -> Iterator[tuple[CaptionBatch, Generation]]:
+    """Each batch (moved to the model's device) with its beam search result, in eval mode and without gradients;
+    the model's mode is restored when the iteration ends."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            batch = batch.to(device)
+            with torch.no_grad():
+                generation = model.generate(
+                    batch.images, batch.features, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty
+                )
+            yield batch, generation
+    finally:
+        model.train(was_training)
+
+
 def run_evaluation(
     model: Captioner,
     loader: Iterable[CaptionBatch],
@@ -125,18 +144,10 @@ def run_evaluation(
     length_penalty: float,
     decode: Callable[[list[int]], str],
 ) -> dict[str, float]:
-    """Caption every batch with beam search in eval mode (the model's mode is restored after), then score."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    """Caption every batch with beam search in eval mode (``decode_batches``), then score."""
     evaluator.reset()
-    try:
-        for batch in loader:
-            batch = batch.to(device)
-            generation = model.generate(
-                batch.images, batch.features, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty
-            )
-            evaluator.process(batch, generation, decode)
-    finally:
-        model.train(was_training)
+    for batch, generation in decode_batches(
+        model, loader, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty
+    ):
+        evaluator.process(batch, generation, decode)
     return evaluator.evaluate()
