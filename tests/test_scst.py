@@ -115,6 +115,8 @@ def test_sentence_bleu_is_pycocoevalcaps_per_image_bleu4():
         assert score == pytest.approx(per_image[3][0], rel=1e-12)
     assert ours[0] == pytest.approx(1.0, abs=1e-8)  # a reference itself
     assert ours[2] < 0.05 < ours[3]  # 3 words: no 4-gram to match
+    with pytest.raises(KeyError, match=r"SentenceBleu has no references for the images \['z'\]"):
+        SentenceBleu(CORPUS)(["z"], ["a dog"])
 
 
 def test_build_reward_sums_the_weighted_rewards_and_names_the_choices():

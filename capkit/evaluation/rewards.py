@@ -46,11 +46,7 @@ class CiderD:
 
     def __call__(self, image_ids: Sequence[str], candidates: Sequence[str]) -> list[float]:
         """CIDEr-D of ``candidates[i]`` (tokenized, space-separated) against the references of ``image_ids[i]``."""
-        if len(image_ids) != len(candidates):
-            raise ValueError(f"{len(image_ids)} image ids for {len(candidates)} candidates")
-        unknown = [i for i in dict.fromkeys(image_ids) if i not in self.references]
-        if unknown:
-            raise KeyError(f"CiderD has no references for the images {unknown[:5]} (of {len(unknown)})")
+        _check_candidates(self, image_ids, candidates)
         scores = []
         for image_id, candidate in zip(image_ids, candidates):
             vec, norm, length = self._vectors(precook(candidate, self.n))
@@ -100,11 +96,21 @@ class SentenceBleu:
         self.n = n
 
     def __call__(self, image_ids: Sequence[str], candidates: Sequence[str]) -> list[float]:
+        _check_candidates(self, image_ids, candidates)
         scorer = BleuScorer(n=self.n)
-        for image_id, candidate in zip(image_ids, candidates, strict=True):
+        for image_id, candidate in zip(image_ids, candidates):
             scorer += (candidate, self.references[image_id])
         _, per_caption = scorer.compute_score(option="closest")
         return list(per_caption[self.n - 1])
+
+
+def _check_candidates(reward: CiderD | SentenceBleu, image_ids: Sequence[str], candidates: Sequence[str]) -> None:
+    """One candidate per image id, and references for every image."""
+    if len(image_ids) != len(candidates):
+        raise ValueError(f"{len(image_ids)} image ids for {len(candidates)} candidates")
+    unknown = [i for i in dict.fromkeys(image_ids) if i not in reward.references]
+    if unknown:
+        raise KeyError(f"{type(reward).__name__} has no references for the images {unknown[:5]} (of {len(unknown)})")
 
 
 REWARDS: dict[str, Callable[[Mapping[str, Sequence[str]]], CaptionReward]] = {"cider": CiderD, "bleu4": SentenceBleu}
