@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from capkit.models.attention import base as attention_base
 from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.attention.luong import LuongGlobalAttention, LuongLocalAttention
 from capkit.models.attention.uniform import UniformAttention
@@ -76,6 +77,31 @@ def test_bahdanau_projects_the_features_once_per_image_not_per_step():
         _, alpha = att(torch.randn(2, 4), memory)
     assert len(calls) == 1
     assert torch.allclose(alpha.sum(1), torch.ones(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bahdanau", "luong_concat"])
+def test_additive_scores_in_chunks_equal_one_pass(kind, monkeypatch):
+    """Decoding on the CPU (no autograd) computes the (B, K, N, A) hidden layer a few images at a time in one
+    reused buffer: the same scores as one pass with autograd, a ragged last chunk included."""
+    torch.manual_seed(0)
+    if kind == "bahdanau":
+        att = BahdanauAttention(query_dim=4, key_dim=6, attn_dim=5)
+        score_layer = att.score
+    else:
+        att = LuongGlobalAttention(query_dim=4, key_dim=6, score="concat", attn_dim=5)
+        score_layer = att.score.v
+    memory = att.precompute(grid_features(5, 2, 3, 6), (2, 3))  # B = 5 images, N = 6
+    query = torch.randn(5 * 3, 4)  # K = 3 hypotheses per image, reading its memory row
+    context, alpha = att(query, memory)  # autograd on: one pass
+    chunks = []
+    score_layer.register_forward_hook(lambda module, args, out: chunks.append(args[0].shape[0]))
+    monkeypatch.setattr(attention_base, "ADDITIVE_CHUNK_ELEMENTS", 2 * 3 * 6 * 5)  # 2 images per chunk
+    with torch.no_grad():
+        chunked_context, chunked_alpha = att(query, memory)
+    assert chunks == [2, 2, 1]
+    torch.testing.assert_close(chunked_alpha, alpha, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked_context, context, rtol=0, atol=1e-6)
+    assert alpha.shape == (15, 6)
 
 
 def test_uniform_attention_is_mean_pooling():

@@ -61,15 +61,18 @@ def beam_search(
     width = 1  # live hypotheses per image: 1 at the first step, K after
     scores = torch.zeros(batch, 1, device=device)
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+    any_finished = False
     lengths = torch.zeros(batch, 1, dtype=torch.long, device=device)
     history = torch.empty(batch, 0, dtype=torch.long, device=device)  # (B*width, t)
     alpha_history: Tensor | None = None  # (B*width, t, N)
-    done_row: Tensor | None = None
+    logp_buffer: Tensor | None = None  # (B*K, V), reused by every step: no fresh (B*K, V) tensors per step
 
     for t in range(max_len + 1):
         logits, alpha, state = step(tokens, state, step_memory)
-        logp = logits.float().log_softmax(dim=-1)  # (B*width, V)
-        vocab = logp.shape[-1]
+        vocab = logits.shape[-1]
+        if logp_buffer is None:
+            logp_buffer = torch.empty(batch * k, vocab, device=device)
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buffer[: len(logits)])
         logp[:, PAD_ID] = float("-inf")
         logp[:, BOS_ID] = float("-inf")
         if t == max_len:  # the last step: every hypothesis still open takes <end>
@@ -77,13 +80,11 @@ def beam_search(
             logp.fill_(float("-inf"))
             logp[:, EOS_ID] = eos
         logp = logp.view(batch, width, vocab)
-        if t > 0:  # a finished hypothesis continues only with <pad>, at no cost
-            if done_row is None:
-                done_row = torch.full((vocab,), float("-inf"), device=device)
-                done_row[PAD_ID] = 0.0
-            logp = torch.where(finished.unsqueeze(2), done_row, logp)
+        if any_finished:  # a finished hypothesis continues only with <pad>, at no cost
+            logp.masked_fill_(finished.unsqueeze(2), float("-inf"))
+            logp[:, :, PAD_ID].masked_fill_(finished, 0.0)
 
-        candidates = (scores.unsqueeze(2) + logp).view(batch, width * vocab)
+        candidates = logp.add_(scores.unsqueeze(2)).view(batch, width * vocab)
         if width * vocab < k:  # fewer candidates than beams (a tiny vocabulary): the rest start dead
             candidates = F.pad(candidates, (0, k - width * vocab), value=float("-inf"))
         scores, flat_index = candidates.topk(k, dim=1)  # (B, K)
@@ -104,8 +105,10 @@ def beam_search(
         if t == 0 and not share_memory:
             step_memory = memory.index_select(torch.arange(batch, device=device).repeat_interleave(k))
         width = k
-        if bool(finished.all()):
+        done = int(finished.sum())
+        if done == finished.numel():
             break
+        any_finished = done > 0
 
     ranked = scores / lengths.clamp(min=1).float().pow(length_penalty)
     ranked = ranked.masked_fill(~torch.isfinite(scores), float("-inf"))

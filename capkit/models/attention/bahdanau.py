@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from capkit.models.attention.base import Attention, AttentionMemory, weighted_context
+from capkit.models.attention.base import Attention, AttentionMemory, additive_scores, weighted_context
 from capkit.registry import ATTENTIONS
 
-__all__ = ["BahdanauAttention", "additive_attention"]
+__all__ = ["BahdanauAttention"]
 
 
 @ATTENTIONS.register("bahdanau")
@@ -34,13 +34,6 @@ class BahdanauAttention(Attention):
         return AttentionMemory(values=feats, keys=self.key_proj(feats), grid=grid)  # keys (B, N, A)
 
     def forward(self, query: Tensor, memory: AttentionMemory) -> tuple[Tensor, Tensor]:
-        return additive_attention(self.query_proj(query), memory, self.score)
+        alpha = additive_scores(memory.keys, self.query_proj(query), self.score).softmax(dim=1)  # (B * K, N)
+        return weighted_context(alpha, memory.values), alpha
 
-
-def additive_attention(query: Tensor, memory: AttentionMemory, score: nn.Linear) -> tuple[Tensor, Tensor]:
-    """Projected queries (B * K, A) against keys (B, N, A): alpha = softmax(score(tanh(keys + query))),
-    each group of K queries against its memory row without copying the keys."""
-    b, n, a = memory.keys.shape
-    hidden = (memory.keys.unsqueeze(1) + query.view(b, -1, 1, a)).tanh_()  # (B, K, N, A)
-    alpha = score(hidden).view(-1, n).softmax(dim=1)  # (B * K, N)
-    return weighted_context(alpha, memory.values), alpha

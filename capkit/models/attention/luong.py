@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from capkit.models.attention.base import Attention, AttentionMemory, beam_groups, weighted_context
+from capkit.models.attention.base import Attention, AttentionMemory, additive_scores, beam_groups, weighted_context
 from capkit.registry import ATTENTIONS
 
 __all__ = ["LuongGlobalAttention", "LuongLocalAttention"]
@@ -50,9 +50,7 @@ class LuongScore(nn.Module):
         """query (B * K, Dq) -> scores (B * K, N); K > 1 when the memory is shared (see ``Attention``)."""
         k = beam_groups(query, memory)
         if self.kind == "concat":
-            b, n, a = memory.keys.shape
-            hidden = (memory.keys.unsqueeze(1) + self.query_proj(query).view(b, k, 1, a)).tanh_()  # (B, K, N, A)
-            return self.v(hidden).view(-1, n)
+            return additive_scores(memory.keys, self.query_proj(query), self.v)
         keys = memory.values if memory.keys is None else memory.keys  # (B, N, Dq)
         scores = torch.bmm(keys, query.view(keys.shape[0], k, -1).transpose(1, 2))  # (B, N, K)
         return scores.transpose(1, 2).reshape(query.shape[0], keys.shape[1])
