@@ -19,7 +19,8 @@ All must return identical captions (asserted, in fp32; under CUDA autocast the s
 in the timed bf16 runs is recorded too) before the timings are reported. Both run the same
 arithmetic, so the gain is what large matrix products gain over small ones on the machine; the table's
 "GEMM ceiling" measures that for the LSTM's largest product (beam rows vs 64 x beam rows). One-image-at-a-time is timed
-once over all 256 images; batched is the median of ``TIMED`` passes after a warm-up pass. On CUDA (when
+once over all 256 images; batched and usual are each the median of ``TIMED`` passes after a warm-up, a usual pass
+right after each batched one (the machine's load changes over a minute). On CUDA (when
 available) both are timed under bf16 autocast. Prints a table and writes ``benchmarks/results/bench_decoding.json``.
 Run: ``python -m benchmarks`` (or ``make bench``).
 """
@@ -135,9 +136,11 @@ def run(
 
     usual = baseline_from(decoder).eval()
 
-    def usual_images(beam: int, amp: torch.dtype | None = amp) -> list[tuple[list[int], float]]:
+    def usual_images(
+        beam: int, amp: torch.dtype | None = amp, images: int = USUAL_IMAGES
+    ) -> list[tuple[list[int], float]]:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return [usual_beam_search(usual, feats[i], beam, max_len) for i in range(USUAL_IMAGES)]
+            return [usual_beam_search(usual, feats[i], beam, max_len) for i in range(images)]
 
     rows = []
     for beam in beams:
@@ -148,27 +151,27 @@ def run(
         alone = one_at_a_time(beam)
         sync(device)
         alone_s = time.perf_counter() - start
-        times, together = [], None
-        for i in range(1 + timed):
+        usual_images(beam, images=1)  # warm-up
+        times, usual_times, together = [], [], None
+        for i in range(1 + timed):  # batched and usual passes interleaved, so that both see the same machine
             sync(device)
             start = time.perf_counter()
             together = batched(beam)
             sync(device)
             if i:
                 times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                usual_out = usual_images(beam)
+                sync(device)
+                usual_times.append(time.perf_counter() - start)
         timed_same = sum(a.tokens == b.tokens for a, b in zip(alone, together)) / images
         if amp is not None:  # bf16 products of different row counts round differently: the check runs in fp32
             alone, together = one_at_a_time(beam, None), batched(beam, None)
+            usual_out = usual_images(beam, None)
         mismatched = [i for i, (a, b) in enumerate(zip(alone, together)) if a.tokens != b.tokens]
         assert not mismatched, f"beam {beam}: captions differ for images {mismatched[:10]}"
         worst = max(abs(a.score - b.score) for a, b in zip(alone, together))
-        sync(device)
-        start = time.perf_counter()
-        usual_out = usual_images(beam)
-        sync(device)
-        usual_s = time.perf_counter() - start
-        if amp is not None:
-            usual_out = usual_images(beam, None)
+        usual_s = statistics.median(usual_times)
         differ = [i for i, (tokens, _) in enumerate(usual_out) if tokens != alone[i].tokens]
         assert not differ, f"beam {beam}: the usual implementation's captions differ for images {differ}"
         worst = max(worst, *(abs(score - alone[i].score) for i, (_, score) in enumerate(usual_out)))
@@ -179,7 +182,8 @@ def run(
             "batched_all_s": times,
             "one_at_a_time_img_s": images / alone_s, "batched_img_s": images / batched_s,
             "speedup": alone_s / batched_s, "max_score_diff": worst,
-            "usual_images": USUAL_IMAGES, "usual_s": usual_s, "usual_img_s": USUAL_IMAGES / usual_s,
+            "usual_images": USUAL_IMAGES, "usual_s": usual_s, "usual_all_s": usual_times,
+            "usual_img_s": USUAL_IMAGES / usual_s,
             "speedup_vs_usual": (images / batched_s) / (USUAL_IMAGES / usual_s), "same_captions_timed": timed_same,
             "mean_words": statistics.mean(len(h.tokens) for h in together),
         })
@@ -224,7 +228,7 @@ def main() -> None:
           f"vocab {result['vocab']}, dim {result['dim']}, max {result['max_len']} words, {result['device']} "
           f"{result['amp']}, {torch.get_num_threads()} threads; batched = {result['images_per_batch']} images per "
           f"generate call (median of {result['timed']}), one image at a time = 1 pass, usual implementation = "
-          f"1 pass over {USUAL_IMAGES} images")
+          f"median of {result['timed']} over {USUAL_IMAGES} images")
     print(f"{'beam':>4}{'usual img/s':>13}{'1-at-a-time img/s':>19}{'batched img/s':>15}{'vs usual':>10}"
           f"{'vs 1-at-a-time':>16}{'same captions':>15}{'max |dscore|':>14}{'GEMM ceiling':>14}")
     for r in result["results"]:

@@ -37,7 +37,8 @@ def beam_search(
     Beam size 1 is greedy decoding.
 
     The first step runs once per image (all of an image's beams start from the same ``<start>``), and the
-    beams of every image advance together after it: one ``step`` call of B * K rows per step.
+    beams of every image advance together after it: one ``step`` call of B * K rows per step. An image leaves
+    the batch as soon as its K hypotheses have all ended, so that later steps compute only the open ones.
 
     Args:
         step: the decoder's step function.
@@ -56,6 +57,8 @@ def beam_search(
     batch, k = memory.values.shape[0], beam_size
     device = memory.values.device
     step_memory = memory  # B rows at the first step; then B * K rows unless shared
+    hypotheses: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    active = torch.arange(batch, device=device)  # the input index of each image still decoding
 
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
     width = 1  # live hypotheses per image: 1 at the first step, K after
@@ -105,16 +108,44 @@ def beam_search(
         if t == 0 and not share_memory:
             step_memory = memory.index_select(torch.arange(batch, device=device).repeat_interleave(k))
         width = k
-        done = int(finished.sum())
-        if done == finished.numel():
-            break
-        any_finished = done > 0
 
+        any_finished = bool(finished.any())
+        if not any_finished:
+            continue
+        image_done = finished.all(dim=1)  # (B,): every beam of the image has ended
+        done = image_done.nonzero().squeeze(1)
+        if len(done) == 0:
+            continue
+        done_rows = (done.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+        ranked = _rank(
+            scores[done], lengths[done], history[done_rows], alpha_history[done_rows], n_best, length_penalty
+        )
+        for image, best in zip(active[done].tolist(), ranked):
+            hypotheses[image] = best
+        if len(done) == batch:
+            break
+        # Compaction: the finished images leave the batch, so that later steps compute only open ones.
+        keep = (~image_done).nonzero().squeeze(1)
+        keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+        active, scores, finished, lengths = active[keep], scores[keep], finished[keep], lengths[keep]
+        tokens, history, alpha_history = tokens[keep_rows], history[keep_rows], alpha_history[keep_rows]
+        state = {name: value.index_select(0, keep_rows) for name, value in state.items()}
+        step_memory = step_memory.index_select(keep if share_memory else keep_rows)
+        batch = len(keep)
+    return Generation(hypotheses=hypotheses, grid=memory.grid)
+
+
+def _rank(
+    scores: Tensor, lengths: Tensor, history: Tensor, alpha_history: Tensor, n_best: int, length_penalty: float
+) -> list[list[Hypothesis]]:
+    """The ``n_best`` hypotheses of each of D finished images, best first: scores and lengths (D, K), token
+    history (D * K, T), attention history (D * K, T, N). Hypotheses that never lived (score -inf) are left out."""
+    k = scores.shape[1]
     ranked = scores / lengths.clamp(min=1).float().pow(length_penalty)
     ranked = ranked.masked_fill(~torch.isfinite(scores), float("-inf"))
     order = ranked.argsort(dim=1, descending=True)
     hypotheses = []
-    for b in range(batch):
+    for b in range(scores.shape[0]):
         best = []
         for j in order[b, :n_best].tolist():
             if not torch.isfinite(scores[b, j]):
@@ -129,4 +160,4 @@ def beam_search(
                 )
             )
         hypotheses.append(best)
-    return Generation(hypotheses=hypotheses, grid=memory.grid)
+    return hypotheses

@@ -1,0 +1,59 @@
+"""Batched beam search on a hand-made step function: which rows each step computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capkit.models.attention.base import AttentionMemory
+from capkit.models.beam_search import beam_search
+from capkit.types import EOS_ID
+
+VOCAB = 6
+WORD = 4  # the one word the step function likes besides <end>
+
+
+def eager_to_end_step(calls: list[int]):
+    """A step function whose log-probabilities depend only on the image: image i's memory value is its
+    preference for <end> over WORD (positive: it ends at once; negative: it never ends before max_len).
+    Records the rows of every call."""
+
+    def step(tokens, state, memory):
+        calls.append(len(tokens))
+        k = len(tokens) // memory.values.shape[0]
+        eagerness = memory.values[:, 0, 0].repeat_interleave(k)  # (B * K,): memory shared by an image's beams
+        logits = torch.full((len(tokens), VOCAB), -5.0)
+        logits[:, EOS_ID] = eagerness
+        logits[:, WORD] = -eagerness
+        return logits, torch.ones(len(tokens), 1), {"t": state["t"] + 1}
+
+    return step
+
+
+def search(eagerness: list[float], calls: list[int], max_len: int = 5):
+    memory = AttentionMemory(values=torch.tensor(eagerness).view(-1, 1, 1), keys=None, grid=(1, 1))
+    state = {"t": torch.zeros(len(eagerness))}
+    return beam_search(
+        eager_to_end_step(calls), state, memory, beam_size=2, max_len=max_len, n_best=2, share_memory=True
+    )
+
+
+def test_an_image_whose_beams_have_all_ended_leaves_the_batch():
+    calls: list[int] = []
+    generation = search([4.0, -4.0, 4.0], calls)
+    # Step 0: 3 images, 1 row each. Step 1: 2 beams each; after it, images 0 and 2 have both beams ended
+    # (<end>, and WORD <end>), so steps 2..5 compute image 1's 2 rows only.
+    assert calls == [3, 6, 2, 2, 2, 2]
+    assert [h.tokens for h in generation.hypotheses[0]] == [[], [WORD]]
+    assert generation.hypotheses[2][0].tokens == [] and generation.hypotheses[2][1].tokens == [WORD]
+    longest = [h for h in generation.hypotheses[1] if h.tokens == [WORD] * 5]  # <end> forced after max_len words
+    assert len(longest) == 1 and longest[0].alphas.shape == (6, 1)
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [1, 0, 2], [2, 1, 0]])
+def test_results_stay_with_their_image_whatever_the_finishing_order(order):
+    eagerness = [[4.0, -4.0, 0.5][i] for i in order]
+    batched = search(eagerness, [])
+    for i, value in enumerate(eagerness):
+        alone = search([value], [])
+        assert [h.tokens for h in batched.hypotheses[i]] == [h.tokens for h in alone.hypotheses[0]]
+        assert [h.score for h in batched.hypotheses[i]] == pytest.approx([h.score for h in alone.hypotheses[0]])
