@@ -7,8 +7,8 @@ layer scaled x5 so the word distributions are peaked like a trained model's), at
 
 - **one image at a time**: ``model.generate`` called per image (what the widely used implementations do:
   a beam of K hypotheses for one image per step);
-- **batched**: ``model.generate`` on batches of ``IMAGES_PER_BATCH`` images (every image's beams in one tensor
-  per step);
+- **batched**: ``model.generate`` on batches of ``IMAGES_PER_BATCH`` images, the evaluator's default
+  ``eval.batch_size`` (every image's beams in one tensor per step);
 - **usual implementation**: the beam search of the widely used tutorials (sgrvinod's ``caption.py`` style,
   ``usual_beam_search`` below) on the same weights (``NaiveShowAttendTell`` of the training benchmark): one
   image at a time, its features copied to every hypothesis, the encoder-side attention projection recomputed
@@ -18,7 +18,7 @@ layer scaled x5 so the word distributions are peaked like a trained model's), at
 All must return identical captions (asserted, in fp32; under CUDA autocast the share of identical captions
 in the timed bf16 runs is recorded too) before the timings are reported. Both run the same
 arithmetic, so the gain is what large matrix products gain over small ones on the machine; the table's
-"GEMM ceiling" measures that for the LSTM's largest product (beam rows vs 64 x beam rows). One-image-at-a-time is timed
+"GEMM ceiling" measures that for the LSTM's largest product (beam rows vs IMAGES_PER_BATCH x beam rows). One-image-at-a-time is timed
 once over all 256 images; batched and usual are each the median of ``TIMED`` passes after a warm-up, a usual pass
 right after each batched one (the machine's load changes over a minute). On CUDA (when
 available) both are timed under bf16 autocast. Prints a table and writes ``benchmarks/results/bench_decoding.json``.
@@ -41,9 +41,9 @@ from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
 
-IMAGES, IMAGES_PER_BATCH, GRID, CHANNELS, VOCAB, DIM, MAX_LEN = 256, 64, (8, 8), 2048, 5000, 512, 16
+IMAGES, IMAGES_PER_BATCH, GRID, CHANNELS, VOCAB, DIM, MAX_LEN = 256, 128, (8, 8), 2048, 5000, 512, 16
 BEAMS = (1, 3, 5)
-TIMED = 3
+TIMED = 5
 USUAL_IMAGES = 16  # images the usual implementation decodes (it recomputes the attention projection per step)
 
 
@@ -237,7 +237,7 @@ def main() -> None:
               f"{r['gemm_ceiling']:>13.1f}x")
     print("usual: the tutorials' per-image beam search (attention projection recomputed per step); 1-at-a-time: "
           "capkit's search on one image per call;\nGEMM ceiling: per-row speed of the LSTM's (rows, 2560) x "
-          "(2560, 2048) product with 64 x beam rows over beam rows, on this machine")
+          f"(2560, 2048) product with {result['images_per_batch']} x beam rows over beam rows, on this machine")
     write_results("bench_decoding", torch.device(result["device"]), result)
 
 

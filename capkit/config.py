@@ -92,7 +92,7 @@ class EvalConfig:
     beam_size: int = 3
     max_len: int = 16
     length_penalty: float = 0.0
-    batch_size: int = 64
+    batch_size: int = 128  # images per beam-search call (no activations kept: larger than training's pays)
     every_epochs: int = 1
     max_images: Optional[int] = None  # evaluate on the first N validation images only
 
