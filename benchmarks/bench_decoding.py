@@ -192,34 +192,54 @@ def run(
             "timed": timed, "results": rows}
 
 
+def batched_pass(decoder: ShowAttendTellDecoder, feats: Tensor, beam: int) -> tuple[list, float]:
+    """Batched decoding of every image, ``IMAGES_PER_BATCH`` per call: (best hypotheses, seconds)."""
+    start = time.perf_counter()
+    best = [h for i in range(0, len(feats), IMAGES_PER_BATCH)
+            for h in decoder.generate(EncoderOutput(feats[i : i + IMAGES_PER_BATCH], GRID), beam_size=beam).best]
+    return best, time.perf_counter() - start
+
+
+def cpu_setup() -> tuple[ShowAttendTellDecoder, Tensor]:
+    decoder = build(CHANNELS, VOCAB, DIM, torch.device("cpu"))
+    return decoder, torch.rand(IMAGES, GRID[0] * GRID[1], CHANNELS, generator=torch.Generator().manual_seed(0))
+
+
 def compare_compiled(beam: int = 3, timed: int = TIMED) -> dict:
     """Batched decoding with the decoder's step compiled (inductor, weights frozen) against eager, same captions
     asserted. Not part of ``make bench`` (compiling takes a while):
     ``python -m benchmarks.bench_decoding --compile``."""
     import torch._inductor.config as inductor_config
 
-    device = torch.device("cpu")
-    decoder = build(CHANNELS, VOCAB, DIM, device)
-    feats = torch.rand(IMAGES, GRID[0] * GRID[1], CHANNELS, generator=torch.Generator().manual_seed(0))
-
-    def batched() -> tuple[list, float]:
-        start = time.perf_counter()
-        best = [h for i in range(0, IMAGES, IMAGES_PER_BATCH)
-                for h in decoder.generate(EncoderOutput(feats[i : i + IMAGES_PER_BATCH], GRID), beam_size=beam).best]
-        return best, time.perf_counter() - start
-
-    batched()  # warm-up
-    eager = [batched() for _ in range(timed)]
+    decoder, feats = cpu_setup()
+    batched_pass(decoder, feats, beam)  # warm-up
+    eager = [batched_pass(decoder, feats, beam) for _ in range(timed)]
     inductor_config.freezing = True
     with torch.no_grad():
         decoder.step = torch.compile(decoder.step, dynamic=False)
-        batched()  # compiles
-        compiled = [batched() for _ in range(timed)]
+        batched_pass(decoder, feats, beam)  # compiles
+        compiled = [batched_pass(decoder, feats, beam) for _ in range(timed)]
     assert all(a.tokens == b.tokens for a, b in zip(eager[0][0], compiled[0][0])), "compiled captions differ"
     eager_s, compiled_s = statistics.median(t for _, t in eager), statistics.median(t for _, t in compiled)
     print(f"beam {beam}, {IMAGES} images: eager {eager_s:.2f} s, compiled step {compiled_s:.2f} s "
           f"({eager_s / compiled_s:.2f}x), same captions")
     return {"beam": beam, "eager_s": eager_s, "compiled_s": compiled_s}
+
+
+def profile_batched(beam: int = 3, rows: int = 20) -> None:
+    """Where batched decoding spends its time: ``torch.profiler``'s operators (by input shapes) sorted by self CPU
+    time, over one pass of the images after a warm-up: ``python -m benchmarks.bench_decoding --profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder, feats = cpu_setup()
+    batched_pass(decoder, feats, beam)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        _, seconds = batched_pass(decoder, feats, beam)
+    print(f"beam {beam}, {IMAGES} images, {IMAGES_PER_BATCH} per call, {torch.get_num_threads()} threads: "
+          f"{seconds:.2f} s under the profiler")
+    table = prof.key_averages(group_by_input_shape=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=24,
+                      max_shapes_column_width=60))
 
 
 def main() -> None:
@@ -243,8 +263,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compile", action="store_true", help="compare the compiled decoder step with eager instead")
-    if parser.parse_args().compile:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--compile", action="store_true", help="compare the compiled decoder step with eager instead")
+    mode.add_argument("--profile", action="store_true", help="profile batched decoding at beam 3 instead")
+    args = parser.parse_args()
+    if args.compile:
         compare_compiled()
+    elif args.profile:
+        profile_batched()
     else:
         main()
