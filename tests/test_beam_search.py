@@ -29,11 +29,12 @@ def eager_to_end_step(calls: list[int]):
     return step
 
 
-def search(eagerness: list[float], calls: list[int], max_len: int = 5):
+def search(eagerness: list[float], calls: list[int], max_len: int = 5, beam_size: int = 2, share_memory=True):
     memory = AttentionMemory(values=torch.tensor(eagerness).view(-1, 1, 1), keys=None, grid=(1, 1))
     state = {"t": torch.zeros(len(eagerness))}
     return beam_search(
-        eager_to_end_step(calls), state, memory, beam_size=2, max_len=max_len, n_best=2, share_memory=True
+        eager_to_end_step(calls), state, memory, beam_size=beam_size, max_len=max_len, n_best=2,
+        share_memory=share_memory,
     )
 
 
@@ -57,3 +58,34 @@ def test_results_stay_with_their_image_whatever_the_finishing_order(order):
         alone = search([value], [])
         assert [h.tokens for h in batched.hypotheses[i]] == [h.tokens for h in alone.hypotheses[0]]
         assert [h.score for h in batched.hypotheses[i]] == pytest.approx([h.score for h in alone.hypotheses[0]])
+
+
+def test_max_len_zero_gives_each_image_the_empty_caption():
+    generation = search([4.0, -4.0, 0.5], [], max_len=0, beam_size=3)
+    for hypotheses, eagerness in zip(generation.hypotheses, [4.0, -4.0, 0.5]):
+        logits = torch.tensor([-5.0, -5.0, eagerness, -5.0, -eagerness, -5.0])  # the model's real log-probability
+        assert [h.tokens for h in hypotheses] == [[]]
+        assert hypotheses[0].score == pytest.approx(float(logits.log_softmax(0)[EOS_ID]), abs=1e-6)
+
+
+@pytest.mark.parametrize("share_memory", [True, False])
+def test_more_beams_than_words_leave_no_image_without_captions(share_memory):
+    """4 generable tokens (<end> and 3 words) for 6 beams: the surplus beams are dead from the first step and
+    count as ended, so each image still gets its best hypotheses and leaves the batch once its live ones end."""
+    calls: list[int] = []
+    generation = search([4.0, -4.0], calls, max_len=3, beam_size=6, share_memory=share_memory)
+    for i, value in enumerate([4.0, -4.0]):
+        alone = search([value], [], max_len=3, beam_size=6, share_memory=share_memory)
+        assert [h.tokens for h in generation.hypotheses[i]] == [h.tokens for h in alone.hypotheses[0]]
+        assert len(generation.hypotheses[i]) == 2
+    assert calls[-1] == 6  # image 0 left the batch before the last step
+
+
+def test_search_under_a_float64_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        generation = search([4.0, -4.0], [], max_len=2)
+    finally:
+        torch.set_default_dtype(previous)
+    assert generation.hypotheses[0][0].tokens == []

@@ -74,7 +74,7 @@ def beam_search(
         logits, alpha, state = step(tokens, state, step_memory)
         vocab = logits.shape[-1]
         if logp_buffer is None:
-            logp_buffer = torch.empty(batch * k, vocab, device=device)
+            logp_buffer = torch.empty(batch * k, vocab, dtype=torch.float32, device=device)
         logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buffer[: len(logits)])
         logp[:, PAD_ID] = float("-inf")
         logp[:, BOS_ID] = float("-inf")
@@ -97,7 +97,8 @@ def beam_search(
 
         was_finished = finished.gather(1, parent)
         lengths = lengths.gather(1, parent) + (~was_finished).long()
-        finished = was_finished | (new_tokens == EOS_ID)
+        # a beam of score -inf (fewer live candidates than beams) is dead: it counts as ended
+        finished = was_finished | (new_tokens == EOS_ID) | scores.isneginf()
         history = torch.cat([history.index_select(0, rows), new_tokens.view(-1, 1)], dim=1)
         step_alpha = alpha.index_select(0, rows).unsqueeze(1)
         alpha_history = (
