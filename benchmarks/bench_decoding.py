@@ -39,7 +39,7 @@ from benchmarks.bench_decoder_train import NaiveShowAttendTell, baseline_from
 from benchmarks.common import sync, write_results
 from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
-from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
+from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput, Hypothesis
 
 IMAGES, IMAGES_PER_BATCH, GRID, CHANNELS, VOCAB, DIM, MAX_LEN = 256, 128, (8, 8), 2048, 5000, 512, 16
 BEAMS = (1, 3, 5)
@@ -124,15 +124,11 @@ def run(
     decoder = build(channels, vocab, dim, device)
     feats = torch.rand(images, grid[0] * grid[1], channels, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def decode(start: int, stop: int, beam: int, amp: torch.dtype | None = amp) -> list:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return decoder.generate(EncoderOutput(feats[start:stop], grid), beam_size=beam, max_len=max_len).best
+    def batched(beam: int, amp: torch.dtype | None = amp) -> list[Hypothesis]:
+        return decode_in_batches(decoder, feats, beam, per_batch, grid=grid, max_len=max_len, amp=amp)
 
-    def batched(beam: int, amp: torch.dtype | None = amp) -> list:
-        return [h for i in range(0, images, per_batch) for h in decode(i, min(i + per_batch, images), beam, amp)]
-
-    def one_at_a_time(beam: int, amp: torch.dtype | None = amp) -> list:
-        return [h for i in range(images) for h in decode(i, i + 1, beam, amp)]
+    def one_at_a_time(beam: int, amp: torch.dtype | None = amp) -> list[Hypothesis]:
+        return decode_in_batches(decoder, feats, beam, 1, grid=grid, max_len=max_len, amp=amp)
 
     usual = baseline_from(decoder).eval()
 
@@ -144,8 +140,7 @@ def run(
 
     rows = []
     for beam in beams:
-        for i in range(4):  # warm-up
-            decode(i, i + 1, beam)
+        decode_in_batches(decoder, feats[:4], beam, 1, grid=grid, max_len=max_len, amp=amp)  # warm-up
         sync(device)
         start = time.perf_counter()
         alone = one_at_a_time(beam)
@@ -192,11 +187,21 @@ def run(
             "timed": timed, "results": rows}
 
 
-def batched_pass(decoder: ShowAttendTellDecoder, feats: Tensor, beam: int) -> tuple[list, float]:
+def decode_in_batches(
+    decoder: ShowAttendTellDecoder, feats: Tensor, beam: int, per_batch: int, *, grid: tuple[int, int] = GRID,
+    max_len: int = MAX_LEN, amp: torch.dtype | None = None,
+) -> list[Hypothesis]:
+    """The best hypothesis of every image of feats (I, N, C), ``per_batch`` images per ``generate`` call (1: one
+    image at a time), under ``amp`` autocast when given."""
+    with torch.autocast(feats.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return [h for i in range(0, len(feats), per_batch) for h in
+                decoder.generate(EncoderOutput(feats[i : i + per_batch], grid), beam_size=beam, max_len=max_len).best]
+
+
+def batched_pass(decoder: ShowAttendTellDecoder, feats: Tensor, beam: int) -> tuple[list[Hypothesis], float]:
     """Batched decoding of every image, ``IMAGES_PER_BATCH`` per call: (best hypotheses, seconds)."""
     start = time.perf_counter()
-    best = [h for i in range(0, len(feats), IMAGES_PER_BATCH)
-            for h in decoder.generate(EncoderOutput(feats[i : i + IMAGES_PER_BATCH], GRID), beam_size=beam).best]
+    best = decode_in_batches(decoder, feats, beam, IMAGES_PER_BATCH)
     return best, time.perf_counter() - start
 
 

@@ -117,7 +117,7 @@ def beam_search(
         done = image_done.nonzero().squeeze(1)
         if len(done) == 0:
             continue
-        done_rows = (done.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+        done_rows = _beam_rows(done, k)
         ranked = _rank(
             scores[done], lengths[done], history[done_rows], alpha_history[done_rows], n_best, length_penalty
         )
@@ -127,13 +127,18 @@ def beam_search(
             break
         # Compaction: the finished images leave the batch, so that later steps compute only open ones.
         keep = (~image_done).nonzero().squeeze(1)
-        keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+        keep_rows = _beam_rows(keep, k)
         active, scores, finished, lengths = active[keep], scores[keep], finished[keep], lengths[keep]
         tokens, history, alpha_history = tokens[keep_rows], history[keep_rows], alpha_history[keep_rows]
         state = {name: value.index_select(0, keep_rows) for name, value in state.items()}
         step_memory = step_memory.index_select(keep if share_memory else keep_rows)
         batch = len(keep)
     return Generation(hypotheses=hypotheses, grid=memory.grid)
+
+
+def _beam_rows(images: Tensor, k: int) -> Tensor:
+    """Rows (D * K,) of the K hypotheses of each of the images (D,) in the (B * K, ...) tensors of a step."""
+    return (images.unsqueeze(1) * k + torch.arange(k, device=images.device)).view(-1)
 
 
 def _rank(
