@@ -45,6 +45,7 @@ def test_preprocessing_comes_from_the_timm_model():
 def test_frozen_encoder_has_no_gradients_and_stays_in_eval_mode():
     enc = TimmEncoder(model_name="test_efficientnet")
     assert enc.frozen
+    assert not enc.training and not enc.model.training  # from construction on
     enc.train()
     assert not enc.training and not enc.model.training
     out = enc(torch.randn(1, 3, 64, 64))

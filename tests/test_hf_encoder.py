@@ -90,6 +90,7 @@ def test_random_config_gets_imagenet_defaults_that_the_transforms_accept():
 def test_frozen_encoder_has_no_gradients_and_stays_in_eval_mode():
     enc = HFEncoder(config=tiny_vit())
     assert enc.frozen
+    assert not enc.training and not enc.model.training  # from construction on
     enc.train()
     assert not enc.training and not enc.model.training
     assert not enc(torch.randn(1, 3, 64, 64)).feats.requires_grad

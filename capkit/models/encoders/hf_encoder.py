@@ -99,6 +99,7 @@ class HFEncoder(nn.Module):
         self._patch_stride = _patch_stride(self.config)
         self._accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
         self._set_trainable(finetune, finetune_layers)
+        self.train()  # a frozen encoder starts in eval mode too, not only after the first train()
         if self.out_channels is None:  # neither hidden_size nor hidden_sizes: ask the model
             with torch.no_grad():
                 self.out_channels = int(self._features(self._probe_images()).shape[-1])

@@ -65,6 +65,7 @@ class TimmEncoder(nn.Module):
         self.data_config = timm.data.resolve_model_data_config(self.model)
         self.finetune = finetune
         self._set_trainable(finetune, finetune_stages)
+        self.train()  # a frozen encoder starts in eval mode too, not only after the first train()
 
     def _set_trainable(self, finetune: str, stages: int) -> None:
         self.model.requires_grad_(finetune == "all")
