@@ -4,10 +4,11 @@ One training step = forward + loss (cross-entropy + doubly stochastic regularise
 on a batch of 64 captions of 10 to 16 words over an 8x8x2048 grid (inception_v3's), vocabulary 5,000,
 embedding / hidden / attention size 512, ``show_attend_tell`` decoder with ``bahdanau`` attention.
 
-The baseline (``NaiveShowAttendTell`` below) is the straightforward implementation found in the widely used
-PyTorch tutorials (sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning style): its own LSTMCell / Linear layers,
+The baseline (``NaiveShowAttendTell`` below) is the straightforward implementation, in the style of the widely
+used PyTorch tutorials (sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning): its own LSTMCell / Linear layers,
 the encoder-side attention projection recomputed at every step, a Python loop over the full padded length
-with the whole batch at every step, and the context as an elementwise weighted sum. It computes the same
+with the whole batch at every step (that tutorial also sorts the batch by length and shrinks it as captions
+end; this baseline does not, capkit does), and the context as an elementwise weighted sum. It computes the same
 model as capkit's: the same weights are loaded into both (parameter by parameter) and both must give the
 same loss on the same batch (to 1e-5) before either is timed.
 

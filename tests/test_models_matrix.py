@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import capkit
+from capkit.models.decoders.base import CaptionDecoder
 from capkit.types import BOS_ID, EOS_ID, PAD_ID
 
 VOCAB = 7  # 4 specials + 3 words
@@ -109,7 +110,8 @@ def test_shapes_and_attention_sums(encoder, attention, decoder):
     n = 9
     assert out.logits.shape == (2, captions.shape[1] - 1, VOCAB)
     assert out.alphas.shape == (2, captions.shape[1] - 1, n)
-    assert torch.allclose(out.alphas.sum(-1), torch.ones(2, captions.shape[1] - 1), atol=1e-5)
+    running = captions[:, 1:] != PAD_ID  # (B, T): the targets up to each caption's <end>
+    assert torch.allclose(out.alphas.sum(-1)[running], torch.ones(int(running.sum())), atol=1e-5)
     assert (out.alphas >= 0).all()
     generation = model.generate(images=images(2), beam_size=2, max_len=4, n_best=2)
     assert generation.grid == (3, 3)
@@ -137,6 +139,28 @@ def test_gradients_reach_every_trainable_parameter(encoder, attention, decoder):
         if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)
     ]
     assert not missing
+
+
+@pytest.mark.parametrize("encoder,attention,decoder", COMBOS)
+def test_teacher_forcing_equals_stepping_the_whole_batch(encoder, attention, decoder):
+    """forward computes only the captions still running (sorted by length); step runs every row at every step."""
+    model = build(encoder, attention, decoder).eval()
+    captions = torch.tensor([sequence([4], 6), sequence([5, 6, 4, 5, 6], 6), sequence([6, 6, 3], 6)])  # all padded
+    x = images(3)
+    with torch.no_grad():
+        out = model(captions, images=x)
+        memory = model.decoder.prepare(model.encode(x))
+        state = model.decoder.init_state(memory)
+        expected_logits, expected_alphas = [], []
+        for t in range(captions.shape[1] - 1):
+            logits, alpha, state = model.decoder.step(captions[:, t], state, memory)
+            expected_logits.append(logits)
+            expected_alphas.append(alpha)
+    running = captions[:, 1:] != PAD_ID  # (B, T); what comes after <end> is the decoder's choice
+    assert torch.allclose(out.logits[running], torch.stack(expected_logits, 1)[running], atol=1e-5)
+    assert torch.allclose(out.alphas[running], torch.stack(expected_alphas, 1)[running], atol=1e-5)
+    if isinstance(model.decoder, CaptionDecoder):  # the recurrent decoders stop each caption at its <end>
+        assert (out.logits[~running] == 0).all() and (out.alphas[~running] == 0).all()
 
 
 @pytest.mark.parametrize("encoder,attention,decoder", COMBOS)

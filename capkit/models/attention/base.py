@@ -31,6 +31,11 @@ class AttentionMemory:
         keys = None if self.keys is None else self.keys.index_select(0, index)
         return AttentionMemory(self.values.index_select(0, index), keys, self.grid)
 
+    def head(self, rows: int) -> AttentionMemory:
+        """The first ``rows`` images (views, no copy)."""
+        keys = None if self.keys is None else self.keys[:rows]
+        return AttentionMemory(self.values[:rows], keys, self.grid)
+
 
 class Attention(nn.Module):
     """Base class: scores a decoder query against every grid position.

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from capkit.models.attention.base import Attention, AttentionMemory
 from capkit.models.beam_search import beam_search
@@ -24,7 +25,8 @@ class StepDecoder(nn.Module):
     - ``init_state(memory) -> dict[str, Tensor]``: the decoding state, every tensor batch-first (B, ...), so that
       beam search can reorder it with ``index_select``;
     - ``step(tokens (B,), state, memory) -> (logits (B, V), alpha (B, N), next state)``;
-    - ``forward(enc, captions (B, L)) -> DecoderOutput``: teacher forcing, consistent with ``step``;
+    - ``forward(enc, captions (B, L)) -> DecoderOutput``: teacher forcing, consistent with ``step`` at every target
+      up to each caption's ``<end>`` (what it returns at the pad targets after it is its own; losses mask them);
     - ``aux_losses(alphas, mask)``: auxiliary training losses (none by default).
 
     ``generate`` (batched beam search over ``step``) and ``sample`` (drawn captions, for self-critical
@@ -98,10 +100,11 @@ class CaptionDecoder(StepDecoder):
 
     A subclass implements ``init_state``, ``recur`` (the recurrence: attention and LSTM, one step) and
     ``output`` (state -> logits). ``step`` is ``output(recur(..))`` for one token, as beam search (``generate``)
-    calls it; teacher forcing (``forward``) embeds every input word at once, runs ``recur`` step by step and
-    ``output`` once over all steps (one large matrix product instead of one per step). Both run the same
-    layers on the same values, so they agree up to float rounding (the tests hold them to 1e-5). A subclass
-    may instead implement ``step`` alone; ``forward`` then loops over it.
+    calls it; teacher forcing (``forward``) embeds every input word at once, runs ``recur`` step by step on the
+    captions still running (sorted by length, as ``pack_padded_sequence`` orders them, so padding costs no
+    recurrent work) and ``output`` once over all their steps (one large matrix product instead of one per
+    step). Both run the same layers on the same values, so they agree up to float rounding (the tests hold
+    them to 1e-5). A subclass may instead implement ``step`` alone; ``forward`` then loops over it the same way.
 
     Args:
         attention: factory that builds the attention, called with ``query_dim`` and ``key_dim``.
@@ -168,24 +171,43 @@ class CaptionDecoder(StepDecoder):
         return self.output(emb, out), alpha, state
 
     def forward(self, enc: EncoderOutput, captions: Tensor) -> DecoderOutput:
-        """Teacher forcing. captions (B, L) = <start> w_1 .. w_n <end> <pad>..; predicts captions[:, 1:]."""
-        memory = self.prepare(enc)
-        state = self.init_state(memory)
-        inputs = captions[:, :-1]  # (B, T)
+        """Teacher forcing. captions (B, L) = <start> w_1 .. w_n <end> <pad>..; predicts captions[:, 1:].
+
+        The recurrence runs on the captions sorted by length, as ``pack_padded_sequence`` orders them: step t
+        computes only the captions still running (their <end> not yet predicted), not the whole batch. Logits and
+        alphas after a caption's <end> (at its pad targets) are zeros; losses mask them.
+        """
+        targets = captions[:, 1:]  # (B, T)
+        mask = targets != PAD_ID
+        batch, steps = mask.shape
+        # (B,) steps up to each caption's last target (at least one, which pack_padded_sequence needs)
+        lengths = (mask * torch.arange(1, steps + 1, device=mask.device)).amax(dim=1).clamp(min=1)
+        cells = torch.arange(batch * steps, device=mask.device).view(batch, steps)  # flat (b, t) positions
+        packed = pack_padded_sequence(cells, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        sizes = packed.batch_sizes.tolist()  # captions still running at each step
+        positions = packed.data  # (P,) flat (b, t) of each computed step, step-major, longest caption first
+        memory = self.prepare(EncoderOutput(enc.feats.index_select(0, packed.sorted_indices), enc.grid))
+        state = self.init_state(memory)  # rows in the packed order
+        step_alone = type(self).recur is CaptionDecoder.recur  # a subclass that implements step alone
+        tokens = captions[:, :-1].reshape(-1)[positions]  # (P,)
+        inputs = tokens if step_alone else self.embed(tokens)  # (P,) or (P, E): every input word at once
         outs, alphas = [], []
-        if type(self).recur is CaptionDecoder.recur:  # a subclass that implements step alone
-            for t in range(inputs.shape[1]):
-                step_logits, alpha, state = self.step(inputs[:, t], state, memory)
-                outs.append(step_logits)
-                alphas.append(alpha)
-            logits = torch.stack(outs, dim=1)
-        else:
-            emb = self.embed(inputs)  # (B, T, E): every input word at once
-            for t in range(inputs.shape[1]):
-                out, alpha, state = self.recur(emb[:, t], state, memory)
-                outs.append(out)
-                alphas.append(alpha)
-            logits = self.output(emb, torch.stack(outs, dim=1))  # (B, T, V): every step at once
-        alphas_t = torch.stack(alphas, dim=1)  # (B, T, N)
-        mask = captions[:, 1:] != PAD_ID  # (B, T)
+        for rows, inputs_t in zip(sizes, inputs.split(sizes)):
+            state = {name: value[:rows] for name, value in state.items()}  # the captions still running
+            if step_alone:
+                out, alpha, state = self.step(inputs_t, state, memory.head(rows))
+            else:
+                out, alpha, state = self.recur(inputs_t, state, memory.head(rows))
+            outs.append(out)
+            alphas.append(alpha)
+        outs_p = torch.cat(outs)  # (P, V) logits, or (P, D) for ``output``
+        logits_p = outs_p if step_alone else self.output(inputs, outs_p)  # every step at once
+        logits = self._unpack(logits_p, positions, batch, steps)  # (B, T, V)
+        alphas_t = self._unpack(torch.cat(alphas), positions, batch, steps)  # (B, T, N)
         return DecoderOutput(logits, alphas_t, self.aux_losses(alphas_t, mask))
+
+    @staticmethod
+    def _unpack(rows: Tensor, positions: Tensor, batch: int, steps: int) -> Tensor:
+        """Rows (P, D) computed at the flat (b, t) ``positions`` -> (B, T, D), zeros elsewhere."""
+        cells = rows.new_zeros(batch * steps, rows.shape[1])
+        return cells.index_copy_(0, positions, rows).view(batch, steps, -1)

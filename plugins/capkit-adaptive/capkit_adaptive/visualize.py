@@ -1,10 +1,10 @@
 """The sentinel share of every word, and an attention figure that shows it.
 
 ``AdaptiveAttention`` stores nothing on itself (a value kept from the last call would belong to whichever
-beam row ran last). The shares are recomputed instead: ``sentinel_shares`` runs the decoder by teacher
-forcing on given captions with a forward hook on the attention that calls ``forward_with_sentinel`` on the
-same inputs. For a generated caption this reproduces the step inputs of beam search exactly (the decoding
-tests check that teacher forcing and generation agree), so the shares line up with ``Hypothesis.alphas``.
+beam row ran last). The shares are recomputed instead: ``sentinel_shares`` steps the decoder through given
+captions (its ``step`` function, every row at every step, as beam search calls it) with a forward hook on the
+attention that calls ``forward_with_sentinel`` on the same inputs. For a generated caption this reproduces the
+step inputs of beam search exactly, so the shares line up with ``Hypothesis.alphas``.
 """
 from __future__ import annotations
 
@@ -43,9 +43,14 @@ def sentinel_shares(
     def record(module, args, output):  # args = (query, memory), as the decoder called it
         betas.append(module.forward_with_sentinel(*args)[2])
 
+    if (images is None) == (features is None):
+        raise ValueError("pass exactly one of images= or features=")
+    memory = model.decoder.prepare(model.encode(images) if features is None else features)
+    state = model.decoder.init_state(memory)
     handle = attention.register_forward_hook(record)
     try:
-        model(captions, images=images, features=features)
+        for t in range(captions.shape[1] - 1):
+            _, _, state = model.decoder.step(captions[:, t], state, memory)
     finally:
         handle.remove()
     return torch.stack(betas, dim=1)
