@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from capkit.models.attention.base import AttentionMemory
-from capkit.models.beam_search import beam_search
+import capkit.models.beam_search as beam_search_module
+from capkit.models.beam_search import _row_topk, beam_search
 from capkit.types import EOS_ID
 
 VOCAB = 6
@@ -89,3 +90,43 @@ def test_search_under_a_float64_default_dtype():
     finally:
         torch.set_default_dtype(previous)
     assert generation.hypotheses[0][0].tokens == []
+
+
+@pytest.mark.parametrize("cols", [1, 2, 64, 192, 193, 300, 640, 1000])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_row_topk_equals_topk(cols, k):
+    """Rows of 193+ columns take the chunked path at k = 3 (64-column runs, a last run of 1 at 193)."""
+    values = torch.randn(7, cols, generator=torch.Generator().manual_seed(cols))
+    values[0] = float("-inf")  # a row with no candidate at all
+    values[1, 1:] = float("-inf")  # a row with one candidate
+    top, columns = _row_topk(values, k)
+    m = min(k, cols)
+    assert top.shape == columns.shape == (7, k)
+    assert torch.equal(top[:, :m], values.topk(m, dim=1).values)  # the m largest, in descending order
+    finite = top.isfinite()
+    assert torch.equal(values.gather(1, columns)[finite], top[finite])  # and the columns that hold them
+    assert all(len(set(row[keep].tolist())) == int(keep.sum()) for row, keep in zip(columns, finite))  # distinct
+    assert (top[:, m:] == float("-inf")).all() and (columns[:, m:] == 0).all()  # padding past the row's width
+
+
+def test_chunked_and_plain_row_topk_give_the_same_search(monkeypatch):
+    """Beam search over 1,000 words: the CPU's chunked row top-k (_row_topk) and torch.topk agree."""
+    vocab = 1000
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)) * 3  # next-word logits per word
+
+    def step(tokens, state, memory):
+        return table[tokens] + memory.values[:, 0, :1].repeat_interleave(len(tokens) // memory.values.shape[0], 0), \
+            torch.ones(len(tokens), 1), state
+
+    def run():
+        memory = AttentionMemory(values=torch.randn(4, 1, 1, generator=torch.Generator().manual_seed(1)),
+                                 keys=None, grid=(1, 1))
+        return beam_search(step, {}, memory, beam_size=5, max_len=6, n_best=5, share_memory=True)
+
+    chunked = run()
+    monkeypatch.setattr(beam_search_module, "TOPK_CHUNK", vocab)  # every row is "short": plain topk
+    plain = run()
+    for a, b in zip(chunked.hypotheses, plain.hypotheses):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+        assert len(a) == 5

@@ -12,6 +12,9 @@ from capkit.types import BOS_ID, EOS_ID, PAD_ID, Generation, Hypothesis
 
 __all__ = ["beam_search", "StepFn"]
 
+# Columns per run of the CPU row-wise top-k (``_row_topk``)
+TOPK_CHUNK = 64
+
 # (previous tokens (B*K,), state, memory) -> (logits (B*K, V), alpha (B*K, N), new state)
 StepFn = Callable[[Tensor, dict[str, Tensor], AttentionMemory], tuple[Tensor, Tensor, dict[str, Tensor]]]
 
@@ -39,6 +42,9 @@ def beam_search(
     The first step runs once per image (all of an image's beams start from the same ``<start>``), and the
     beams of every image advance together after it: one ``step`` call of B * K rows per step. An image leaves
     the batch as soon as its K hypotheses have all ended, so that later steps compute only the open ones.
+    The (B * K, V) log-probabilities are never written out: log_softmax shifts each row by one constant, so a
+    hypothesis's K best words are those of its logits (``_row_topk``), and an image's K best continuations
+    are the K best of its K * K candidates.
 
     Args:
         step: the decoder's step function.
@@ -68,31 +74,33 @@ def beam_search(
     lengths = torch.zeros(batch, 1, dtype=torch.long, device=device)
     history = torch.empty(batch, 0, dtype=torch.long, device=device)  # (B*width, t)
     alpha_history: Tensor | None = None  # (B*width, t, N)
-    logp_buffer: Tensor | None = None  # (B*K, V), reused by every step: no fresh (B*K, V) tensors per step
+    scratch: Tensor | None = None  # (B*K, V) float32, reused by every step: no fresh (B*K, V) tensor per step
 
     for t in range(max_len + 1):
         logits, alpha, state = step(tokens, state, step_memory)
-        vocab = logits.shape[-1]
-        if logp_buffer is None:
-            logp_buffer = torch.empty(batch * k, vocab, dtype=torch.float32, device=device)
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buffer[: len(logits)])
-        logp[:, PAD_ID] = float("-inf")
-        logp[:, BOS_ID] = float("-inf")
+        logits = logits.float()  # (B*width, V)
+        if scratch is None:
+            scratch = torch.empty(batch * k, logits.shape[1], dtype=torch.float32, device=device)
+        norm = _log_normaliser(logits, scratch)  # (B*width, 1): log-probabilities = logits - norm
         if t == max_len:  # the last step: every hypothesis still open takes <end>
-            eos = logp[:, EOS_ID].clone()
-            logp.fill_(float("-inf"))
-            logp[:, EOS_ID] = eos
-        logp = logp.view(batch, width, vocab)
+            row_logp = logits.new_full((len(logits), k), float("-inf"))
+            row_logp[:, :1] = logits[:, EOS_ID : EOS_ID + 1] - norm
+            row_tokens = torch.full_like(row_logp, EOS_ID, dtype=torch.long)
+        else:  # each hypothesis's K best words; <pad> and <start> (ids 0 and 1) are never generated
+            row_logp, row_tokens = _row_topk(logits[:, BOS_ID + 1 :], k)
+            row_logp.sub_(norm)
+            row_tokens.add_(BOS_ID + 1)
         if any_finished:  # a finished hypothesis continues only with <pad>, at no cost
-            logp.masked_fill_(finished.unsqueeze(2), float("-inf"))
-            logp[:, :, PAD_ID].masked_fill_(finished, 0.0)
+            ended = finished.view(-1, 1)
+            row_logp.masked_fill_(ended, float("-inf"))
+            row_logp[:, 0].masked_fill_(ended[:, 0], 0.0)
+            row_tokens[:, 0].masked_fill_(ended[:, 0], PAD_ID)
 
-        candidates = logp.add_(scores.unsqueeze(2)).view(batch, width * vocab)
-        if width * vocab < k:  # fewer candidates than beams (a tiny vocabulary): the rest start dead
-            candidates = F.pad(candidates, (0, k - width * vocab), value=float("-inf"))
+        # the K best of the image's width * K candidates are its K best continuations over the whole vocabulary
+        candidates = (row_logp.view(batch, width, k) + scores.unsqueeze(2)).view(batch, width * k)
         scores, flat_index = candidates.topk(k, dim=1)  # (B, K)
-        parent = (flat_index // vocab).clamp(max=width - 1)  # (B, K)
-        new_tokens = flat_index % vocab
+        parent = flat_index // k  # (B, K)
+        new_tokens = row_tokens.view(batch, width * k).gather(1, flat_index)
         rows = (torch.arange(batch, device=device).unsqueeze(1) * width + parent).view(-1)  # rows of this step
 
         was_finished = finished.gather(1, parent)
@@ -134,6 +142,41 @@ def beam_search(
         step_memory = step_memory.index_select(keep if share_memory else keep_rows)
         batch = len(keep)
     return Generation(hypotheses=hypotheses, grid=memory.grid)
+
+
+def _log_normaliser(logits: Tensor, scratch: Tensor) -> Tensor:
+    """log sum_v exp(logits[r, v]) (R, 1) for logits (R, V), the exponentials written into scratch (>= R, V)."""
+    peak = logits.amax(dim=1, keepdim=True)
+    exps = torch.sub(logits, peak, out=scratch[: len(logits)]).exp_()
+    return exps.sum(dim=1, keepdim=True).log_().add_(peak)
+
+
+def _row_topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest values (R, k) of each row of values (R, C), in descending order, and their columns (R, k);
+    -inf (at column 0) where a row has fewer than k columns.
+
+    ``values.topk(k)`` up to the order of ties. On the CPU, where ``topk`` reads a long row slowly, the
+    maximum of each run of ``TOPK_CHUNK`` columns comes first (a vectorised ``amax``); the k largest values lie
+    in the k runs of highest maximum, and ``topk`` reads only those.
+    """
+    rows, cols = values.shape
+    m = min(k, cols)
+    if values.device.type != "cpu" or cols <= TOPK_CHUNK * m:
+        top, columns = values.topk(m, dim=1)
+    else:
+        whole = cols // TOPK_CHUNK * TOPK_CHUNK
+        maxima = values[:, :whole].view(rows, -1, TOPK_CHUNK).amax(dim=2)  # (R, C // TOPK_CHUNK)
+        if whole < cols:  # the last, shorter run
+            maxima = torch.cat([maxima, values[:, whole:].amax(dim=1, keepdim=True)], dim=1)
+        runs = maxima.topk(m, dim=1).indices  # (R, m)
+        candidates = (runs.unsqueeze(2) * TOPK_CHUNK + torch.arange(TOPK_CHUNK)).view(rows, -1)  # (R, m * chunk)
+        picked = values.gather(1, candidates.clamp(max=cols - 1)).masked_fill_(candidates >= cols, float("-inf"))
+        top, at = picked.topk(m, dim=1)
+        columns = candidates.gather(1, at)
+    if m < k:
+        top = F.pad(top, (0, k - m), value=float("-inf"))
+        columns = F.pad(columns, (0, k - m))
+    return top, columns
 
 
 def _beam_rows(images: Tensor, k: int) -> Tensor:
