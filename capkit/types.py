@@ -56,7 +56,9 @@ class DecoderOutput:
 
     Attributes:
         logits: (B, T, V) next-token logits.
-        alphas: (B, T, N) attention weights over the grid at every step (each row sums to 1).
+        alphas: (B, T, N) attention weights over the grid at every step (each row sums to 1 up to the caption's
+            ``<end>``; after it, at the pad targets, the values are the decoder's own: zeros for the recurrent
+            decoders, which stop each caption there).
         aux_losses: named scalar auxiliary losses (unweighted), e.g. ``doubly_stochastic``.
     """
 

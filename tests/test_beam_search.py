@@ -99,10 +99,12 @@ def test_row_topk_equals_topk(cols, k):
     values = torch.randn(7, cols, generator=torch.Generator().manual_seed(cols))
     values[0] = float("-inf")  # a row with no candidate at all
     values[1, 1:] = float("-inf")  # a row with one candidate
+    values[2, :-1] = float("-inf")  # one candidate, in the last (shorter) run
     top, columns = _row_topk(values, k)
     m = min(k, cols)
     assert top.shape == columns.shape == (7, k)
     assert torch.equal(top[:, :m], values.topk(m, dim=1).values)  # the m largest, in descending order
+    assert ((columns >= 0) & (columns < cols)).all()  # dead candidates too: beam search feeds them to the model
     finite = top.isfinite()
     assert torch.equal(values.gather(1, columns)[finite], top[finite])  # and the columns that hold them
     assert all(len(set(row[keep].tolist())) == int(keep.sum()) for row, keep in zip(columns, finite))  # distinct

@@ -79,6 +79,15 @@ def test_feature_map_models_are_flattened():
     assert out.grid == (8, 8) and out.feats.shape == (1, 64, 16) and enc.out_channels == 16
 
 
+def test_channels_probed_in_eval_mode_for_a_config_without_hidden_sizes():
+    """MobileNetV2's config names no width: the channels come from a probe, which updates no batch-norm statistics."""
+    enc = HFEncoder(config={"model_type": "mobilenet_v2", "image_size": 64, "depth_multiplier": 0.35},
+                    finetune="all")
+    norms = [m for m in enc.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 0 for m in norms)
+    assert enc.training and enc.out_channels == enc(torch.randn(1, 3, 64, 64)).feats.shape[-1] == 1280
+
+
 def test_random_config_gets_imagenet_defaults_that_the_transforms_accept():
     enc = HFEncoder(config=tiny_vit(image_size=48))
     assert enc.data_config["input_size"] == (3, 48, 48)

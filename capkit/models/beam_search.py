@@ -74,7 +74,7 @@ def beam_search(
     lengths = torch.zeros(batch, 1, dtype=torch.long, device=device)
     history = torch.empty(batch, 0, dtype=torch.long, device=device)  # (B*width, t)
     alpha_history: Tensor | None = None  # (B*width, t, N)
-    scratch: Tensor | None = None  # (B*K, V) float32, reused by every step: no fresh (B*K, V) tensor per step
+    scratch: Tensor | None = None  # (B*K, V) float32 for the normaliser's exponentials, reused by every step
 
     for t in range(max_len + 1):
         logits, alpha, state = step(tokens, state, step_memory)
@@ -152,8 +152,8 @@ def _log_normaliser(logits: Tensor, scratch: Tensor) -> Tensor:
 
 
 def _row_topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest values (R, k) of each row of values (R, C), in descending order, and their columns (R, k);
-    -inf (at column 0) where a row has fewer than k columns.
+    """The k largest values (R, k) of each row of values (R, C), in descending order, and their columns (R, k),
+    each a valid column; -inf (at column 0) where a row has fewer than k columns.
 
     ``values.topk(k)`` up to the order of ties. On the CPU, where ``topk`` reads a long row slowly, the
     maximum of each run of ``TOPK_CHUNK`` columns comes first (a vectorised ``amax``); the k largest values lie
@@ -170,8 +170,9 @@ def _row_topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
             maxima = torch.cat([maxima, values[:, whole:].amax(dim=1, keepdim=True)], dim=1)
         runs = maxima.topk(m, dim=1).indices  # (R, m)
         candidates = (runs.unsqueeze(2) * TOPK_CHUNK + torch.arange(TOPK_CHUNK)).view(rows, -1)  # (R, m * chunk)
-        picked = values.gather(1, candidates.clamp(max=cols - 1)).masked_fill_(candidates >= cols, float("-inf"))
-        top, at = picked.topk(m, dim=1)
+        past_end = candidates >= cols  # the last run's positions past the row: -inf at the last column
+        candidates.clamp_(max=cols - 1)
+        top, at = values.gather(1, candidates).masked_fill_(past_end, float("-inf")).topk(m, dim=1)
         columns = candidates.gather(1, at)
     if m < k:
         top = F.pad(top, (0, k - m), value=float("-inf"))

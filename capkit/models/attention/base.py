@@ -9,7 +9,7 @@ from torch import Tensor, nn
 __all__ = ["Attention", "AttentionMemory", "additive_scores", "beam_groups", "weighted_context"]
 
 # Elements of the (rows, K, N, A) hidden layer of an additive score computed at a time on the CPU: 4 MiB in fp32,
-# split between the threads, so that each core's share stays in its L2 cache (2 MiB on the benchmark VM).
+# split between the threads (on the 2-core benchmark VM, each core's half fits its 2 MiB L2 cache).
 ADDITIVE_CHUNK_ELEMENTS = 1 << 20
 
 

@@ -208,6 +208,7 @@ class CaptionDecoder(StepDecoder):
 
     @staticmethod
     def _unpack(rows: Tensor, positions: Tensor, batch: int, steps: int) -> Tensor:
-        """Rows (P, D) computed at the flat (b, t) ``positions`` -> (B, T, D), zeros elsewhere."""
+        """Rows (P, D) computed at the flat (b, t) ``positions`` -> (B, T, D), zeros elsewhere: one write, where
+        ``pad_packed_sequence`` pads then copies again to restore the batch order."""
         cells = rows.new_zeros(batch * steps, rows.shape[1])
         return cells.index_copy_(0, positions, rows).view(batch, steps, -1)

@@ -98,11 +98,12 @@ class HFEncoder(nn.Module):
         self.finetune = finetune
         self._patch_stride = _patch_stride(self.config)
         self._accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self.model.eval()  # the probes below must not update batch-norm statistics or draw dropout masks
         self._set_trainable(finetune, finetune_layers)
-        self.train()  # a frozen encoder starts in eval mode too, not only after the first train()
         if self.out_channels is None:  # neither hidden_size nor hidden_sizes: ask the model
             with torch.no_grad():
-                self.out_channels = int(self._features(self._probe_images()).shape[-1])
+                self.out_channels = int(self(self._probe_images()).feats.shape[-1])  # (B, N, C)
+        self.train()  # a frozen encoder starts in eval mode too, not only after the first train()
 
     # ------------------------------------------------------------------------------------------ training
     def _set_trainable(self, finetune: str, layers: int) -> None:
