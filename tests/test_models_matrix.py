@@ -243,3 +243,14 @@ def test_doubly_stochastic_regulariser_known_answer():
 def test_an_unsupported_attention_is_a_clear_builder_error(decoder):
     with pytest.raises(ValueError, match=f"decoder '{decoder}' does not take attention 'bahdanau'"):
         build("timm", {"name": "bahdanau", "attn_dim": 8}, decoder)
+
+
+def test_image_features_needs_exactly_one_of_images_and_features():
+    model = build("timm", {"name": "bahdanau", "attn_dim": 8}, "show_attend_tell").eval()
+    x = images(1)
+    features = model.encode(x)
+    assert model.image_features(features=features) is features
+    assert torch.equal(model.image_features(x).feats, features.feats)
+    for kwargs in ({}, {"images": x, "features": features}):
+        with pytest.raises(ValueError, match="pass exactly one of images= or features="):
+            model.image_features(**kwargs)

@@ -25,7 +25,8 @@ class Captioner(nn.Module):
     def encode(self, images: Tensor) -> EncoderOutput:
         return self.encoder(images)
 
-    def _features(self, images: Tensor | None, features: EncoderOutput | None) -> EncoderOutput:
+    def image_features(self, images: Tensor | None = None, features: EncoderOutput | None = None) -> EncoderOutput:
+        """The encoder's output for ``images``, or ``features`` as given (precomputed); pass exactly one."""
         if (images is None) == (features is None):
             raise ValueError("pass exactly one of images= or features=")
         return self.encode(images) if features is None else features
@@ -48,8 +49,8 @@ class Captioner(nn.Module):
         if (captions is None) == (num_samples == 0):
             raise ValueError("pass captions= (teacher forcing) or num_samples= (sampling), not both or neither")
         if captions is None:
-            return self.decoder.sample(self._features(images, features), num_samples=num_samples, max_len=max_len)
-        return self.decoder(self._features(images, features), captions)
+            return self.decoder.sample(self.image_features(images, features), num_samples=num_samples, max_len=max_len)
+        return self.decoder(self.image_features(images, features), captions)
 
     def log_prob(
         self, captions: Tensor, images: Tensor | None = None, features: EncoderOutput | None = None
@@ -73,7 +74,7 @@ class Captioner(nn.Module):
     ) -> Generation:
         """Batched beam search; call ``eval()`` first (dropout stays as the module's mode says)."""
         return self.decoder.generate(
-            self._features(images, features),
+            self.image_features(images, features),
             beam_size=beam_size,
             max_len=max_len,
             length_penalty=length_penalty,

@@ -43,9 +43,7 @@ def sentinel_shares(
     def record(module, args, output):  # args = (query, memory), as the decoder called it
         betas.append(module.forward_with_sentinel(*args)[2])
 
-    if (images is None) == (features is None):
-        raise ValueError("pass exactly one of images= or features=")
-    memory = model.decoder.prepare(model.encode(images) if features is None else features)
+    memory = model.decoder.prepare(model.image_features(images, features))
     state = model.decoder.init_state(memory)
     handle = attention.register_forward_hook(record)
     try:
