@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from capkit.models.attention.base import Attention, AttentionMemory
-from capkit.models.beam_search import beam_search
+from capkit.models.beam_search import StepFn, beam_search
+from capkit.models.decoders.word_lstm import WordGates, WordLSTMCell
 from capkit.models.sampling import sample_captions
 from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation, SampledCaptions
 
@@ -65,7 +67,7 @@ class StepDecoder(nn.Module):
         """Batched beam search (see ``capkit.models.beam_search.beam_search``)."""
         memory = self.prepare(enc)
         return beam_search(
-            self.step,
+            self.decoding_step(),
             self.init_state(memory),
             memory,
             beam_size=beam_size,
@@ -90,6 +92,11 @@ class StepDecoder(nn.Module):
             generator=generator,
         )
 
+    def decoding_step(self) -> StepFn:
+        """The step function of one decoding call (no autograd, weights fixed): ``step`` itself here; a decoder
+        may bind it to caches that live for the call."""
+        return self.step
+
     def _share_memory(self) -> bool:
         """Whether several hypotheses of an image may read one memory row (see ``Attention``)."""
         return self.beams_share_memory and getattr(self.attention, "supports_shared_memory", False)
@@ -105,6 +112,10 @@ class CaptionDecoder(StepDecoder):
     recurrent work) and ``output`` once over all their steps (one large matrix product instead of one per
     step). Both run the same layers on the same values, so they agree up to float rounding (the tests hold
     them to 1e-5). A subclass may instead implement ``step`` alone; ``forward`` then loops over it the same way.
+
+    A subclass whose LSTM is a ``WordLSTMCell`` named ``lstm`` decodes with ``WordGates``: the embedding's share
+    of the gates computed once per word and call; ``recur`` then receives the rows as ``word_gates`` (B, 4H),
+    to pass to the cell.
 
     Args:
         attention: factory that builds the attention, called with ``query_dim`` and ``key_dim``.
@@ -152,10 +163,11 @@ class CaptionDecoder(StepDecoder):
         return {"h": self.init_h(mean).tanh(), "c": self.init_c(mean).tanh()}
 
     def recur(
-        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory, word_gates: Tensor | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One step of the recurrence: previous word's embedding emb (B, E) -> what ``output`` reads (B, D),
-        alpha (B, N), next state."""
+        alpha (B, N), next state. ``word_gates`` (B, 4H): the embedding's share of a ``WordLSTMCell``'s gates,
+        given while decoding (see the class)."""
         raise NotImplementedError
 
     def output(self, emb: Tensor, out: Tensor) -> Tensor:
@@ -163,12 +175,22 @@ class CaptionDecoder(StepDecoder):
         raise NotImplementedError
 
     def step(
-        self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+        self, tokens: Tensor, state: dict[str, Tensor], memory: AttentionMemory, word_gates: WordGates | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """tokens (B,) -> logits (B, V), alpha (B, N), next state."""
+        """tokens (B,) -> logits (B, V), alpha (B, N), next state; ``word_gates``: see the class."""
         emb = self.embed(tokens)  # (B, E)
-        out, alpha, state = self.recur(emb, state, memory)
+        if word_gates is None:
+            out, alpha, state = self.recur(emb, state, memory)
+        else:
+            out, alpha, state = self.recur(emb, state, memory, word_gates=word_gates(tokens))
         return self.output(emb, out), alpha, state
+
+    def decoding_step(self) -> StepFn:
+        """``step`` bound to a ``WordGates`` for the call when the LSTM is a ``WordLSTMCell`` named ``lstm``."""
+        cell = getattr(self, "lstm", None)
+        if not isinstance(cell, WordLSTMCell) or type(self).recur is CaptionDecoder.recur:
+            return self.step
+        return partial(self.step, word_gates=WordGates(self.embed, cell))
 
     def forward(self, enc: EncoderOutput, captions: Tensor) -> DecoderOutput:
         """Teacher forcing. captions (B, L) = <start> w_1 .. w_n <end> <pad>..; predicts captions[:, 1:].

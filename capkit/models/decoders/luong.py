@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from capkit.models.attention.base import AttentionMemory
 from capkit.models.decoders.base import AttentionFactory, CaptionDecoder
+from capkit.models.decoders.word_lstm import WordLSTMCell
 from capkit.registry import DECODERS
 
 __all__ = ["LuongDecoder"]
@@ -42,7 +43,7 @@ class LuongDecoder(CaptionDecoder):
         super().__init__(
             attention, encoder_dim, vocab_size, embed_dim, hidden_dim, dropout, feature_dim, query_dim=hidden_dim
         )
-        self.lstm = nn.LSTMCell(embed_dim + hidden_dim, hidden_dim)
+        self.lstm = WordLSTMCell(embed_dim, hidden_dim, hidden_dim)
         self.combine = nn.Linear(self.feature_dim + hidden_dim, hidden_dim, bias=False)  # W_c
         self.out = nn.Linear(hidden_dim, vocab_size)  # W_s
 
@@ -52,9 +53,9 @@ class LuongDecoder(CaptionDecoder):
         return state
 
     def recur(
-        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory, word_gates: Tensor | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        h, c = self.lstm(torch.cat([emb, state["h_tilde"]], dim=1), (state["h"], state["c"]))
+        h, c = self.lstm(emb, state["h_tilde"], (state["h"], state["c"]), word_gates)
         context, alpha = self.attention(h, memory)  # (B, C), (B, N)
         h_tilde = self.combine(torch.cat([context, h], dim=1)).tanh()  # (B, H)
         return h_tilde, alpha, {"h": h, "c": c, "h_tilde": h_tilde}

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from capkit.models.attention.base import AttentionMemory
 from capkit.models.decoders.base import AttentionFactory, CaptionDecoder
+from capkit.models.decoders.word_lstm import WordLSTMCell
 from capkit.registry import DECODERS
 
 __all__ = ["ShowAttendTellDecoder"]
@@ -46,18 +47,18 @@ class ShowAttendTellDecoder(CaptionDecoder):
             attention, encoder_dim, vocab_size, embed_dim, hidden_dim, dropout, feature_dim, query_dim=hidden_dim
         )
         self.f_beta = nn.Linear(hidden_dim, 1)
-        self.lstm = nn.LSTMCell(embed_dim + self.feature_dim, hidden_dim)
+        self.lstm = WordLSTMCell(embed_dim, self.feature_dim, hidden_dim)
         self.out_hidden = nn.Linear(hidden_dim, embed_dim)  # L_h
         self.out_context = nn.Linear(self.feature_dim, embed_dim, bias=False)  # L_z
         self.out = nn.Linear(embed_dim, vocab_size)  # L_o
 
     def recur(
-        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory
+        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory, word_gates: Tensor | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         h, c = state["h"], state["c"]  # (B, H)
         context, alpha = self.attention(h, memory)  # (B, C), (B, N)
         context = torch.sigmoid(self.f_beta(h)) * context
-        h, c = self.lstm(torch.cat([emb, context], dim=1), (h, c))
+        h, c = self.lstm(emb, context, (h, c), word_gates)
         return torch.cat([h, context], dim=1), alpha, {"h": h, "c": c}  # (B, H + C) for the deep output
 
     def output(self, emb: Tensor, out: Tensor) -> Tensor:
