@@ -7,8 +7,8 @@ layer scaled x5 so the word distributions are peaked like a trained model's), at
 
 - **one image at a time**: ``model.generate`` called per image (what the widely used implementations do:
   a beam of K hypotheses for one image per step);
-- **batched**: ``model.generate`` on batches of ``IMAGES_PER_BATCH`` images, the evaluator's default
-  ``eval.batch_size`` (every image's beams in one tensor per step);
+- **batched**: ``model.generate`` on all 256 images in one call (every image's beams in one tensor per step),
+  and on batches of ``EVAL_BATCH`` images, the evaluator's default ``eval.batch_size``;
 - **usual implementation**: the beam search of the widely used tutorials (sgrvinod's ``caption.py`` style,
   ``usual_beam_search`` below) on the same weights (``NaiveShowAttendTell`` of the training benchmark): one
   image at a time, its features copied to every hypothesis, the encoder-side attention projection recomputed
@@ -18,11 +18,11 @@ layer scaled x5 so the word distributions are peaked like a trained model's), at
 All must return identical captions (asserted, in fp32; under CUDA autocast the share of identical captions
 in the timed bf16 runs is recorded too) before the timings are reported. Both run the same
 arithmetic, so the gain is what large matrix products gain over small ones on the machine; the table's
-"GEMM ceiling" measures that for the LSTM's largest product (beam rows vs IMAGES_PER_BATCH x beam rows). One-image-at-a-time is timed
-once over all 256 images; batched and usual are each the median of ``TIMED`` passes after a warm-up, a usual pass
-right after each batched one (the machine's load changes over a minute). On CUDA (when
-available) both are timed under bf16 autocast. Prints a table and writes ``benchmarks/results/bench_decoding.json``.
-Run: ``python -m benchmarks`` (or ``make bench``).
+"GEMM ceiling" measures that for the LSTM's largest product (beam rows vs 256 x beam rows). One-image-at-a-time
+is timed once over all 256 images; the batched sizes and usual are each the median of ``TIMED`` passes after a
+warm-up, interleaved (each batched size, then a usual pass: the machine's load changes over a minute). On CUDA
+(when available) all are timed under bf16 autocast. Prints a table and writes
+``benchmarks/results/bench_decoding.json``. Run: ``python -m benchmarks`` (or ``make bench``).
 """
 from __future__ import annotations
 
@@ -37,11 +37,17 @@ from torch import Tensor
 
 from benchmarks.bench_decoder_train import NaiveShowAttendTell, baseline_from
 from benchmarks.common import sync, write_results
+from capkit.config import EvalConfig
 from capkit.models.attention.bahdanau import BahdanauAttention
+from capkit.models.beam_search import StepFn
+from capkit.models.decoders.base import CaptionDecoder
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
+from capkit.models.decoders.word_lstm import WordGates
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput, Hypothesis
 
-IMAGES, IMAGES_PER_BATCH, GRID, CHANNELS, VOCAB, DIM, MAX_LEN = 256, 128, (8, 8), 2048, 5000, 512, 16
+IMAGES, GRID, CHANNELS, VOCAB, DIM, MAX_LEN = 256, (8, 8), 2048, 5000, 512, 16
+EVAL_BATCH = EvalConfig().batch_size  # images per generate call in the evaluator, by default
+PER_CALL = (IMAGES, EVAL_BATCH)  # batched sizes timed; the first is the table's "batched"
 BEAMS = (1, 3, 5)
 TIMED = 5
 USUAL_IMAGES = 16  # images the usual implementation decodes (it recomputes the attention projection per step)
@@ -115,20 +121,17 @@ def gemm_ceiling(
 
 
 def run(
-    images: int = IMAGES, per_batch: int = IMAGES_PER_BATCH, grid: tuple[int, int] = GRID, channels: int = CHANNELS,
-    vocab: int = VOCAB, dim: int = DIM, max_len: int = MAX_LEN, beams: tuple[int, ...] = BEAMS, timed: int = TIMED,
-    device: torch.device | None = None,
+    images: int = IMAGES, per_call: tuple[int, ...] = PER_CALL, grid: tuple[int, int] = GRID,
+    channels: int = CHANNELS, vocab: int = VOCAB, dim: int = DIM, max_len: int = MAX_LEN,
+    beams: tuple[int, ...] = BEAMS, timed: int = TIMED, device: torch.device | None = None,
 ) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.bfloat16 if device.type == "cuda" else None
     decoder = build(channels, vocab, dim, device)
     feats = torch.rand(images, grid[0] * grid[1], channels, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def batched(beam: int, amp: torch.dtype | None = amp) -> list[Hypothesis]:
+    def decode(beam: int, per_batch: int, amp: torch.dtype | None = amp) -> list[Hypothesis]:
         return decode_in_batches(decoder, feats, beam, per_batch, grid=grid, max_len=max_len, amp=amp)
-
-    def one_at_a_time(beam: int, amp: torch.dtype | None = amp) -> list[Hypothesis]:
-        return decode_in_batches(decoder, feats, beam, 1, grid=grid, max_len=max_len, amp=amp)
 
     usual = baseline_from(decoder).eval()
 
@@ -138,51 +141,58 @@ def run(
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             return [usual_beam_search(usual, feats[i], beam, max_len) for i in range(images)]
 
+    def timed_call(fn, *args):
+        sync(device)
+        start = time.perf_counter()
+        out = fn(*args)
+        sync(device)
+        return out, time.perf_counter() - start
+
     rows = []
     for beam in beams:
         decode_in_batches(decoder, feats[:4], beam, 1, grid=grid, max_len=max_len, amp=amp)  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        alone = one_at_a_time(beam)
-        sync(device)
-        alone_s = time.perf_counter() - start
+        alone, alone_s = timed_call(decode, beam, 1)
         usual_images(beam, images=1)  # warm-up
-        times, usual_times, together = [], [], None
-        for i in range(1 + timed):  # batched and usual passes interleaved, so that both see the same machine
-            sync(device)
-            start = time.perf_counter()
-            together = batched(beam)
-            sync(device)
+        times: dict[int, list[float]] = {size: [] for size in per_call}
+        usual_times, together = [], {}
+        for i in range(1 + timed):  # batched and usual passes interleaved, so that all see the same machine
+            for size in per_call:
+                together[size], seconds = timed_call(decode, beam, size)
+                if i:
+                    times[size].append(seconds)
             if i:
-                times.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                usual_out = usual_images(beam)
-                sync(device)
-                usual_times.append(time.perf_counter() - start)
-        timed_same = sum(a.tokens == b.tokens for a, b in zip(alone, together)) / images
+                usual_out, seconds = timed_call(usual_images, beam)
+                usual_times.append(seconds)
+        timed_same = {size: sum(a.tokens == b.tokens for a, b in zip(alone, out)) / images
+                      for size, out in together.items()}
         if amp is not None:  # bf16 products of different row counts round differently: the check runs in fp32
-            alone, together = one_at_a_time(beam, None), batched(beam, None)
+            alone = decode(beam, 1, None)
+            together = {size: decode(beam, size, None) for size in per_call}
             usual_out = usual_images(beam, None)
-        mismatched = [i for i, (a, b) in enumerate(zip(alone, together)) if a.tokens != b.tokens]
-        assert not mismatched, f"beam {beam}: captions differ for images {mismatched[:10]}"
-        worst = max(abs(a.score - b.score) for a, b in zip(alone, together))
-        usual_s = statistics.median(usual_times)
+        worst = 0.0
+        for size, out in together.items():
+            mismatched = [i for i, (a, b) in enumerate(zip(alone, out)) if a.tokens != b.tokens]
+            assert not mismatched, f"beam {beam}, {size} per call: captions differ for images {mismatched[:10]}"
+            worst = max(worst, *(abs(a.score - b.score) for a, b in zip(alone, out)))
         differ = [i for i, (tokens, _) in enumerate(usual_out) if tokens != alone[i].tokens]
         assert not differ, f"beam {beam}: the usual implementation's captions differ for images {differ}"
         worst = max(worst, *(abs(score - alone[i].score) for i, (_, score) in enumerate(usual_out)))
-        batched_s = statistics.median(times)
-        ceiling = gemm_ceiling(beam, per_batch * beam, channels + dim, 4 * dim, device)
+        usual_s = statistics.median(usual_times)
+        usual_img_s = USUAL_IMAGES / usual_s
+        sizes = [{
+            "images_per_call": size, "s": statistics.median(times[size]), "all_s": times[size],
+            "img_s": images / statistics.median(times[size]),
+            "speedup_vs_usual": images / statistics.median(times[size]) / usual_img_s,
+            "speedup_vs_one_at_a_time": alone_s / statistics.median(times[size]),
+            "same_captions_timed": timed_same[size],
+        } for size in per_call]
         rows.append({
-            "beam": beam, "gemm_ceiling": ceiling, "one_at_a_time_s": alone_s, "batched_s": batched_s,
-            "batched_all_s": times,
-            "one_at_a_time_img_s": images / alone_s, "batched_img_s": images / batched_s,
-            "speedup": alone_s / batched_s, "max_score_diff": worst,
-            "usual_images": USUAL_IMAGES, "usual_s": usual_s, "usual_all_s": usual_times,
-            "usual_img_s": USUAL_IMAGES / usual_s,
-            "speedup_vs_usual": (images / batched_s) / (USUAL_IMAGES / usual_s), "same_captions_timed": timed_same,
-            "mean_words": statistics.mean(len(h.tokens) for h in together),
+            "beam": beam, "gemm_ceiling": gemm_ceiling(beam, per_call[0] * beam, channels + dim, 4 * dim, device),
+            "one_at_a_time_s": alone_s, "one_at_a_time_img_s": images / alone_s, "batched": sizes,
+            "max_score_diff": worst, "usual_images": USUAL_IMAGES, "usual_s": usual_s, "usual_all_s": usual_times,
+            "usual_img_s": usual_img_s, "mean_words": statistics.mean(len(h.tokens) for h in together[per_call[0]]),
         })
-    return {"device": device.type, "amp": str(amp) if amp else "fp32", "images": images, "images_per_batch": per_batch,
+    return {"device": device.type, "amp": str(amp) if amp else "fp32", "images": images, "per_call": list(per_call),
             "grid": list(grid), "channels": channels, "vocab": vocab, "dim": dim, "max_len": max_len,
             "timed": timed, "results": rows}
 
@@ -199,9 +209,9 @@ def decode_in_batches(
 
 
 def batched_pass(decoder: ShowAttendTellDecoder, feats: Tensor, beam: int) -> tuple[list[Hypothesis], float]:
-    """Batched decoding of every image, ``IMAGES_PER_BATCH`` per call: (best hypotheses, seconds)."""
+    """Batched decoding of every image in one call: (best hypotheses, seconds)."""
     start = time.perf_counter()
-    best = decode_in_batches(decoder, feats, beam, IMAGES_PER_BATCH)
+    best = decode_in_batches(decoder, feats, beam, IMAGES)
     return best, time.perf_counter() - start
 
 
@@ -231,6 +241,45 @@ def compare_compiled(beam: int = 3, timed: int = TIMED) -> dict:
     return {"beam": beam, "eager_s": eager_s, "compiled_s": compiled_s}
 
 
+def compare_word_gates(beam: int = 3, passes: int = 7) -> dict:
+    """Batched decoding with each word's share of the LSTM gates computed once per call (``WordGates``, what
+    ``generate`` does) against the plain step, at 256 and at ``EVAL_BATCH`` images per call: the median of
+    ``passes`` interleaved passes after a warm-up, same captions asserted, and the distinct words whose gates a
+    call computed. ``python -m benchmarks.bench_decoding --word-gates``."""
+    decoder, feats = cpu_setup()
+    calls: list[WordGates] = []  # of the calls of EVAL_BATCH images
+
+    def with_gates() -> StepFn:  # CaptionDecoder.decoding_step, recording the WordGates of each call
+        step = CaptionDecoder.decoding_step(decoder)
+        if size == EVAL_BATCH:
+            calls.append(step.keywords["word_gates"])
+        return step
+
+    variants = {"plain step": lambda: decoder.step, "word gates": with_gates}
+    times: dict[tuple[int, str], list[float]] = {}
+    best: dict[str, list[Hypothesis]] = {}
+    for i in range(1 + passes):
+        for size in PER_CALL:
+            for name, decoding_step in variants.items():
+                decoder.decoding_step = decoding_step
+                start = time.perf_counter()
+                best[name] = decode_in_batches(decoder, feats, beam, size)
+                if i:
+                    times.setdefault((size, name), []).append(time.perf_counter() - start)
+    del decoder.decoding_step
+    assert all(a.tokens == b.tokens for a, b in zip(*best.values())), "captions differ"
+    tokens_fed = (1 + MAX_LEN * beam) * EVAL_BATCH
+    words = statistics.median(int(gates.known.sum()) for gates in calls)
+    result = {"beam": beam, "passes": passes, "distinct_words_per_call": words, "tokens_fed_per_call": tokens_fed}
+    for size in PER_CALL:
+        plain, gated = (statistics.median(times[size, name]) for name in variants)
+        result[f"{size}_per_call"] = {"plain_s": plain, "word_gates_s": gated, "speedup": plain / gated}
+        print(f"beam {beam}, {IMAGES} images, {size} per call: plain step {plain:.2f} s, word gates {gated:.2f} s "
+              f"({plain / gated:.2f}x; median of {passes} interleaved passes), same captions")
+    print(f"a call of {EVAL_BATCH} images feeds {tokens_fed} tokens and computes the gates of {words} distinct words")
+    return result
+
+
 def profile_batched(beam: int = 3, rows: int = 20) -> None:
     """Where batched decoding spends its time: ``torch.profiler``'s operators (by input shapes) sorted by self CPU
     time, over one pass of the images after a warm-up: ``python -m benchmarks.bench_decoding --profile``."""
@@ -240,7 +289,7 @@ def profile_batched(beam: int = 3, rows: int = 20) -> None:
     batched_pass(decoder, feats, beam)  # warm-up
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         _, seconds = batched_pass(decoder, feats, beam)
-    print(f"beam {beam}, {IMAGES} images, {IMAGES_PER_BATCH} per call, {torch.get_num_threads()} threads: "
+    print(f"beam {beam}, {IMAGES} images in one call, {torch.get_num_threads()} threads: "
           f"{seconds:.2f} s under the profiler")
     table = prof.key_averages(group_by_input_shape=True)
     print(table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=24,
@@ -249,20 +298,23 @@ def profile_batched(beam: int = 3, rows: int = 20) -> None:
 
 def main() -> None:
     result = run()
+    first, second = result["per_call"]
     print(f"decoding {result['images']} images: grid {result['grid'][0]}x{result['grid'][1]}x{result['channels']}, "
           f"vocab {result['vocab']}, dim {result['dim']}, max {result['max_len']} words, {result['device']} "
-          f"{result['amp']}, {torch.get_num_threads()} threads; batched = {result['images_per_batch']} images per "
-          f"generate call (median of {result['timed']}), one image at a time = 1 pass, usual implementation = "
-          f"median of {result['timed']} over {USUAL_IMAGES} images")
-    print(f"{'beam':>4}{'usual img/s':>13}{'1-at-a-time img/s':>19}{'batched img/s':>15}{'vs usual':>10}"
-          f"{'vs 1-at-a-time':>16}{'same captions':>15}{'max |dscore|':>14}{'GEMM ceiling':>14}")
+          f"{result['amp']}, {torch.get_num_threads()} threads; batched = {first} images per generate call, "
+          f"and {second} (eval.batch_size's default), median of {result['timed']}; one image at a time = 1 pass; "
+          f"usual implementation = median of {result['timed']} over {USUAL_IMAGES} images")
+    print(f"{'beam':>4}{'usual img/s':>13}{'1-at-a-time':>13}{'batched img/s':>15}{'vs usual':>10}"
+          f"{'vs 1-at-a-time':>16}{f'{second}/call img/s':>17}{'vs usual':>10}{'max |dscore|':>14}{'GEMM ceiling':>14}")
     for r in result["results"]:
-        print(f"{r['beam']:>4}{r['usual_img_s']:>13.1f}{r['one_at_a_time_img_s']:>19.1f}{r['batched_img_s']:>15.1f}"
-              f"{r['speedup_vs_usual']:>9.1f}x{r['speedup']:>15.1f}x{'yes':>15}{r['max_score_diff']:>14.1e}"
-              f"{r['gemm_ceiling']:>13.1f}x")
+        batched, per_eval_batch = r["batched"]
+        print(f"{r['beam']:>4}{r['usual_img_s']:>13.1f}{r['one_at_a_time_img_s']:>13.1f}{batched['img_s']:>15.1f}"
+              f"{batched['speedup_vs_usual']:>9.1f}x{batched['speedup_vs_one_at_a_time']:>15.1f}x"
+              f"{per_eval_batch['img_s']:>17.1f}{per_eval_batch['speedup_vs_usual']:>9.1f}x"
+              f"{r['max_score_diff']:>14.1e}{r['gemm_ceiling']:>13.1f}x")
     print("usual: the tutorials' per-image beam search (attention projection recomputed per step); 1-at-a-time: "
-          "capkit's search on one image per call;\nGEMM ceiling: per-row speed of the LSTM's (rows, 2560) x "
-          f"(2560, 2048) product with {result['images_per_batch']} x beam rows over beam rows, on this machine")
+          "capkit's search on one image per call;\nall captions identical (asserted); GEMM ceiling: per-row speed "
+          f"of the LSTM's (rows, 2560) x (2560, 2048) product with {first} x beam rows over beam rows, on this machine")
     write_results("bench_decoding", torch.device(result["device"]), result)
 
 
@@ -271,9 +323,12 @@ if __name__ == "__main__":
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--compile", action="store_true", help="compare the compiled decoder step with eager instead")
     mode.add_argument("--profile", action="store_true", help="profile batched decoding at beam 3 instead")
+    mode.add_argument("--word-gates", action="store_true", help="time decoding with and without WordGates instead")
     args = parser.parse_args()
     if args.compile:
         compare_compiled()
+    elif args.word_gates:
+        compare_word_gates()
     elif args.profile:
         profile_batched()
     else:
