@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -221,8 +222,9 @@ def cpu_setup() -> tuple[ShowAttendTellDecoder, Tensor]:
 
 
 def compare_compiled(beam: int = 3, timed: int = TIMED) -> dict:
-    """Batched decoding with the decoder's step compiled (inductor, weights frozen) against eager, same captions
-    asserted. Not part of ``make bench`` (compiling takes a while):
+    """Batched decoding with the decoder's plain step compiled (inductor, weights frozen) against eager decoding
+    as ``generate`` runs it (with ``WordGates``, whose per-word bookkeeping depends on the data and so breaks
+    a compiled graph), same captions asserted. Not part of ``make bench`` (compiling takes a while):
     ``python -m benchmarks.bench_decoding --compile``."""
     import torch._inductor.config as inductor_config
 
@@ -232,6 +234,7 @@ def compare_compiled(beam: int = 3, timed: int = TIMED) -> dict:
     inductor_config.freezing = True
     with torch.no_grad():
         decoder.step = torch.compile(decoder.step, dynamic=False)
+        decoder.decoding_step = lambda: decoder.step
         batched_pass(decoder, feats, beam)  # compiles
         compiled = [batched_pass(decoder, feats, beam) for _ in range(timed)]
     assert all(a.tokens == b.tokens for a, b in zip(eager[0][0], compiled[0][0])), "compiled captions differ"
@@ -249,19 +252,21 @@ def compare_word_gates(beam: int = 3, passes: int = 7) -> dict:
     decoder, feats = cpu_setup()
     calls: list[WordGates] = []  # of the calls of EVAL_BATCH images
 
-    def with_gates() -> StepFn:  # CaptionDecoder.decoding_step, recording the WordGates of each call
-        step = CaptionDecoder.decoding_step(decoder)
-        if size == EVAL_BATCH:
-            calls.append(step.keywords["word_gates"])
-        return step
+    def with_gates(size: int) -> Callable[[], StepFn]:
+        def decoding_step() -> StepFn:  # CaptionDecoder.decoding_step, keeping the WordGates of each call
+            step = CaptionDecoder.decoding_step(decoder)
+            if size == EVAL_BATCH:
+                calls.append(step.keywords["word_gates"])
+            return step
+        return decoding_step
 
-    variants = {"plain step": lambda: decoder.step, "word gates": with_gates}
+    variants = {"plain step": lambda size: lambda: decoder.step, "word gates": with_gates}
     times: dict[tuple[int, str], list[float]] = {}
     best: dict[str, list[Hypothesis]] = {}
     for i in range(1 + passes):
         for size in PER_CALL:
             for name, decoding_step in variants.items():
-                decoder.decoding_step = decoding_step
+                decoder.decoding_step = decoding_step(size)
                 start = time.perf_counter()
                 best[name] = decode_in_batches(decoder, feats, beam, size)
                 if i:

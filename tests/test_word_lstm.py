@@ -45,39 +45,76 @@ def test_precomputed_word_gates_give_the_cells_result():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_lazy_word_gates_compute_each_fed_word_once():
+def test_word_gates_compute_each_fed_word_once():
     cell, _, _, _ = cell_and_inputs()
     embed = nn.Embedding(V, E)
-    gates = WordGates(embed, cell, lazy=True)
-    all_rows = WordGates(embed, cell, lazy=False)(torch.arange(V))  # (V, 4H), every word at once
+    gates = WordGates(embed, cell)
+    with torch.no_grad():
+        expected = cell.embedding_gates(embed.weight)  # (V, 4H): every word's row
     tokens = torch.tensor([3, 7, 3, 3])
-    assert torch.allclose(gates(tokens), all_rows[tokens], atol=1e-6)
+    assert torch.allclose(gates(tokens), expected[tokens], atol=1e-6)
     assert gates.known.nonzero().view(-1).tolist() == [3, 7]
-    first_row = gates.rows[3].clone()
-    assert torch.allclose(gates(torch.tensor([7, 9, 3])), all_rows[[7, 9, 3]], atol=1e-6)
+    gates.rows[3] = 123.0  # a known word's row is read back, not recomputed
+    rows = gates(torch.tensor([7, 9, 3]))
+    assert torch.allclose(rows[:2], expected[[7, 9]], atol=1e-6) and (rows[2] == 123.0).all()
     assert gates.known.nonzero().view(-1).tolist() == [3, 7, 9]
-    assert torch.equal(gates.rows[3], first_row)  # a known word's row is not recomputed
 
 
 def test_word_gates_are_built_without_autograd():
     cell, _, _, _ = cell_and_inputs()
-    gates = WordGates(nn.Embedding(V, E), cell, lazy=True)
-    assert not gates(torch.tensor([1, 2])).requires_grad
+    assert not WordGates(nn.Embedding(V, E), cell)(torch.tensor([1, 2])).requires_grad
+
+
+def decoder_and_features(decoder_class, seed: int = 0):
+    torch.manual_seed(seed)
+    decoder = decoder_class(partial(BahdanauAttention, attn_dim=8), 10, V, embed_dim=E, hidden_dim=H).eval()
+    with torch.no_grad():
+        decoder.out.weight.mul_(5.0)  # peaked distributions, like a trained model's
+    return decoder, EncoderOutput(torch.randn(4, 9, 10), (3, 3))
+
+
+def plain_search(decoder, enc, **kwargs):
+    memory = decoder.prepare(enc)
+    return beam_search(decoder.step, decoder.init_state(memory), memory, share_memory=True, **kwargs)
 
 
 @pytest.mark.parametrize("decoder_class", [ShowAttendTellDecoder, LuongDecoder])
-def test_generate_with_word_gates_equals_beam_search_over_the_plain_step(decoder_class):
-    torch.manual_seed(0)
-    decoder = decoder_class(partial(BahdanauAttention, attn_dim=8), 10, V, embed_dim=E, hidden_dim=H).eval()
-    step = decoder.decoding_step()
-    assert isinstance(step.keywords["word_gates"], WordGates)
-    enc = EncoderOutput(torch.randn(4, 9, 10), (3, 3))
+def test_generate_decodes_with_word_gates_and_equals_the_plain_step(decoder_class, monkeypatch):
+    decoder, enc = decoder_and_features(decoder_class)
+    fed = []
+    call = WordGates.__call__
+    monkeypatch.setattr(WordGates, "__call__", lambda self, tokens: fed.append(len(tokens)) or call(self, tokens))
     generation = decoder.generate(enc, beam_size=3, max_len=6)
+    assert fed == [4] + [12] * 6  # every step: the first once per image, then 3 beams for each of the 4 images
     with torch.no_grad():
-        memory = decoder.prepare(enc)
-        plain = beam_search(decoder.step, decoder.init_state(memory), memory, beam_size=3, max_len=6)
+        plain = plain_search(decoder, enc, beam_size=3, max_len=6)
     assert generation.tokens == plain.tokens
     assert torch.allclose(generation.scores, plain.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder_class", [ShowAttendTellDecoder, LuongDecoder])
+def test_word_gates_under_cpu_autocast_give_the_plain_steps_captions(decoder_class):
+    decoder, enc = decoder_and_features(decoder_class)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        generation = decoder.generate(enc, beam_size=3, max_len=6)
+        plain = plain_search(decoder, enc, beam_size=3, max_len=6)
+    assert generation.tokens == plain.tokens
+    assert torch.allclose(generation.scores, plain.scores, atol=0.1)  # bf16 products, summed in another order
+
+
+class OldStyleRecur(ShowAttendTellDecoder):
+    """A subclass written before ``word_gates``: its recur takes three arguments."""
+
+    def recur(self, emb, state, memory):
+        return super().recur(emb, state, memory)
+
+
+def test_a_recur_without_word_gates_decodes_with_the_plain_step():
+    decoder, enc = decoder_and_features(OldStyleRecur)
+    assert decoder.decoding_step() == decoder.step
+    with torch.no_grad():
+        plain = plain_search(decoder, enc, beam_size=3, max_len=4)
+    assert decoder.generate(enc, beam_size=3, max_len=4).tokens == plain.tokens
 
 
 def test_a_decoder_without_a_word_lstm_decodes_with_its_plain_step():

@@ -1,6 +1,7 @@
 """The decoder interface: a step function, plus teacher forcing and beam search built on it."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 
@@ -113,9 +114,9 @@ class CaptionDecoder(StepDecoder):
     step). Both run the same layers on the same values, so they agree up to float rounding (the tests hold
     them to 1e-5). A subclass may instead implement ``step`` alone; ``forward`` then loops over it the same way.
 
-    A subclass whose LSTM is a ``WordLSTMCell`` named ``lstm`` decodes with ``WordGates``: the embedding's share
-    of the gates computed once per word and call; ``recur`` then receives the rows as ``word_gates`` (B, 4H),
-    to pass to the cell.
+    A subclass whose LSTM is a ``WordLSTMCell`` named ``lstm`` decodes on the CPU with ``WordGates``: the
+    embedding's share of the gates computed once per word and call; ``recur`` then receives the rows as
+    ``word_gates`` (B, 4H), to pass to the cell (see ``decoding_step``).
 
     Args:
         attention: factory that builds the attention, called with ``query_dim`` and ``key_dim``.
@@ -186,9 +187,16 @@ class CaptionDecoder(StepDecoder):
         return self.output(emb, out), alpha, state
 
     def decoding_step(self) -> StepFn:
-        """``step`` bound to a ``WordGates`` for the call when the LSTM is a ``WordLSTMCell`` named ``lstm``."""
+        """``step`` bound to a ``WordGates`` for the call on the CPU, when the LSTM is a ``WordLSTMCell`` named
+        ``lstm`` and ``recur`` takes ``word_gates``; ``step`` otherwise. Elsewhere decoding is bound by kernel
+        launches rather than arithmetic, and ``nn.LSTMCell``'s fused kernel takes fewer of them."""
         cell = getattr(self, "lstm", None)
-        if not isinstance(cell, WordLSTMCell) or type(self).recur is CaptionDecoder.recur:
+        if (
+            not isinstance(cell, WordLSTMCell)
+            or cell.weight_ih.device.type != "cpu"
+            or type(self).step is not CaptionDecoder.step
+            or "word_gates" not in inspect.signature(self.recur).parameters
+        ):
             return self.step
         return partial(self.step, word_gates=WordGates(self.embed, cell))
 

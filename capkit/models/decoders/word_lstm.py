@@ -47,34 +47,26 @@ class WordLSTMCell(nn.LSTMCell):
 class WordGates:
     """The embedding's share of a ``WordLSTMCell``'s gates for the words of one decoding call (weights fixed).
 
-    ``gates(tokens)`` returns the rows (B, 4H) of the tokens (B,). ``lazy`` (the default on the CPU) computes
-    a word's row the first time it is fed: a beam search feeds few distinct words (a 128-image batch at beam 3
-    feeds 6,272 tokens, of about 200 distinct words with the benchmark's model), so this costs a small share
-    of the vocabulary. Otherwise every word's row is computed at once (one (V, E) x (E, 4H) product: no
-    per-step host synchronisation on a GPU).
+    ``gates(tokens)`` returns the rows (B, 4H) of the tokens (B,), computing a word's row the first time it is
+    fed. A beam search feeds few distinct words (a 128-image batch at beam 3 feeds 6,272 tokens, of about 200
+    distinct words with the benchmark's model), so this costs a small share of the vocabulary's rows.
 
     Args:
         embed: the decoder's word embedding (V, E).
         cell: the cell the rows are for.
-        lazy: compute rows on first use instead of all at once (default: on the CPU).
     """
 
-    def __init__(self, embed: nn.Embedding, cell: WordLSTMCell, lazy: bool | None = None):
+    def __init__(self, embed: nn.Embedding, cell: WordLSTMCell):
         self.embed, self.cell = embed, cell
         weight = embed.weight
-        self.lazy = weight.device.type == "cpu" if lazy is None else lazy
-        if self.lazy:
-            self.rows = weight.new_empty(weight.shape[0], 4 * cell.hidden_size)  # (V, 4H), filled on demand
-            self.known = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-        else:
-            self.rows = cell.embedding_gates(weight)
+        self.rows = weight.new_empty(weight.shape[0], 4 * cell.hidden_size)  # (V, 4H), filled on demand
+        self.known = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
 
     @torch.no_grad()
     def __call__(self, tokens: Tensor) -> Tensor:
         """tokens (B,) -> their rows (B, 4H)."""
-        if self.lazy:
-            new = tokens[~self.known[tokens]].unique()
-            if len(new):
-                self.rows[new] = self.cell.embedding_gates(self.embed(new)).to(self.rows.dtype)
-                self.known[new] = True
+        new = tokens[~self.known[tokens]].unique()
+        if len(new):
+            self.rows[new] = self.cell.embedding_gates(self.embed(new)).to(self.rows.dtype)
+            self.known[new] = True
         return self.rows.index_select(0, tokens)
