@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -40,10 +39,8 @@ from benchmarks.bench_decoder_train import NaiveShowAttendTell, baseline_from
 from benchmarks.common import sync, write_results
 from capkit.config import EvalConfig
 from capkit.models.attention.bahdanau import BahdanauAttention
-from capkit.models.beam_search import StepFn
 from capkit.models.decoders.base import CaptionDecoder
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
-from capkit.models.decoders.word_lstm import WordGates
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput, Hypothesis
 
 IMAGES, GRID, CHANNELS, VOCAB, DIM, MAX_LEN = 256, (8, 8), 2048, 5000, 512, 16
@@ -128,8 +125,7 @@ def run(
 ) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.bfloat16 if device.type == "cuda" else None
-    decoder = build(channels, vocab, dim, device)
-    feats = torch.rand(images, grid[0] * grid[1], channels, generator=torch.Generator().manual_seed(0)).to(device)
+    decoder, feats = setup(images, grid, channels, vocab, dim, device)
 
     def decode(beam: int, per_batch: int, amp: torch.dtype | None = amp) -> list[Hypothesis]:
         return decode_in_batches(decoder, feats, beam, per_batch, grid=grid, max_len=max_len, amp=amp)
@@ -180,13 +176,14 @@ def run(
         worst = max(worst, *(abs(score - alone[i].score) for i, (_, score) in enumerate(usual_out)))
         usual_s = statistics.median(usual_times)
         usual_img_s = USUAL_IMAGES / usual_s
-        sizes = [{
-            "images_per_call": size, "s": statistics.median(times[size]), "all_s": times[size],
-            "img_s": images / statistics.median(times[size]),
-            "speedup_vs_usual": images / statistics.median(times[size]) / usual_img_s,
-            "speedup_vs_one_at_a_time": alone_s / statistics.median(times[size]),
-            "same_captions_timed": timed_same[size],
-        } for size in per_call]
+        sizes = []
+        for size in per_call:
+            seconds = statistics.median(times[size])
+            sizes.append({
+                "images_per_call": size, "s": seconds, "all_s": times[size], "img_s": images / seconds,
+                "speedup_vs_usual": images / seconds / usual_img_s, "speedup_vs_one_at_a_time": alone_s / seconds,
+                "same_captions_timed": timed_same[size],
+            })
         rows.append({
             "beam": beam, "gemm_ceiling": gemm_ceiling(beam, per_call[0] * beam, channels + dim, 4 * dim, device),
             "one_at_a_time_s": alone_s, "one_at_a_time_img_s": images / alone_s, "batched": sizes,
@@ -216,9 +213,13 @@ def batched_pass(decoder: ShowAttendTellDecoder, feats: Tensor, beam: int) -> tu
     return best, time.perf_counter() - start
 
 
-def cpu_setup() -> tuple[ShowAttendTellDecoder, Tensor]:
-    decoder = build(CHANNELS, VOCAB, DIM, torch.device("cpu"))
-    return decoder, torch.rand(IMAGES, GRID[0] * GRID[1], CHANNELS, generator=torch.Generator().manual_seed(0))
+def setup(
+    images: int = IMAGES, grid: tuple[int, int] = GRID, channels: int = CHANNELS, vocab: int = VOCAB, dim: int = DIM,
+    device: torch.device = torch.device("cpu"),
+) -> tuple[ShowAttendTellDecoder, Tensor]:
+    """The benchmark's decoder and its images' features (I, N, C) on ``device``."""
+    feats = torch.rand(images, grid[0] * grid[1], channels, generator=torch.Generator().manual_seed(0))
+    return build(channels, vocab, dim, device), feats.to(device)
 
 
 def compare_compiled(beam: int = 3, timed: int = TIMED) -> dict:
@@ -228,7 +229,7 @@ def compare_compiled(beam: int = 3, timed: int = TIMED) -> dict:
     ``python -m benchmarks.bench_decoding --compile``."""
     import torch._inductor.config as inductor_config
 
-    decoder, feats = cpu_setup()
+    decoder, feats = setup()
     batched_pass(decoder, feats, beam)  # warm-up
     eager = [batched_pass(decoder, feats, beam) for _ in range(timed)]
     inductor_config.freezing = True
@@ -249,32 +250,25 @@ def compare_word_gates(beam: int = 3, passes: int = 7) -> dict:
     ``generate`` does) against the plain step, at 256 and at ``EVAL_BATCH`` images per call: the median of
     ``passes`` interleaved passes after a warm-up, same captions asserted, and the distinct words whose gates a
     call computed. ``python -m benchmarks.bench_decoding --word-gates``."""
-    decoder, feats = cpu_setup()
-    calls: list[WordGates] = []  # of the calls of EVAL_BATCH images
-
-    def with_gates(size: int) -> Callable[[], StepFn]:
-        def decoding_step() -> StepFn:  # CaptionDecoder.decoding_step, keeping the WordGates of each call
-            step = CaptionDecoder.decoding_step(decoder)
-            if size == EVAL_BATCH:
-                calls.append(step.keywords["word_gates"])
-            return step
-        return decoding_step
-
-    variants = {"plain step": lambda size: lambda: decoder.step, "word gates": with_gates}
+    decoder, feats = setup()
+    variants = {"plain step": lambda: decoder.step, "word gates": lambda: CaptionDecoder.decoding_step(decoder)}
     times: dict[tuple[int, str], list[float]] = {}
     best: dict[str, list[Hypothesis]] = {}
     for i in range(1 + passes):
         for size in PER_CALL:
             for name, decoding_step in variants.items():
-                decoder.decoding_step = decoding_step(size)
+                decoder.decoding_step = decoding_step
                 start = time.perf_counter()
                 best[name] = decode_in_batches(decoder, feats, beam, size)
                 if i:
                     times.setdefault((size, name), []).append(time.perf_counter() - start)
-    del decoder.decoding_step
     assert all(a.tokens == b.tokens for a, b in zip(*best.values())), "captions differ"
+    step = CaptionDecoder.decoding_step(decoder)  # one more call of EVAL_BATCH images, to count its words
+    decoder.decoding_step = lambda: step
+    decode_in_batches(decoder, feats[:EVAL_BATCH], beam, EVAL_BATCH)
+    del decoder.decoding_step
     tokens_fed = (1 + MAX_LEN * beam) * EVAL_BATCH
-    words = statistics.median(int(gates.known.sum()) for gates in calls)
+    words = int(step.keywords["word_gates"].known.sum())
     result = {"beam": beam, "passes": passes, "distinct_words_per_call": words, "tokens_fed_per_call": tokens_fed}
     for size in PER_CALL:
         plain, gated = (statistics.median(times[size, name]) for name in variants)
@@ -290,7 +284,7 @@ def profile_batched(beam: int = 3, rows: int = 20) -> None:
     time, over one pass of the images after a warm-up: ``python -m benchmarks.bench_decoding --profile``."""
     from torch.profiler import ProfilerActivity, profile
 
-    decoder, feats = cpu_setup()
+    decoder, feats = setup()
     batched_pass(decoder, feats, beam)  # warm-up
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         _, seconds = batched_pass(decoder, feats, beam)
