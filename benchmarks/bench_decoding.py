@@ -39,8 +39,9 @@ from benchmarks.bench_decoder_train import NaiveShowAttendTell, baseline_from
 from benchmarks.common import sync, write_results
 from capkit.config import EvalConfig
 from capkit.models.attention.bahdanau import BahdanauAttention
-from capkit.models.decoders.base import CaptionDecoder
+from capkit.models.decoders.base import Decoder
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
+from capkit.models.decoders.word_lstm import WordGates
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput, Hypothesis
 
 IMAGES, GRID, CHANNELS, VOCAB, DIM, MAX_LEN = 256, (8, 8), 2048, 5000, 512, 16
@@ -197,19 +198,23 @@ def run(
 
 def decode_in_batches(
     decoder: ShowAttendTellDecoder, feats: Tensor, beam: int, per_batch: int, *, grid: tuple[int, int] = GRID,
-    max_len: int = MAX_LEN, amp: torch.dtype | None = None,
+    max_len: int = MAX_LEN, amp: torch.dtype | None = None, plain_step: bool = False,
 ) -> list[Hypothesis]:
     """The best hypothesis of every image of feats (I, N, C), ``per_batch`` images per ``generate`` call (1: one
-    image at a time), under ``amp`` autocast when given."""
+    image at a time), under ``amp`` autocast when given. ``plain_step``: decode as ``Decoder.generate`` does,
+    without the LSTM decoders' per-word gate cache."""
+    generate = partial(Decoder.generate, decoder) if plain_step else decoder.generate
     with torch.autocast(feats.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         return [h for i in range(0, len(feats), per_batch) for h in
-                decoder.generate(EncoderOutput(feats[i : i + per_batch], grid), beam_size=beam, max_len=max_len).best]
+                generate(EncoderOutput(feats[i : i + per_batch], grid), beam_size=beam, max_len=max_len).best]
 
 
-def batched_pass(decoder: ShowAttendTellDecoder, feats: Tensor, beam: int) -> tuple[list[Hypothesis], float]:
+def batched_pass(
+    decoder: ShowAttendTellDecoder, feats: Tensor, beam: int, plain_step: bool = False
+) -> tuple[list[Hypothesis], float]:
     """Batched decoding of every image in one call: (best hypotheses, seconds)."""
     start = time.perf_counter()
-    best = decode_in_batches(decoder, feats, beam, IMAGES)
+    best = decode_in_batches(decoder, feats, beam, IMAGES, plain_step=plain_step)
     return best, time.perf_counter() - start
 
 
@@ -235,9 +240,8 @@ def compare_compiled(beam: int = 3, timed: int = TIMED) -> dict:
     inductor_config.freezing = True
     with torch.no_grad():
         decoder.step = torch.compile(decoder.step, dynamic=False)
-        decoder.decoding_step = lambda: decoder.step
-        batched_pass(decoder, feats, beam)  # compiles
-        compiled = [batched_pass(decoder, feats, beam) for _ in range(timed)]
+        batched_pass(decoder, feats, beam, plain_step=True)  # compiles
+        compiled = [batched_pass(decoder, feats, beam, plain_step=True) for _ in range(timed)]
     assert all(a.tokens == b.tokens for a, b in zip(eager[0][0], compiled[0][0])), "compiled captions differ"
     eager_s, compiled_s = statistics.median(t for _, t in eager), statistics.median(t for _, t in compiled)
     print(f"beam {beam}, {IMAGES} images: eager {eager_s:.2f} s, compiled step {compiled_s:.2f} s "
@@ -251,24 +255,26 @@ def compare_word_gates(beam: int = 3, passes: int = 7) -> dict:
     ``passes`` interleaved passes after a warm-up, same captions asserted, and the distinct words whose gates a
     call computed. ``python -m benchmarks.bench_decoding --word-gates``."""
     decoder, feats = setup()
-    variants = {"plain step": lambda: decoder.step, "word gates": lambda: CaptionDecoder.decoding_step(decoder)}
+    variants = {"plain step": True, "word gates": False}  # plain_step
     times: dict[tuple[int, str], list[float]] = {}
     best: dict[str, list[Hypothesis]] = {}
     for i in range(1 + passes):
         for size in PER_CALL:
-            for name, decoding_step in variants.items():
-                decoder.decoding_step = decoding_step
+            for name, plain_step in variants.items():
                 start = time.perf_counter()
-                best[name] = decode_in_batches(decoder, feats, beam, size)
+                best[name] = decode_in_batches(decoder, feats, beam, size, plain_step=plain_step)
                 if i:
                     times.setdefault((size, name), []).append(time.perf_counter() - start)
     assert all(a.tokens == b.tokens for a, b in zip(*best.values())), "captions differ"
-    step = CaptionDecoder.decoding_step(decoder)  # one more call of EVAL_BATCH images, to count its words
-    decoder.decoding_step = lambda: step
-    decode_in_batches(decoder, feats[:EVAL_BATCH], beam, EVAL_BATCH)
-    del decoder.decoding_step
+    tables: list[WordGates] = []  # one more call of EVAL_BATCH images, to count its words
+    init = WordGates.__init__
+    WordGates.__init__ = lambda self, *args: tables.append(self) or init(self, *args)
+    try:
+        decode_in_batches(decoder, feats[:EVAL_BATCH], beam, EVAL_BATCH)
+    finally:
+        WordGates.__init__ = init
     tokens_fed = (1 + MAX_LEN * beam) * EVAL_BATCH
-    words = int(step.keywords["word_gates"].known.sum())
+    words = int(tables[0].known.sum())
     result = {"beam": beam, "passes": passes, "distinct_words_per_call": words, "tokens_fed_per_call": tokens_fed}
     for size in PER_CALL:
         plain, gated = (statistics.median(times[size, name]) for name in variants)

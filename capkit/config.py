@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from capkit.errors import ConfigError
 from capkit.registry import import_plugins
 
 __all__ = [
@@ -28,10 +29,6 @@ __all__ = [
     "save_config",
     "to_container",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file or override and the key."""
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Name -> component registries, with lazy third-party discovery through entry points.
 
-This module imports nothing from capkit (nor torch), so it can never take part in an import cycle.
+This module imports nothing from capkit but its error classes (nor torch), so it can never take part in an
+import cycle.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import re
 from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
+
+from capkit.errors import ComponentNotFoundError
 
 __all__ = [
     "Registry",
@@ -135,7 +138,7 @@ class Registry:
             self._objects[name] = obj
             self._origins[name] = _entry_point_origin(ep)
             return obj
-        raise KeyError(self._unknown_message(name))
+        raise ComponentNotFoundError(self._unknown_message(name))
 
     def _unknown_message(self, name: str) -> str:
         known = self.names()
@@ -154,7 +157,7 @@ class Registry:
         computes) must not also be set in the config.
         """
         if "name" not in cfg:
-            raise KeyError(f"{self.kind} config has no 'name' key; known {self.kind}s: {', '.join(self.names())}")
+            raise ComponentNotFoundError(f"{self.kind} config has no 'name' key; known {self.kind}s: {', '.join(self.names())}")
         kwargs = {k: v for k, v in cfg.items() if k != "name"}
         name = cfg["name"]
         target = self.get(name)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import capkit
-from capkit.models.decoders.base import CaptionDecoder
+from capkit.models.decoders.lstm import LSTMDecoder
 from capkit.types import BOS_ID, EOS_ID, PAD_ID
 
 VOCAB = 7  # 4 specials + 3 words
@@ -159,7 +159,7 @@ def test_teacher_forcing_equals_stepping_the_whole_batch(encoder, attention, dec
     running = captions[:, 1:] != PAD_ID  # (B, T); what comes after <end> is the decoder's choice
     assert torch.allclose(out.logits[running], torch.stack(expected_logits, 1)[running], atol=1e-5)
     assert torch.allclose(out.alphas[running], torch.stack(expected_alphas, 1)[running], atol=1e-5)
-    if isinstance(model.decoder, CaptionDecoder):  # the recurrent decoders stop each caption at its <end>
+    if isinstance(model.decoder, LSTMDecoder):  # the recurrent decoders stop each caption at its <end>
         assert (out.logits[~running] == 0).all() and (out.alphas[~running] == 0).all()
 
 

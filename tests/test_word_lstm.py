@@ -1,6 +1,7 @@
 """WordLSTMCell and WordGates: nn.LSTMCell's results and state dict, each word's gates computed once per call."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
@@ -12,7 +13,7 @@ from capkit.models.beam_search import beam_search
 from capkit.models.decoders.luong import LuongDecoder
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
 from capkit.models.decoders.transformer import TransformerDecoder
-from capkit.models.decoders.word_lstm import WordGates, WordLSTMCell
+from capkit.models.decoders.word_lstm import WordGates, WordLSTMCell, step_words, word_gate_cache
 from capkit.types import EncoderOutput
 
 E, X, H, V = 6, 5, 4, 11
@@ -36,33 +37,52 @@ def test_the_cell_is_an_lstm_cell_over_the_concatenated_input():
         assert torch.equal(got, want)
 
 
-def test_precomputed_word_gates_give_the_cells_result():
-    cell, emb, x, hx = cell_and_inputs()
+def test_cached_word_gates_give_the_cells_result(monkeypatch):
+    cell, _, x, hx = cell_and_inputs()
+    embed, tokens = nn.Embedding(V, E), torch.tensor([3, 7, 3])
     with torch.no_grad():
-        expected = cell(emb, x, hx)
-        got = cell(emb, x, hx, word_gates=cell.embedding_gates(emb))
+        emb = embed(tokens)
+        expected = cell(emb, x, hx)  # outside a decoding call: nn.LSTMCell
+        fed = count_word_gate_calls(monkeypatch)
+        with word_gate_cache(V), step_words(tokens):
+            got = cell(emb, x, hx)
+    assert fed == [3]
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_cell_outside_step_words_or_with_autograd_runs_the_plain_lstm(monkeypatch):
+    cell, emb, x, hx = cell_and_inputs()
+    monkeypatch.setattr(WordGates, "__call__", lambda *args: pytest.fail("no word gates outside a decoding step"))
+    with word_gate_cache(V):
+        with torch.no_grad():
+            cell(emb, x, hx)  # a decoding call, but no step's words announced
+        with step_words(torch.tensor([1, 2, 3])):
+            cell(emb, x, hx)  # autograd on: training, the weights change
+        with torch.no_grad(), step_words(torch.tensor([1, 2])):
+            cell(emb, x, hx)  # rows that are not the announced words'
 
 
 def test_word_gates_compute_each_fed_word_once():
     cell, _, _, _ = cell_and_inputs()
     embed = nn.Embedding(V, E)
-    gates = WordGates(embed, cell)
+    gates = WordGates(cell, V)
     with torch.no_grad():
         expected = cell.embedding_gates(embed.weight)  # (V, 4H): every word's row
     tokens = torch.tensor([3, 7, 3, 3])
-    assert torch.allclose(gates(tokens), expected[tokens], atol=1e-6)
+    assert torch.allclose(gates(tokens, embed(tokens)), expected[tokens], atol=1e-6)
     assert gates.known.nonzero().view(-1).tolist() == [3, 7]
     gates.rows[3] = 123.0  # a known word's row is read back, not recomputed
-    rows = gates(torch.tensor([7, 9, 3]))
+    tokens = torch.tensor([7, 9, 3])
+    rows = gates(tokens, embed(tokens))
     assert torch.allclose(rows[:2], expected[[7, 9]], atol=1e-6) and (rows[2] == 123.0).all()
     assert gates.known.nonzero().view(-1).tolist() == [3, 7, 9]
 
 
 def test_word_gates_are_built_without_autograd():
     cell, _, _, _ = cell_and_inputs()
-    assert not WordGates(nn.Embedding(V, E), cell)(torch.tensor([1, 2])).requires_grad
+    tokens = torch.tensor([1, 2])
+    assert not WordGates(cell, V)(tokens, nn.Embedding(V, E)(tokens)).requires_grad
 
 
 def decoder_and_features(decoder_class, seed: int = 0):
@@ -83,7 +103,7 @@ def test_generate_decodes_with_word_gates_and_equals_the_plain_step(decoder_clas
     decoder, enc = decoder_and_features(decoder_class)
     fed = []
     call = WordGates.__call__
-    monkeypatch.setattr(WordGates, "__call__", lambda self, tokens: fed.append(len(tokens)) or call(self, tokens))
+    monkeypatch.setattr(WordGates, "__call__", lambda self, tokens, emb: fed.append(len(tokens)) or call(self, tokens, emb))
     generation = decoder.generate(enc, beam_size=3, max_len=6)
     assert fed == [4] + [12] * 6  # every step: the first once per image, then 3 beams for each of the 4 images
     with torch.no_grad():
@@ -102,21 +122,43 @@ def test_word_gates_under_cpu_autocast_give_the_plain_steps_captions(decoder_cla
     assert torch.allclose(generation.scores, plain.scores, atol=0.1)  # bf16 products, summed in another order
 
 
-class OldStyleRecur(ShowAttendTellDecoder):
-    """A subclass written before ``word_gates``: its recur takes three arguments."""
+class OwnStep(ShowAttendTellDecoder):
+    """A subclass with its own step, which does not announce its words (``step_words``)."""
 
-    def recur(self, emb, state, memory):
-        return super().recur(emb, state, memory)
+    def step(self, tokens, state, memory):
+        emb = self.embed(tokens)
+        out, alpha, state = self.recur(emb, state, memory)
+        return self.output(emb, out), alpha, state
 
 
-def test_a_recur_without_word_gates_decodes_with_the_plain_step():
-    decoder, enc = decoder_and_features(OldStyleRecur)
-    assert decoder.decoding_step() == decoder.step
+def count_word_gate_calls(monkeypatch) -> list[int]:
+    fed: list[int] = []
+    call = WordGates.__call__
+    monkeypatch.setattr(WordGates, "__call__", lambda self, tokens, emb: fed.append(len(tokens)) or call(self, tokens, emb))
+    return fed
+
+
+def test_a_step_that_announces_no_words_decodes_with_the_plain_cell(monkeypatch):
+    decoder, enc = decoder_and_features(OwnStep)
+    fed = count_word_gate_calls(monkeypatch)
     with torch.no_grad():
         plain = plain_search(decoder, enc, beam_size=3, max_len=4)
     assert decoder.generate(enc, beam_size=3, max_len=4).tokens == plain.tokens
+    assert fed == []
 
 
-def test_a_decoder_without_a_word_lstm_decodes_with_its_plain_step():
+def test_a_decoder_without_a_word_lstm_decodes_with_its_plain_step(monkeypatch):
     decoder = TransformerDecoder(partial(BahdanauAttention), 10, V, d_model=8, num_layers=1, num_heads=2, ffn_dim=8)
-    assert decoder.decoding_step() == decoder.step
+    fed = count_word_gate_calls(monkeypatch)
+    decoder.eval().generate(EncoderOutput(torch.randn(2, 9, 10), (3, 3)), beam_size=2, max_len=3)
+    assert fed == []
+
+
+def test_concurrent_decoding_calls_keep_their_own_words():
+    """The call's words live in a context variable: threads decoding at once give their sequential results."""
+    decoder, enc = decoder_and_features(ShowAttendTellDecoder)
+    halves = [EncoderOutput(enc.feats[:2], enc.grid), EncoderOutput(enc.feats[2:], enc.grid)]
+    alone = [decoder.generate(h, beam_size=3, max_len=6).tokens for h in halves]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda h: decoder.generate(h, beam_size=3, max_len=6).tokens, halves * 4))
+    assert together == alone * 4

@@ -9,15 +9,9 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from capkit.errors import CorruptImageError, MissingImagesError
+
 __all__ = ["Box", "ImageRecord", "CorruptImageError", "MissingImagesError", "drop_missing"]
-
-
-class CorruptImageError(OSError):
-    """An image file exists but cannot be decoded; the message names the file."""
-
-
-class MissingImagesError(FileNotFoundError):
-    """Images listed by a dataset are not on disk; the message gives the count and the first names."""
 
 
 class Box(NamedTuple):

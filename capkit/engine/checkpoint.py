@@ -1,21 +1,19 @@
 """Checkpoints as directories, written atomically and loaded without executing anything from the file.
 
-A checkpoint directory holds:
-
-- ``model.safetensors``: the model's state dict (``state["model"]``);
-- ``state.safetensors``: every other tensor of the state (optimizer moments, RNG states, ...);
-- ``state.json``: the rest of the state (numbers, strings, lists, dicts), tensors replaced by references
-  ``{"__tensor__": key}`` into ``state.safetensors``.
+A checkpoint directory (its files are named in ``capkit.engine.run_dir``) holds the model's state dict
+(``state["model"]``) in one safetensors file, every other tensor of the state (optimizer moments, RNG states,
+...) in a second, and the rest (numbers, strings, lists, dicts) as JSON, tensors replaced by references
+``{"__tensor__": key}`` into the second file.
 
 Loading reads safetensors and JSON only, so a checkpoint can never run code (unlike pickle).
 
-Atomicity. ``save_checkpoint(path, ...)`` writes a complete copy into a fresh sibling ``.NAME.tmp-*``
-directory (every file fsynced, then the directory), and then publishes it with two renames:
-``NAME -> NAME.old`` and ``.NAME.tmp-* -> NAME``, then removes ``NAME.old``. A directory only ever gets the
-name ``NAME`` or ``NAME.old`` once complete, so the invariant is: **at every instant ``NAME`` is a complete
-checkpoint, or ``NAME`` is absent and ``NAME.old`` is (a kill between the two renames)**. ``load_checkpoint``
-falls back to ``NAME.old`` in that case, and the next save cleans up stale ``NAME.old`` and temporary
-directories. A kill -9 during a save therefore never loses the previous checkpoint.
+Atomicity. ``save_checkpoint(path, ...)`` writes a complete copy into a fresh hidden sibling directory (every
+file fsynced, then the directory), and then publishes it with two renames: ``NAME -> NAME.old`` and the copy
+``-> NAME``, then removes ``NAME.old``. A directory only ever gets the name ``NAME`` or ``NAME.old`` once
+complete, so the invariant is: **at every instant ``NAME`` is a complete checkpoint, or ``NAME`` is absent and
+``NAME.old`` is (a kill between the two renames)**. ``load_checkpoint`` falls back to ``NAME.old`` in that
+case, and the next save cleans up a stale ``NAME.old`` and staging directories. A kill -9 during a save
+therefore never loses the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -30,10 +28,20 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from capkit.engine.run_dir import (
+    CHECKPOINT_JSON,
+    CHECKPOINT_MODEL,
+    CHECKPOINT_TENSORS,
+    backup_of,
+    is_complete,
+    resolve_checkpoint,
+    staging_prefix,
+)
+from capkit.errors import CheckpointError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_MODEL, _TENSORS, _JSON = "model.safetensors", "state.safetensors", "state.json"
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -51,16 +59,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         raise KeyError("a checkpoint state needs a 'model' state dict")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
-    old = path.with_name(path.name + ".old")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = backup_of(path)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(path), dir=path.parent))
     try:
         model = {k: _cpu(v) for k, v in state["model"].items()}
         tensors: dict[str, Tensor] = {}
         rest = {k: _encode(v, k, tensors) for k, v in state.items() if k != "model"}
-        _write(tmp / _MODEL, lambda f: save_file(model, f, metadata={"format": str(FORMAT_VERSION)}))
-        _write(tmp / _TENSORS, lambda f: save_file(tensors, f))
+        _write(tmp / CHECKPOINT_MODEL, lambda f: save_file(model, f, metadata={"format": str(FORMAT_VERSION)}))
+        _write(tmp / CHECKPOINT_TENSORS, lambda f: save_file(tensors, f))
         text = json.dumps({"format": FORMAT_VERSION, "state": rest})
-        _write(tmp / _JSON, lambda f: Path(f).write_text(text))
+        _write(tmp / CHECKPOINT_JSON, lambda f: Path(f).write_text(text))
         _fsync_dir(tmp)
         if path.exists():
             os.replace(path, old)
@@ -73,28 +81,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The complete checkpoint directory for ``path``: ``path`` itself, or ``path.old`` after a kill mid-save."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    for candidate in (path, old):
-        if (candidate / _JSON).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no checkpoint at {str(path)!r} (nor {old.name!r} beside it): a checkpoint is a directory with "
-        f"{_MODEL}, {_TENSORS} and {_JSON}, e.g. RUN_DIR/checkpoints/last"
-    )
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint``; tensors are on the CPU."""
     path = resolve_checkpoint(path)
-    doc = json.loads((path / _JSON).read_text())
+    doc = json.loads((path / CHECKPOINT_JSON).read_text())
     if doc.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {doc.get('format')!r}, this capkit reads format {FORMAT_VERSION}")
-    tensors = load_file(path / _TENSORS)
+        raise CheckpointError(
+            f"{path}: checkpoint format {doc.get('format')!r}, this capkit reads format {FORMAT_VERSION}"
+        )
+    tensors = load_file(path / CHECKPOINT_TENSORS)
     state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
-    state["model"] = load_file(path / _MODEL)
+    state["model"] = load_file(path / CHECKPOINT_MODEL)
     return state
 
 
@@ -156,9 +153,9 @@ def _fsync(path: Path) -> None:
 
 
 def _remove_stale(path: Path) -> None:
-    """Leftovers of a save killed earlier: temporary directories, and ``NAME.old`` when ``NAME`` is complete."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+    """Leftovers of a save killed earlier: staging directories, and ``NAME.old`` when ``NAME`` is complete."""
+    for tmp in path.parent.glob(f"{staging_prefix(path)}*"):
         shutil.rmtree(tmp, ignore_errors=True)
-    old = path.with_name(path.name + ".old")
-    if old.exists() and (path / _JSON).is_file():
+    old = backup_of(path)
+    if old.exists() and is_complete(path):
         shutil.rmtree(old)

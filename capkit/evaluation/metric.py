@@ -24,6 +24,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from capkit.errors import JavaNotFoundError
 from capkit.registry import METRICS
 
 __all__ = [
@@ -57,10 +58,6 @@ class Metric(Protocol):
     """``metric(hyps, refs) -> MetricResult | dict[str, float] | float``; see the module docstring."""
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> Any: ...
-
-
-class JavaNotFoundError(RuntimeError):
-    """``java`` is not on PATH, and a COCO caption tool (PTB tokenizer, METEOR, SPICE) needs it."""
 
 
 def require_java(tool: str) -> None:

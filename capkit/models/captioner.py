@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from capkit.models.decoders.base import StepDecoder
+from capkit.models.decoders.base import Decoder
+from capkit.models.encoders.base import Encoder
 from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation, SampledCaptions
 
 __all__ = ["Captioner"]
@@ -17,7 +18,7 @@ class Captioner(nn.Module):
     feature cache or a previous ``encode``), so cached and raw-image training share one model.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: StepDecoder):
+    def __init__(self, encoder: Encoder, decoder: Decoder):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder

@@ -6,14 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from capkit.data.records import ImageRecord
+from capkit.errors import DatasetNotFoundError
 
 __all__ = ["CaptionDataset", "DatasetNotFoundError", "DATA_ENV", "resolve_root", "require_file"]
 
 DATA_ENV = "CAPKIT_DATA"  # a folder holding one sub-folder per dataset (flickr8k/, coco/, ...)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not where they were looked for; the message says where and how to get them."""
 
 
 class CaptionDataset:

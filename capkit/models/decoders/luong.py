@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from capkit.models.attention.base import AttentionMemory
-from capkit.models.decoders.base import AttentionFactory, CaptionDecoder
+from capkit.models.decoders.lstm import LSTMDecoder
 from capkit.models.decoders.word_lstm import WordLSTMCell
 from capkit.registry import DECODERS
 
@@ -13,39 +13,20 @@ __all__ = ["LuongDecoder"]
 
 
 @DECODERS.register("luong")
-class LuongDecoder(CaptionDecoder):
+class LuongDecoder(LSTMDecoder):
     """The LSTM step first, then attention on the new hidden state.
 
     At step t: h_t = LSTM([E y_{t-1}; h~_{t-1}]); c_t, alpha_t = attend(h_t); the attentional state
     h~_t = tanh(W_c [c_t; h_t]) gives logits = W_s dropout(h~_t) and is fed back as input at the next step
     (input feeding; h~_0 = 0).
 
-    Args:
-        attention, encoder_dim, vocab_size: see ``CaptionDecoder`` (set by the builder).
-        embed_dim: word embedding size.
-        hidden_dim: LSTM hidden size (the attention's query size and the size of h~).
-        dropout: dropout before the output layer.
-        feature_dim: optional feature mapping size (see ``CaptionDecoder``).
+    Args: those of ``LSTMDecoder``; ``hidden_dim`` is also the size of h~.
     """
 
-    beams_share_memory = True
-
-    def __init__(
-        self,
-        attention: AttentionFactory,
-        encoder_dim: int,
-        vocab_size: int,
-        embed_dim: int = 512,
-        hidden_dim: int = 512,
-        dropout: float = 0.5,
-        feature_dim: int | None = None,
-    ):
-        super().__init__(
-            attention, encoder_dim, vocab_size, embed_dim, hidden_dim, dropout, feature_dim, query_dim=hidden_dim
-        )
-        self.lstm = WordLSTMCell(embed_dim, hidden_dim, hidden_dim)
-        self.combine = nn.Linear(self.feature_dim + hidden_dim, hidden_dim, bias=False)  # W_c
-        self.out = nn.Linear(hidden_dim, vocab_size)  # W_s
+    def build_layers(self) -> None:
+        self.lstm = WordLSTMCell(self.embed_dim, self.hidden_dim, self.hidden_dim)
+        self.combine = nn.Linear(self.feature_dim + self.hidden_dim, self.hidden_dim, bias=False)  # W_c
+        self.out = nn.Linear(self.hidden_dim, self.vocab_size)  # W_s
 
     def init_state(self, memory: AttentionMemory) -> dict[str, Tensor]:
         state = super().init_state(memory)
@@ -53,9 +34,9 @@ class LuongDecoder(CaptionDecoder):
         return state
 
     def recur(
-        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory, word_gates: Tensor | None = None
+        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        h, c = self.lstm(emb, state["h_tilde"], (state["h"], state["c"]), word_gates)
+        h, c = self.lstm(emb, state["h_tilde"], (state["h"], state["c"]))
         context, alpha = self.attention(h, memory)  # (B, C), (B, N)
         h_tilde = self.combine(torch.cat([context, h], dim=1)).tanh()  # (B, H)
         return h_tilde, alpha, {"h": h, "c": c, "h_tilde": h_tilde}

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from capkit.models.attention.base import AttentionMemory
-from capkit.models.decoders.base import AttentionFactory, CaptionDecoder
+from capkit.models.decoders.lstm import LSTMDecoder
 from capkit.models.decoders.word_lstm import WordLSTMCell
 from capkit.registry import DECODERS
 
@@ -13,7 +13,7 @@ __all__ = ["ShowAttendTellDecoder"]
 
 
 @DECODERS.register("show_attend_tell")
-class ShowAttendTellDecoder(CaptionDecoder):
+class ShowAttendTellDecoder(LSTMDecoder):
     """Attention on the previous hidden state, then the LSTM step.
 
     At step t: z = beta * attend(h_{t-1}) with the gate beta = sigmoid(f_beta(h_{t-1})); the LSTM reads
@@ -23,42 +23,23 @@ class ShowAttendTellDecoder(CaptionDecoder):
     mean keeps the term on the cross-entropy's scale whatever the grid size (as the widely used PyTorch
     implementation does), so a weight of 1 is a sensible default.
 
-    Args:
-        attention, encoder_dim, vocab_size: see ``CaptionDecoder`` (set by the builder).
-        embed_dim: word embedding size (also the deep output's size).
-        hidden_dim: LSTM hidden size (the attention's query size).
-        dropout: dropout before the output layer.
-        feature_dim: optional feature mapping size (see ``CaptionDecoder``).
+    Args: those of ``LSTMDecoder``; ``embed_dim`` is also the deep output's size.
     """
 
-    beams_share_memory = True
-
-    def __init__(
-        self,
-        attention: AttentionFactory,
-        encoder_dim: int,
-        vocab_size: int,
-        embed_dim: int = 512,
-        hidden_dim: int = 512,
-        dropout: float = 0.5,
-        feature_dim: int | None = None,
-    ):
-        super().__init__(
-            attention, encoder_dim, vocab_size, embed_dim, hidden_dim, dropout, feature_dim, query_dim=hidden_dim
-        )
-        self.f_beta = nn.Linear(hidden_dim, 1)
-        self.lstm = WordLSTMCell(embed_dim, self.feature_dim, hidden_dim)
-        self.out_hidden = nn.Linear(hidden_dim, embed_dim)  # L_h
-        self.out_context = nn.Linear(self.feature_dim, embed_dim, bias=False)  # L_z
-        self.out = nn.Linear(embed_dim, vocab_size)  # L_o
+    def build_layers(self) -> None:
+        self.f_beta = nn.Linear(self.hidden_dim, 1)
+        self.lstm = WordLSTMCell(self.embed_dim, self.feature_dim, self.hidden_dim)
+        self.out_hidden = nn.Linear(self.hidden_dim, self.embed_dim)  # L_h
+        self.out_context = nn.Linear(self.feature_dim, self.embed_dim, bias=False)  # L_z
+        self.out = nn.Linear(self.embed_dim, self.vocab_size)  # L_o
 
     def recur(
-        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory, word_gates: Tensor | None = None
+        self, emb: Tensor, state: dict[str, Tensor], memory: AttentionMemory
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         h, c = state["h"], state["c"]  # (B, H)
         context, alpha = self.attention(h, memory)  # (B, C), (B, N)
         context = torch.sigmoid(self.f_beta(h)) * context
-        h, c = self.lstm(emb, context, (h, c), word_gates)
+        h, c = self.lstm(emb, context, (h, c))
         return torch.cat([h, context], dim=1), alpha, {"h": h, "c": c}  # (B, H + C) for the deep output
 
     def output(self, emb: Tensor, out: Tensor) -> Tensor:

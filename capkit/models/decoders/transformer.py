@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capkit.models.attention.base import AttentionMemory
-from capkit.models.decoders.base import AttentionFactory, StepDecoder
+from capkit.models.decoders.base import AttentionFactory, Decoder
 from capkit.registry import DECODERS
 from capkit.types import PAD_ID, DecoderOutput, EncoderOutput
 
@@ -18,7 +18,7 @@ POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 
 
 @DECODERS.register("transformer")
-class TransformerDecoder(StepDecoder):
+class TransformerDecoder(Decoder):
     """Pre-norm Transformer decoder (Vaswani et al. 2017): causal self-attention over the words so far,
     multi-head cross-attention to the encoder grid, feed-forward; then a final LayerNorm and the output layer.
 
@@ -38,7 +38,7 @@ class TransformerDecoder(StepDecoder):
     for any other name). The builder's attention factory is accepted and not used.
 
     Args:
-        attention, encoder_dim, vocab_size: set by the builder (see ``CaptionDecoder``).
+        attention, encoder_dim, vocab_size: set by the builder (see ``Decoder``).
         d_model: model width (embeddings, attention, residual stream).
         num_layers: decoder layers.
         num_heads: attention heads (``d_model`` must be divisible by it).

@@ -1,20 +1,31 @@
-"""An LSTM cell whose input starts with the previous word's embedding, and the per-word gate cache of decoding."""
+"""An LSTM cell whose input starts with the previous word's embedding, and its per-word gate cache for decoding.
+
+The embedding's share of the cell's gates, emb W_ih[:, :E]^T + b_ih + b_hh, depends on the word alone. Within a
+decoding call (``word_gate_cache``, entered by ``LSTMDecoder.generate``) a ``WordLSTMCell`` on the CPU computes
+it once per word of the call instead of once per hypothesis and step, and then computes only the shares of
+its other input and of h (a fifth less of its largest product at E = 512, X = 2048). The decoder announces each
+step's words with ``step_words``; a cell called outside both, or on another device, runs ``nn.LSTMCell`` on the
+concatenated input. Elsewhere than on the CPU decoding is bound by kernel launches rather than arithmetic, and
+``nn.LSTMCell``'s fused kernel takes fewer of them.
+
+The call's state lives in a context variable, not on the modules, so that concurrent decoding calls (threads of
+a server) never see each other's words.
+"""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WordLSTMCell", "WordGates"]
+__all__ = ["WordLSTMCell", "WordGates", "word_gate_cache", "step_words"]
 
 
 class WordLSTMCell(nn.LSTMCell):
-    """``nn.LSTMCell`` (same parameters, same state dict) over the input [emb; x]: a word embedding (B, E) then
-    other features (B, X), passed apart.
-
-    The embedding's share of the gates, emb W_ih[:, :E]^T + b_ih + b_hh, depends on the word alone. A decoding
-    call computes it once per word (``WordGates``) instead of once per hypothesis and step, and passes the rows
-    as ``word_gates``; the cell then computes only the shares of x and h (a fifth less of its largest product
-    at E = 512, X = 2048).
+    """``nn.LSTMCell`` (same parameters, same state dict) over the input [emb; x]: the embedding (B, E) of the
+    previous word, then other features (B, X), passed apart. ``emb`` must be a function of the word alone.
 
     Args:
         embed_dim: E.
@@ -26,14 +37,13 @@ class WordLSTMCell(nn.LSTMCell):
         super().__init__(embed_dim + input_dim, hidden_dim)
         self.embed_dim = embed_dim
 
-    def forward(  # type: ignore[override]
-        self, emb: Tensor, x: Tensor, hx: tuple[Tensor, Tensor], word_gates: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """emb (B, E), x (B, X), (h, c) each (B, H), optional ``word_gates`` (B, 4H) -> (h, c)."""
-        if word_gates is None:
+    def forward(self, emb: Tensor, x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """emb (B, E), x (B, X), (h, c) each (B, H) -> (h, c)."""
+        call = _CALL.get()
+        if not (call is not None and call.fits(emb) and self.weight_ih.device.type == "cpu"):
             return super().forward(torch.cat([emb, x], dim=1), hx)
         h, c = hx
-        gates = torch.addmm(word_gates, x, self.weight_ih[:, self.embed_dim :].t())  # out of place: autocast
+        gates = torch.addmm(call.gates(self, emb), x, self.weight_ih[:, self.embed_dim :].t())  # out of place: autocast
         gates = torch.addmm(gates, h, self.weight_hh.t())  # (B, 4H)
         i, f, g, o = gates.chunk(4, dim=1)  # PyTorch's gate order
         c = torch.addcmul(f.sigmoid() * c, i.sigmoid(), g.tanh())
@@ -45,28 +55,76 @@ class WordLSTMCell(nn.LSTMCell):
 
 
 class WordGates:
-    """The embedding's share of a ``WordLSTMCell``'s gates for the words of one decoding call (weights fixed).
+    """The embedding's share of one ``WordLSTMCell``'s gates for the words of one decoding call (weights fixed).
 
-    ``gates(tokens)`` returns the rows (B, 4H) of the tokens (B,), computing a word's row the first time it is
-    fed. A beam search feeds few distinct words (a 128-image batch at beam 3 feeds 6,272 tokens, of about 200
-    distinct words with the benchmark's model), so this costs a small share of the vocabulary's rows.
+    ``gates(tokens, emb)`` returns the rows (B, 4H) of the tokens (B,) whose embeddings are emb (B, E), computing
+    a word's row the first time it is fed. A beam search feeds few distinct words (a 128-image batch at beam 3
+    feeds 6,272 tokens, of about 200 distinct words with the benchmark's model), so this costs a small share of
+    the vocabulary's rows.
 
     Args:
-        embed: the decoder's word embedding (V, E).
         cell: the cell the rows are for.
+        vocab_size: V, the largest word id plus one.
     """
 
-    def __init__(self, embed: nn.Embedding, cell: WordLSTMCell):
-        self.embed, self.cell = embed, cell
-        weight = embed.weight
-        self.rows = weight.new_empty(weight.shape[0], 4 * cell.hidden_size)  # (V, 4H), filled on demand
-        self.known = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+    def __init__(self, cell: WordLSTMCell, vocab_size: int):
+        self.cell = cell
+        weight = cell.weight_ih
+        self.rows = weight.new_empty(vocab_size, 4 * cell.hidden_size)  # (V, 4H), filled on demand
+        self.known = torch.zeros(vocab_size, dtype=torch.bool, device=weight.device)
 
     @torch.no_grad()
-    def __call__(self, tokens: Tensor) -> Tensor:
-        """tokens (B,) -> their rows (B, 4H)."""
-        new = tokens[~self.known[tokens]].unique()
-        if len(new):
-            self.rows[new] = self.cell.embedding_gates(self.embed(new)).to(self.rows.dtype)
+    def __call__(self, tokens: Tensor, emb: Tensor) -> Tensor:
+        unknown = (~self.known[tokens]).nonzero().squeeze(1)  # (U,) positions of words without a row yet
+        if len(unknown):
+            new, inverse = tokens[unknown].unique(return_inverse=True)  # (W,) sorted
+            first = unknown.new_zeros(len(new)).scatter_reduce_(0, inverse, unknown, "amin", include_self=False)
+            self.rows[new] = self.cell.embedding_gates(emb[first]).to(self.rows.dtype)
             self.known[new] = True
         return self.rows.index_select(0, tokens)
+
+
+class _DecodingCall:
+    """The words of the current step and one ``WordGates`` per cell, for one decoding call."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.tokens: Tensor | None = None
+        self.tables: dict[int, WordGates] = {}
+
+    def fits(self, emb: Tensor) -> bool:
+        """Whether emb (B, E) are the current step's word embeddings, outside autograd."""
+        return self.tokens is not None and len(self.tokens) == len(emb) and not torch.is_grad_enabled()
+
+    def gates(self, cell: WordLSTMCell, emb: Tensor) -> Tensor:
+        table = self.tables.get(id(cell))
+        if table is None:
+            table = self.tables[id(cell)] = WordGates(cell, self.vocab_size)
+        return table(self.tokens, emb)
+
+
+_CALL: ContextVar[_DecodingCall | None] = ContextVar("capkit_word_gate_cache", default=None)
+
+
+@contextmanager
+def word_gate_cache(vocab_size: int) -> Iterator[None]:
+    """Within: one decoding call (no autograd, weights fixed) over a vocabulary of ``vocab_size`` words."""
+    token = _CALL.set(_DecodingCall(vocab_size))
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
+
+
+@contextmanager
+def step_words(tokens: Tensor) -> Iterator[None]:
+    """Within: the cells' ``emb`` rows are the embeddings of ``tokens`` (B,) (a no-op outside a decoding call)."""
+    call = _CALL.get()
+    if call is None:
+        yield
+        return
+    call.tokens = tokens
+    try:
+        yield
+    finally:
+        call.tokens = None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from capkit.models.encoders.base import Encoder
 from capkit.registry import ENCODERS
 from capkit.types import EncoderOutput
 
@@ -32,7 +33,7 @@ _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "
 
 
 @ENCODERS.register("hf")
-class HFEncoder(nn.Module):
+class HFEncoder(Encoder):
     """Wraps a ``transformers`` vision model: images (B, 3, H, W) -> EncoderOutput(feats (B, N, C), grid (h, w)).
 
     The features are the model's ``last_hidden_state``. Token outputs (ViT, DeiT, BEiT, DINOv2 with or
@@ -93,16 +94,16 @@ class HFEncoder(nn.Module):
             self.weights = "pretrained" if pretrained else "random"
             self.model, processor = _load(model_name, pretrained, kwargs)
         self.config = self.model.config
-        self.out_channels = _channels(self.config)
-        self.data_config = _data_config(processor, self.config)
+        self._out_channels = _channels(self.config)
+        self._data_config = _data_config(processor, self.config)
         self.finetune = finetune
         self._patch_stride = _patch_stride(self.config)
         self._accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
         self.model.eval()  # the probes below must not update batch-norm statistics or draw dropout masks
         self._set_trainable(finetune, finetune_layers)
-        if self.out_channels is None:  # neither hidden_size nor hidden_sizes: ask the model
+        if self._out_channels is None:  # neither hidden_size nor hidden_sizes: ask the model
             with torch.no_grad():
-                self.out_channels = int(self(self._probe_images()).feats.shape[-1])  # (B, N, C)
+                self._out_channels = int(self(self._probe_images()).feats.shape[-1])  # (B, N, C)
         self.train()  # a frozen encoder starts in eval mode too, not only after the first train()
 
     # ------------------------------------------------------------------------------------------ training
@@ -141,13 +142,12 @@ class HFEncoder(nn.Module):
         return torch.zeros(1, 3, h, w, dtype=param.dtype, device=param.device)
 
     @property
-    def frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.parameters())
+    def out_channels(self) -> int:
+        return self._out_channels
 
-    def train(self, mode: bool = True) -> HFEncoder:
-        """A frozen encoder stays in eval mode (dropout and normalisation statistics stay fixed)."""
-        super().train(mode and not self.frozen)
-        return self
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return self._data_config
 
     def cache_key(self) -> dict[str, Any]:
         """What identifies this encoder's features, for the feature cache."""
@@ -168,7 +168,7 @@ class HFEncoder(nn.Module):
         return self.model(pixel_values=images, **kwargs).last_hidden_state
 
     def forward(self, images: Tensor) -> EncoderOutput:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        with self.no_grad_if_frozen():
             x = self._features(images)
         if x.dim() == 4:  # (B, C, h, w) feature map
             b, c, h, w = x.shape

@@ -8,6 +8,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from capkit.errors import WeightsUnavailableError
+from capkit.models.encoders.base import Encoder
 from capkit.models.encoders.pypi_weights import PYPI_WEIGHTS, load_pypi_weights
 from capkit.registry import ENCODERS
 from capkit.types import EncoderOutput
@@ -17,12 +19,8 @@ __all__ = ["TimmEncoder", "FINETUNE_MODES", "WeightsUnavailableError"]
 FINETUNE_MODES = ("none", "last", "all")
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be downloaded; the message says which offline weights to use instead."""
-
-
 @ENCODERS.register("timm")
-class TimmEncoder(nn.Module):
+class TimmEncoder(Encoder):
     """Wraps a timm model: images (B, 3, H, W) -> EncoderOutput(feats (B, N, C), grid (h, w)).
 
     The features are the model's last feature map (``forward_features``): 8 x 8 x 2048 for ``inception_v3``
@@ -61,8 +59,7 @@ class TimmEncoder(nn.Module):
         self.model = _create_model(model_name, pretrained, weights, dict(model_kwargs or {}))
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
         self.channels_last_output = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
-        self.out_channels = int(self.model.num_features)
-        self.data_config = timm.data.resolve_model_data_config(self.model)
+        self._data_config = timm.data.resolve_model_data_config(self.model)
         self.finetune = finetune
         self._set_trainable(finetune, finetune_stages)
         self.train()  # a frozen encoder starts in eval mode too, not only after the first train()
@@ -78,20 +75,19 @@ class TimmEncoder(nn.Module):
                 param.requires_grad_(name in trainable)
 
     @property
-    def frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.parameters())
+    def out_channels(self) -> int:
+        return int(self.model.num_features)
 
-    def train(self, mode: bool = True) -> TimmEncoder:
-        """A frozen encoder stays in eval mode (batch-norm statistics and dropout stay fixed)."""
-        super().train(mode and not self.frozen)
-        return self
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return self._data_config
 
     def cache_key(self) -> dict[str, Any]:
         """What identifies this encoder's features, for the feature cache."""
         return {"encoder": "timm", "model_name": self.model_name, "weights": self.weights}
 
     def forward(self, images: Tensor) -> EncoderOutput:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        with self.no_grad_if_frozen():
             x = self.model.forward_features(images)
         if x.dim() == 3:  # (B, T, C) tokens: drop class/register tokens, the rest is a square grid
             x = x[:, self.num_prefix_tokens :]

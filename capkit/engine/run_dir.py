@@ -1,0 +1,139 @@
+"""The layout of a run directory: every file name of a run is spelled here and nowhere else.
+
+::
+
+    RUN_DIR/
+      config.yaml                   the resolved experiment config
+      vocab.json                    the vocabulary
+      metrics.jsonl                 one JSON object per logged step and per evaluation
+      tensorboard/                  TensorBoard events
+      checkpoints/last/             the latest training state (every epoch, every N steps, at the end)
+      checkpoints/best/             the state after the best evaluation
+      train_summary.json            training time (summed over resumed sessions), position, stop reason
+      test_metrics.json             the best checkpoint's scores on the test split,
+      test_captions.json              its captions (COCO results format)
+      test_per_image.json             and its per-image scores
+      gallery_<split>/              ``capkit evaluate --gallery`` pages
+      result.json                   an ablation run's scores, once it is scored
+
+A checkpoint is a directory of ``model.safetensors`` (the model's state dict), ``state.safetensors`` (every other
+tensor) and ``state.json`` (the rest). ``capkit.engine.checkpoint`` publishes it atomically: a complete copy is
+staged in a hidden sibling (``.NAME.tmp-*``), the previous one is renamed ``NAME.old``, the copy takes the name
+``NAME`` and ``NAME.old`` is removed. After a kill between the two renames only ``NAME.old`` is complete, and
+``resolve_checkpoint`` falls back to it.
+
+This module imports nothing from capkit but its error classes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from capkit.errors import CheckpointNotFoundError
+
+__all__ = [
+    "RunDir",
+    "CHECKPOINT_MODEL",
+    "CHECKPOINT_TENSORS",
+    "CHECKPOINT_JSON",
+    "backup_of",
+    "staging_prefix",
+    "resolve_checkpoint",
+]
+
+CHECKPOINT_MODEL, CHECKPOINT_TENSORS, CHECKPOINT_JSON = "model.safetensors", "state.safetensors", "state.json"
+LAST, BEST = "last", "best"
+
+
+def backup_of(checkpoint: str | os.PathLike) -> Path:
+    """``NAME.old``: the previous copy of checkpoint ``NAME`` while a save replaces it."""
+    path = Path(checkpoint)
+    return path.with_name(path.name + ".old")
+
+
+def staging_prefix(checkpoint: str | os.PathLike) -> str:
+    """The name prefix of the hidden directories a save of checkpoint ``NAME`` is staged in."""
+    return f".{Path(checkpoint).name}.tmp-"
+
+
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """Whether ``checkpoint`` is a published checkpoint directory (its JSON is written last)."""
+    return (Path(checkpoint) / CHECKPOINT_JSON).is_file()
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """The complete checkpoint directory for ``checkpoint``: itself, or ``NAME.old`` after a kill mid-save.
+
+    Raises:
+        CheckpointNotFoundError: neither is a complete checkpoint.
+    """
+    path, old = Path(checkpoint), backup_of(checkpoint)
+    for candidate in (path, old):
+        if is_complete(candidate):
+            return candidate
+    raise CheckpointNotFoundError(
+        f"no checkpoint at {str(path)!r} (nor {old.name!r} beside it): a checkpoint is a directory with "
+        f"{CHECKPOINT_MODEL}, {CHECKPOINT_TENSORS} and {CHECKPOINT_JSON}, e.g. RUN_DIR/checkpoints/{LAST}"
+    )
+
+
+class RunDir:
+    """Where each artefact of one training run lives, and which of its checkpoints exist.
+
+    Args:
+        root: the run directory (``train.output_dir / train.run_name``).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunDir:
+        """The run a checkpoint directory (``RUN_DIR/checkpoints/NAME``) belongs to."""
+        return cls(Path(checkpoint).parent.parent)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    vocab = property(lambda self: self.root / "vocab.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    summary = property(lambda self: self.root / "train_summary.json")
+    result = property(lambda self: self.root / "result.json")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+
+    def checkpoint(self, name: str = LAST) -> Path:
+        """The path of checkpoint ``name`` (``last`` or ``best``), whether or not it exists."""
+        return self.checkpoints / name
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoint(LAST)
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoint(BEST)
+
+    def has_checkpoint(self, name: str = LAST) -> bool:
+        """Whether checkpoint ``name`` can be loaded (itself or its ``.old`` copy is complete)."""
+        return is_complete(self.checkpoint(name)) or is_complete(backup_of(self.checkpoint(name)))
+
+    def find_checkpoint(self, name: str = LAST) -> Path:
+        """The complete directory of checkpoint ``name`` (see ``resolve_checkpoint``)."""
+        return resolve_checkpoint(self.checkpoint(name))
+
+    def split_metrics(self, split: str = "test") -> Path:
+        return self.root / f"{split}_metrics.json"
+
+    def split_captions(self, split: str = "test") -> Path:
+        return self.root / f"{split}_captions.json"
+
+    def split_per_image(self, split: str = "test") -> Path:
+        return self.root / f"{split}_per_image.json"
+
+    def gallery(self, split: str) -> Path:
+        return self.root / f"gallery_{split}"

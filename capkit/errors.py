@@ -1,0 +1,71 @@
+"""capkit's user errors: one family, so that every tool can print them as one line and exit with status 2.
+
+A ``CapkitError`` is a mistake the user can fix (a config key, a data file, a checkpoint, a missing
+dependency): its message says what is wrong, where (file, line or key) and what to do. Anything else that
+escapes a tool is a bug and keeps its traceback. The classes also derive from the builtin exception a caller
+would catch without knowing capkit (``ValueError``, ``FileNotFoundError``, ...).
+
+This module imports nothing, so every layer can raise these.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "CapkitError",
+    "ConfigError",
+    "ComponentNotFoundError",
+    "DataError",
+    "DatasetNotFoundError",
+    "MissingImagesError",
+    "CorruptImageError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "WeightsUnavailableError",
+    "JavaNotFoundError",
+]
+
+
+class CapkitError(Exception):
+    """Base of every user error; ``str(err)`` is the whole message (what, where, what to do)."""
+
+
+class ConfigError(CapkitError, ValueError):
+    """A config file, override or setting is invalid; the message names the file or override and the key."""
+
+
+class ComponentNotFoundError(CapkitError, KeyError):
+    """A registry has no component of that name; the message lists close matches and every known name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(CapkitError):
+    """A dataset, caption file or image cannot be used as it is."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A dataset's files are not where they were expected; the message says where, and how to get them."""
+
+
+class MissingImagesError(DataError, FileNotFoundError):
+    """Images listed by a split do not exist."""
+
+
+class CorruptImageError(DataError, OSError):
+    """An image file exists but cannot be decoded."""
+
+
+class CheckpointError(CapkitError, ValueError):
+    """A checkpoint is incomplete, of another format, or does not fit the model it is loaded into."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No complete checkpoint at the path given."""
+
+
+class WeightsUnavailableError(CapkitError, RuntimeError):
+    """Pretrained weights could not be had; the message says which offline weights to use instead."""
+
+
+class JavaNotFoundError(CapkitError, RuntimeError):
+    """A metric or tokenizer needs Java and there is none on the PATH."""

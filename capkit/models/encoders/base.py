@@ -1,0 +1,61 @@
+"""The encoder contract: what the builder, the data pipeline and the feature cache read from an encoder."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from capkit.types import EncoderOutput
+
+__all__ = ["Encoder"]
+
+
+class Encoder(nn.Module, ABC):
+    """Base class of the registered encoders: images (B, 3, H, W) -> ``EncoderOutput(feats (B, N, C), grid)``.
+
+    A subclass provides:
+
+    - ``out_channels``: C, the feature size the builder passes on to the decoder;
+    - ``data_config``: a timm-style data config (``input_size``, ``mean``, ``std``, ``interpolation``,
+      ``crop_pct``, ``crop_mode``) from which capkit builds the image transform (``build_transform``);
+    - ``cache_key()``: a JSON-able dict that identifies the features (model, weights), for the feature cache;
+    - ``forward(images)``.
+
+    The base class gives every encoder the same training behaviour: ``frozen`` is true when no parameter
+    requires grad, and a frozen encoder stays in eval mode (batch-norm statistics and dropout stay fixed) and
+    runs without autograd (``no_grad_if_frozen``). A subclass sets ``requires_grad`` on its parameters in its
+    constructor, then calls ``self.train()`` so that a frozen encoder starts in eval mode.
+    """
+
+    @property
+    @abstractmethod
+    def out_channels(self) -> int:
+        """C, the size of each feature vector."""
+
+    @property
+    @abstractmethod
+    def data_config(self) -> dict[str, Any]:
+        """The timm-style preprocessing of this encoder's images."""
+
+    @abstractmethod
+    def cache_key(self) -> dict[str, Any]:
+        """What identifies this encoder's features (JSON-able), for the feature cache."""
+
+    @abstractmethod
+    def forward(self, images: Tensor) -> EncoderOutput:
+        """images (B, 3, H, W), preprocessed as ``data_config`` says -> features (B, N, C) on an (h, w) grid."""
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True) -> Encoder:
+        """A frozen encoder stays in eval mode."""
+        super().train(mode and not self.frozen)
+        return self
+
+    def no_grad_if_frozen(self) -> torch.autograd.grad_mode.set_grad_enabled:
+        """The context ``forward`` runs its model in: autograd as the caller has it, off for a frozen encoder."""
+        return torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen)
