@@ -1,30 +1,7 @@
-"""``python -m capkit <command> [args]``: list, train, evaluate, caption, visualize, ablate."""
-from __future__ import annotations
-
-import importlib
+"""``python -m capkit <command> [args]``: the command line, the one way into it from outside the package."""
 import sys
 
-COMMANDS = {
-    "list": "capkit.cli.list_components",
-    "train": "capkit.cli.train",
-    "caption": "capkit.cli.caption",
-    "visualize": "capkit.cli.visualize",
-    "evaluate": "capkit.cli.evaluate",
-    "ablate": "capkit.cli.ablate",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = f"usage: python -m capkit {{{','.join(COMMANDS)}}} [args]  (each command has --help)"
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
-            return 2
-        print(usage)
-        return 0
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
-
+from .cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

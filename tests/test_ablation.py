@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from capkit import ablation as ablation_module
-from capkit.ablation import load_ablation, run_ablation, summarise
 from capkit.config import ConfigError
+from capkit.recipes import ablation as ablation_module
+from capkit.recipes.ablation import load_ablation, run_ablation, summarise
 from toys import TINY_SHAPES_CONFIG
 
 ABLATION = """
@@ -54,7 +54,7 @@ def test_ablation_writes_one_row_per_variant_and_skips_finished_runs(tiny_ablati
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(ablation_module, "train_run", must_not_train)
+    monkeypatch.setattr(ablation_module, "train_experiment", must_not_train)
     again = run_ablation(load_ablation(tiny_ablation))
     assert json.dumps(again) == json.dumps(results)  # read back from result.json (NaN != NaN, hence the dump)
 

@@ -13,7 +13,7 @@ from toys import AUX, ToyData, make_trainer, tiny_model
 
 from capkit.data import build_transform, cached_features
 from capkit.data.records import ImageRecord
-from capkit.engine import CheckpointHook, caption_loss, load_checkpoint
+from capkit.engine import PeriodicCheckpointHook, caption_loss, load_checkpoint
 from capkit.types import EncoderOutput
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -94,7 +94,7 @@ def test_feature_extraction_on_cuda_matches_the_cpu(tmp_path, make_jpeg, tiny_en
 
 
 def test_checkpoint_written_on_cuda_loads_on_the_cpu(tmp_path):
-    trainer = make_trainer([CheckpointHook(tmp_path)], n=8, epochs=1, device="cuda", amp="bf16")
+    trainer = make_trainer([PeriodicCheckpointHook(tmp_path)], n=8, epochs=1, device="cuda", amp="bf16")
     trainer.fit()
     state = load_checkpoint(tmp_path / "checkpoints" / "last")
     assert all(t.device.type == "cpu" for t in state["model"].values())

@@ -9,8 +9,11 @@ import pytest
 import timm
 import torch
 
+from capkit.models.encoders.base import Encoder
 from capkit.models.encoders.pypi_weights import load_pypi_weights
 from capkit.models.encoders.timm_encoder import TimmEncoder
+from capkit.registry import ENCODERS
+from capkit.types import EncoderOutput
 
 
 def test_cnn_features_form_a_grid():
@@ -116,3 +119,47 @@ def test_pypi_weights_through_the_encoder_give_the_classifier_free_model():
     enc = TimmEncoder(model_name="tf_efficientnet_lite0", weights="efficientnet-lite0-pypi")
     assert enc.out_channels == 1280 and enc.cache_key()["weights"] == "efficientnet-lite0-pypi"
     assert enc.data_config["input_size"] == (3, 224, 224)
+
+
+class Pooled(Encoder):
+    """The smallest complete encoder: a 1x1 convolution and dropout, features on the 2 x 2 grid of pooled pixels."""
+
+    def __init__(self, frozen: bool):
+        super().__init__()
+        self.conv, self.drop = torch.nn.Conv2d(3, 4, 1), torch.nn.Dropout(0.5)
+        self.requires_grad_(not frozen)
+        self.train()
+
+    out_channels = 4
+    data_config = {"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+
+    def cache_key(self):
+        return {"encoder": "pooled"}
+
+    def forward(self, images):
+        with self.no_grad_if_frozen():
+            x = self.drop(torch.nn.functional.adaptive_avg_pool2d(self.conv(images), 2))  # (B, 4, 2, 2)
+        return EncoderOutput(x.flatten(2).transpose(1, 2), (2, 2))
+
+
+def test_an_encoder_without_its_whole_contract_cannot_be_built():
+    class NoCacheKey(Encoder):
+        out_channels = 4
+        data_config = {}
+
+        def forward(self, images):
+            raise NotImplementedError
+
+    with pytest.raises(TypeError, match="abstract method.*cache_key"):
+        NoCacheKey()
+
+
+def test_the_base_class_keeps_a_frozen_encoder_in_eval_mode_without_autograd():
+    frozen, trainable = Pooled(frozen=True), Pooled(frozen=False)
+    assert frozen.frozen and not frozen.training and not frozen.train().training  # dropout stays off
+    assert not trainable.frozen and trainable.training
+    images = torch.randn(2, 3, 8, 8)
+    assert not frozen(images).feats.requires_grad and trainable(images).feats.requires_grad
+    assert torch.equal(frozen(images).feats, frozen(images).feats)  # no dropout mask drawn
+    for name in ("timm", "hf"):
+        assert issubclass(ENCODERS.get(name), Encoder)

@@ -14,13 +14,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from capkit.engine import (
-    CheckpointHook,
+    BestCheckpointHook,
     EarlyStoppingHook,
     EncoderFinetuneHook,
     EvalHook,
     Hook,
     LoggingHook,
     LRSchedulerHook,
+    PeriodicCheckpointHook,
+    ProgressBarHook,
     build_optimizer,
     build_scheduler,
     caption_loss,
@@ -33,7 +35,6 @@ from capkit.engine import (
 from capkit.engine import checkpoint as checkpoint_module
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, DecoderOutput
 from toys import ToyData, make_trainer, tiny_model
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -296,7 +297,7 @@ def test_non_finite_loss_names_epoch_and_step_and_after_train_still_runs():
 
 
 def test_max_steps_stops_mid_epoch_and_saves_last(tmp_path):
-    trainer = make_trainer([CheckpointHook(tmp_path)], n=16, epochs=3, max_steps=6)
+    trainer = make_trainer([PeriodicCheckpointHook(tmp_path)], n=16, epochs=3, max_steps=6)
     trainer.fit()
     assert (trainer.epoch, trainer.batch_in_epoch, trainer.global_step) == (1, 2, 6)
     last = load_checkpoint(tmp_path / "checkpoints" / "last")
@@ -307,7 +308,7 @@ def test_max_steps_stops_mid_epoch_and_saves_last(tmp_path):
 def test_a_run_stopped_by_max_steps_inside_an_epoch_is_evaluated_and_keeps_its_best(tmp_path):
     evaluations = []  # the score improves at every evaluation
     hooks = [EvalHook(lambda m: evaluations.append(1) or {"score": len(evaluations)}),
-             CheckpointHook(tmp_path, metric="score")]
+             PeriodicCheckpointHook(tmp_path), BestCheckpointHook(tmp_path, metric="score")]
     trainer = make_trainer(hooks, n=16, epochs=3, max_steps=6)  # one epoch is 4 steps: stops at step 2 of epoch 1
     trainer.fit()
     assert len(evaluations) == 2  # after epoch 0, and at the stop
@@ -317,16 +318,18 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_is_evaluated_and_keeps_its_b
 
 def test_max_steps_on_an_epochs_last_batch_still_ends_the_epoch(tmp_path):
     evaluations = []
-    hooks = [EvalHook(lambda m: evaluations.append(1) or {"score": 1.0}), CheckpointHook(tmp_path, metric="score")]
+    hooks = [EvalHook(lambda m: evaluations.append(1) or {"score": 1.0}), BestCheckpointHook(tmp_path, metric="score")]
     trainer = make_trainer(hooks, n=16, epochs=3, max_steps=4)  # 16 samples / batch 4: one epoch is 4 steps
     trainer.fit()
     assert (trainer.epoch, trainer.batch_in_epoch, trainer.global_step) == (1, 0, 4)
     assert evaluations == [1] and (tmp_path / "checkpoints" / "best").is_dir()
 
 
-def test_checkpoint_hook_must_be_last_and_hook_names_unique(tmp_path):
-    with pytest.raises(ValueError, match="CheckpointHook must be the last hook"):
-        make_trainer([CheckpointHook(tmp_path), Recorder()]).fit()
+def test_checkpoint_hooks_must_be_last_and_hook_names_unique(tmp_path):
+    for hooks in ([PeriodicCheckpointHook(tmp_path), Recorder()],
+                  [BestCheckpointHook(tmp_path, metric="x"), Recorder(), PeriodicCheckpointHook(tmp_path)]):
+        with pytest.raises(ValueError, match="the checkpoint hooks must come after every other hook"):
+            make_trainer(hooks).fit()
     with pytest.raises(ValueError, match="hook names must be unique"):
         make_trainer([Recorder(), Recorder()])
 
@@ -335,14 +338,14 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
     scores = iter([0.5, 0.7, 0.6, 0.6, 0.9])
     trainer = make_trainer(
         [EvalHook(lambda m: {"cider": next(scores)}), EarlyStoppingHook("cider", patience=2),
-         CheckpointHook(tmp_path, metric="cider")],
+         PeriodicCheckpointHook(tmp_path), BestCheckpointHook(tmp_path, metric="cider")],
         n=4, epochs=5,
     )
     trainer.fit()
     assert trainer.epoch == 4  # stopped after the 4th evaluation: 0.6, 0.6 did not beat 0.7
     assert trainer.stop_reason == "early stopping: cider has not improved on 0.7 for 2 evaluations"
     best = load_checkpoint(tmp_path / "checkpoints" / "best")
-    assert (best["epoch"], best["hooks"]["CheckpointHook"]["best"]) == (2, 0.7)
+    assert (best["epoch"], best["hooks"]["BestCheckpointHook"]["best"]) == (2, 0.7)
     assert load_checkpoint(tmp_path / "checkpoints" / "last")["epoch"] == 4
     with pytest.raises(KeyError, match=r"EarlyStoppingHook watches metric 'bleu4', but the evaluation returned only \['cider'\]"):
         make_trainer([EvalHook(lambda m: {"cider": 1.0}), EarlyStoppingHook("bleu4", 1)], n=4, epochs=1).fit()
@@ -394,7 +397,7 @@ def test_grad_scaler_path_matches_unscaled_training_and_is_checkpointed(tmp_path
     two is exact, so the weights equal an unscaled run's."""
     plain = make_trainer(n=8, epochs=1, grad_clip=0.5)
     plain.fit()
-    scaled = make_trainer([CheckpointHook(tmp_path)], n=8, epochs=1, grad_clip=0.5)
+    scaled = make_trainer([PeriodicCheckpointHook(tmp_path)], n=8, epochs=1, grad_clip=0.5)
     scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
     scaled.fit()
     for key, value in plain.module.state_dict().items():
@@ -407,13 +410,13 @@ def test_grad_scaler_path_matches_unscaled_training_and_is_checkpointed(tmp_path
 
 
 def test_progress_bar_shows_loss_and_throughput(capsys):
-    make_trainer(n=8, epochs=1, progress=True).fit()
+    make_trainer([ProgressBarHook()], n=8, epochs=1).fit()
     err = capsys.readouterr().err
     assert "epoch 0" in err and "loss=" in err and "captions_s=" in err and "2/2" in err
 
 
 def test_resume_inside_an_epoch_warns_when_the_order_cannot_repeat(tmp_path):
-    make_trainer([CheckpointHook(tmp_path)], n=16, epochs=1, max_steps=2).fit()
+    make_trainer([PeriodicCheckpointHook(tmp_path)], n=16, epochs=1, max_steps=2).fit()
     trainer = make_trainer(n=16, epochs=1)
     trainer.train_loader = DataLoader(ToyData(16), batch_size=4, shuffle=True, collate_fn=ToyData(16).collate)
     with pytest.warns(UserWarning, match="sampler \\(RandomSampler\\) has no set_epoch.*use build_train_sampler"):

@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 
 import capkit
 from capkit.engine import (
-    CheckpointHook,
     CrossEntropyCriterion,
+    DistributedDataParallelHook,
     EncoderFinetuneHook,
     EvalHook,
     Hook,
     LoggingHook,
+    PeriodicCheckpointHook,
     Trainer,
     build_optimizer,
     build_train_sampler,
@@ -89,14 +90,15 @@ def main(run_dir: Path) -> None:
     recorder = RecordEval()
     hooks = [
         EncoderFinetuneHook(from_epoch=1),  # changes the trainable set: DDP is rebuilt for epoch 1
+        DistributedDataParallelHook(),
         EvalHook(evaluate),
         recorder,
         LoggingHook(run_dir, every_steps=1),
-        CheckpointHook(run_dir, every_steps=2),
+        PeriodicCheckpointHook(run_dir, every_steps=2),
     ]
     trainer = Trainer(
         model, build_optimizer(model, lr=1e-2, encoder_lr=1e-2), loader, epochs=EPOCHS, hooks=hooks,
-        device=info.device, criterion=CrossEntropyCriterion({"doubly_stochastic": 1.0}), progress=False,
+        device=info.device, criterion=CrossEntropyCriterion({"doubly_stochastic": 1.0}),
     )
     trainer.fit()
     # parameters only: DDP copies rank 0's buffers (batch-norm statistics) to the others at the start of each

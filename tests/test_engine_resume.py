@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import capkit
 from capkit.engine import (
-    CheckpointHook,
+    BestCheckpointHook,
     CrossEntropyCriterion,
     EarlyStoppingHook,
     EncoderFinetuneHook,
@@ -27,6 +27,7 @@ from capkit.engine import (
     Hook,
     LoggingHook,
     LRSchedulerHook,
+    PeriodicCheckpointHook,
     Trainer,
     build_optimizer,
     build_scheduler,
@@ -110,10 +111,12 @@ def train(run_dir: Path, kill_at: int | None = None, resume: bool = False) -> Tr
     ]
     if kill_at is not None:
         hooks.append(KillAt(kill_at))
-    hooks.append(CheckpointHook(run_dir, metric="logp", every_steps=EVERY_STEPS, config={"seed": SEED}, vocab=["w"]))
+    contents = dict(config={"seed": SEED}, vocab=["w"])
+    hooks += [PeriodicCheckpointHook(run_dir, every_steps=EVERY_STEPS, **contents),
+              BestCheckpointHook(run_dir, metric="logp", **contents)]
     trainer = Trainer(
         model, optimizer, loader, epochs=EPOCHS, hooks=hooks, device="cpu", grad_clip=1.0,
-        criterion=CrossEntropyCriterion(AUX, label_smoothing=0.1), progress=False,
+        criterion=CrossEntropyCriterion(AUX, label_smoothing=0.1),
     )
     if resume:
         trainer.resume(run_dir / "checkpoints" / "last")
@@ -182,8 +185,8 @@ def _train_with_workers(run_dir: Path, generator: bool, max_steps: int | None = 
         generator=torch.Generator().manual_seed(SEED) if generator else None,  # else: from the global RNG
     )
     trainer = Trainer(
-        model, build_optimizer(model, lr=3e-3), loader, epochs=2, hooks=[CheckpointHook(run_dir)], device="cpu",
-        criterion=CrossEntropyCriterion(AUX), max_steps=max_steps, progress=False,
+        model, build_optimizer(model, lr=3e-3), loader, epochs=2, hooks=[PeriodicCheckpointHook(run_dir)], device="cpu",
+        criterion=CrossEntropyCriterion(AUX), max_steps=max_steps,
     )
     if resume:
         trainer.resume(run_dir / "checkpoints" / "last")
@@ -209,12 +212,13 @@ def test_checkpoint_position_and_content(reference):
     assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (EPOCHS, 0, 18)
     assert last["config"] == {"seed": SEED} and last["vocab"] == ["w"]
     assert set(last["hooks"]) == {
-        "EncoderFinetuneHook", "EvalHook", "LRSchedulerHook", "EarlyStoppingHook", "LoggingHook", "CheckpointHook"
+        "EncoderFinetuneHook", "EvalHook", "LRSchedulerHook", "EarlyStoppingHook", "LoggingHook", "PeriodicCheckpointHook",
+        "BestCheckpointHook",
     }
     for key, value in ref.module.state_dict().items():
         assert torch.equal(last["model"][key], value), key
     best = load_checkpoint(ref_dir / "checkpoints" / "best")
-    assert best["hooks"]["CheckpointHook"]["best"] == best["hooks"]["EarlyStoppingHook"]["best"]
+    assert best["hooks"]["BestCheckpointHook"]["best"] == best["hooks"]["EarlyStoppingHook"]["best"]
 
 
 if __name__ == "__main__":

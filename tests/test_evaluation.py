@@ -274,9 +274,9 @@ def test_cli_scores_a_results_file(tmp_path, capsys):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     pred, refs = _write_files(tmp_path)
-    assert evaluate_main(["--predictions", str(pred), "--references", str(refs), "--metrics", "blue"]) == 1
+    assert evaluate_main(["--predictions", str(pred), "--references", str(refs), "--metrics", "blue"]) == 2
     assert "capkit evaluate: error: unknown metric 'blue'" in capsys.readouterr().err
-    assert evaluate_main(["--predictions", str(tmp_path / "nope.json"), "--references", str(refs)]) == 1
+    assert evaluate_main(["--predictions", str(tmp_path / "nope.json"), "--references", str(refs)]) == 2
     assert "nope.json' not found" in capsys.readouterr().err
 
 

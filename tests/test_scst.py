@@ -164,7 +164,7 @@ def test_self_critical_training_raises_the_reward():
     loader = DataLoader(data, batch_size=8, sampler=build_train_sampler(data, seed=0), collate_fn=data.collate)
     reward = lambda ids, words: [float(7 in ws) for ws in words]  # noqa: E731
     trainer = Trainer(
-        model, build_optimizer(model, lr=1e-2), loader, epochs=6, device="cpu", progress=False,
+        model, build_optimizer(model, lr=1e-2), loader, epochs=6, device="cpu",
         criterion=SelfCriticalCriterion(reward, num_samples=4, max_len=6),
     )
     before = mean_reward_of_word(model.eval(), 7)

@@ -74,5 +74,5 @@ def make_trainer(hooks=(), *, n=16, epochs=2, finetune="none", images=False, see
     data = ToyData(n, images)
     loader = DataLoader(data, batch_size=4, sampler=build_train_sampler(data, seed=seed), collate_fn=data.collate)
     optimizer = build_optimizer(model, lr=1e-2, encoder_lr=1e-3)
-    kwargs = {"device": "cpu", "criterion": CrossEntropyCriterion(AUX), "progress": False, **kwargs}
+    kwargs = {"device": "cpu", "criterion": CrossEntropyCriterion(AUX), **kwargs}
     return Trainer(model, optimizer, loader, epochs=epochs, hooks=hooks, **kwargs)

@@ -1,4 +1,4 @@
-"""``tools/caption.py --checkpoint DIR IMAGE [IMAGE ...]``: print one caption per image."""
+"""``capkit caption --checkpoint DIR IMAGE [IMAGE ...]``: print one caption per image."""
 from __future__ import annotations
 
 import argparse
@@ -7,14 +7,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from capkit.data.transforms import visible_region
+from capkit.cli.common import add_debug_flag, command
 from capkit.engine.device import resolve_device
-from capkit.inference import caption_images, load_trained
-from capkit.types import EOS
-from capkit.visualization import save_attention_figure
+from capkit.errors import DataError
+from capkit.recipes.inference import caption_images, load_trained
+from capkit.visualization import save_caption_figure
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capkit caption", description="Caption images with a trained model.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (any format PIL reads)")
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help="e.g. RUN_DIR/checkpoints/best")
@@ -23,25 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length-penalty", type=float, default=0.0, help="default: %(default)s")
     parser.add_argument("--attention-out", type=Path, metavar="DIR", help="save a per-word attention figure per image")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    args = parser.parse_args(argv)
+    add_debug_flag(parser)
+    return parser
 
+
+@command("capkit caption", FileNotFoundError)
+def run(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
-        print(f"error: no such image file: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    try:
-        trained = load_trained(args.checkpoint, resolve_device(args.device))
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise DataError(f"no such image file: {', '.join(missing)}")
+    trained = load_trained(args.checkpoint, resolve_device(args.device))
     pictures = []
     for path in args.images:
         try:
             with Image.open(path) as img:
                 pictures.append(img.convert("RGB"))
         except OSError as err:
-            print(f"error: cannot read image {path}: {err}", file=sys.stderr)
-            return 2
+            raise DataError(f"cannot read image {path}: {err}") from err
     captions, generation = caption_images(
         trained, pictures, beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty
     )
@@ -50,11 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     for path, picture, caption, hyp in zip(args.images, pictures, captions, generation.best):
         print(f"{path}\t{caption}")
         if args.attention_out:
-            words = [trained.vocab.itos[t] for t in hyp.tokens] + [EOS]
-            figure = args.attention_out / f"{path.stem}_attention.png"
-            region = visible_region(*picture.size, trained.model.encoder.data_config)
-            save_attention_figure(figure, picture, words, hyp.alphas, generation.grid, title=caption, region=region)
+            save_caption_figure(
+                args.attention_out / f"{path.stem}_attention.png", picture, hyp, generation.grid,
+                words=trained.vocab.itos, data_config=trained.model.encoder.data_config, title=caption,
+            )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``tools/visualize.py --checkpoint DIR IMAGE --out FIGURE.png``: caption one image and draw its attention."""
+"""``capkit visualize IMAGE --checkpoint DIR --out FIGURE.png``: caption one image and draw its attention."""
 from __future__ import annotations
 
 import argparse
@@ -7,14 +7,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from capkit.data.transforms import visible_region
+from capkit.cli.common import add_debug_flag, command
 from capkit.engine.device import resolve_device
-from capkit.inference import caption_images, load_trained
-from capkit.types import EOS
-from capkit.visualization import save_attention_figure
+from capkit.errors import DataError
+from capkit.recipes.inference import caption_images, load_trained
+from capkit.visualization import save_caption_figure
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capkit visualize", description="Draw where a trained model looks for every word it writes."
     )
@@ -25,24 +25,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=16, help="most words (default: %(default)s)")
     parser.add_argument("--columns", type=int, default=5, help="panels per row (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    args = parser.parse_args(argv)
+    add_debug_flag(parser)
+    return parser
+
+
+@command("capkit visualize", FileNotFoundError)
+def run(args: argparse.Namespace) -> int:
     try:
         with Image.open(args.image) as img:
             picture = img.convert("RGB")
-        trained = load_trained(args.checkpoint, resolve_device(args.device))
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:
+        raise DataError(f"cannot read image {args.image}: {err}") from err
+    trained = load_trained(args.checkpoint, resolve_device(args.device))
     (caption,), generation = caption_images(trained, [picture], beam_size=args.beam, max_len=args.max_len)
-    hyp = generation.best[0]
-    words = [trained.vocab.itos[t] for t in hyp.tokens] + [EOS]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_attention_figure(
-        args.out, picture, words, hyp.alphas, generation.grid, columns=args.columns, title=caption,
-        region=visible_region(*picture.size, trained.model.encoder.data_config),
+    save_caption_figure(
+        args.out, picture, generation.best[0], generation.grid, words=trained.vocab.itos,
+        data_config=trained.model.encoder.data_config, columns=args.columns, title=caption,
     )
     print(f"{caption}\n{args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

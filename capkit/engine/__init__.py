@@ -1,24 +1,19 @@
-"""The training engine: Trainer, hooks, checkpoints, optimizer/schedule builders, distributed helpers.
+"""The training engine: Trainer, hooks, checkpoints, the run directory, optimizer/schedule builders, DDP helpers.
 
-A run is composed by the caller (``tools/train.py``); the engine never reads configs::
+The engine never reads configs; ``capkit.recipes.train`` composes a run from one, roughly::
 
-    dist = init_distributed(train.device)          # torchrun env, or a single process
-    seed_everything(train.seed)
-    model = build_captioner(cfg.model, len(vocab))  # encoder finetune: none | last | all
+    run = RunDir(train.output_dir / train.run_name)
+    model = build_captioner(cfg.model, len(vocab))
     loader = DataLoader(..., sampler=build_train_sampler(dataset, seed=train.seed))
-    optimizer = build_optimizer(model, lr=train.lr, encoder_lr=train.encoder_lr, weight_decay=train.weight_decay)
-    scheduler = build_scheduler(optimizer, train.scheduler, epochs=train.epochs, factor=train.lr_decay,
-                                patience=train.lr_patience, mode="max")
-    hooks = [EncoderFinetuneHook(train.finetune_encoder_from_epoch),   # only when set
-             EvalHook(lambda m: run_evaluation(m, val_loader, evaluator, ...), every_epochs=ev.every_epochs),
-             LRSchedulerHook(scheduler, metric=train.early_stop_metric),  # only when a scheduler is built
+    optimizer = build_optimizer(model, lr=train.lr, encoder_lr=train.encoder_lr)
+    hooks = [EvalHook(lambda m: run_evaluation(m, val_loader, evaluator, ...)),
              EarlyStoppingHook(train.early_stop_metric, train.patience),
-             LoggingHook(run_dir),
-             CheckpointHook(run_dir, metric=train.early_stop_metric, every_steps=500, config=resolved, vocab=words)]
+             LoggingHook(run), ProgressBarHook(),
+             PeriodicCheckpointHook(run, every_steps=200, config=resolved, vocab=words),
+             BestCheckpointHook(run, metric=train.early_stop_metric, config=resolved, vocab=words)]
     trainer = Trainer(model, optimizer, loader, epochs=train.epochs, hooks=hooks, device=dist.device, ...)
-    if resume: trainer.resume(run_dir / "checkpoints" / "last")
+    if resume: trainer.resume(run.find_checkpoint())
     trainer.fit()
-    destroy_distributed()
 """
 from capkit.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from capkit.engine.device import resolve_amp_dtype, resolve_device
@@ -29,15 +24,16 @@ from capkit.engine.distributed import (
     destroy_distributed,
     init_distributed,
     is_main_process,
+    mean_over_ranks,
 )
 from capkit.engine.hooks import (
-    CheckpointHook,
+    BestCheckpointHook,
+    DistributedDataParallelHook,
     EarlyStoppingHook,
     EncoderFinetuneHook,
     EvalHook,
-    Hook,
-    LoggingHook,
     LRSchedulerHook,
+    PeriodicCheckpointHook,
 )
 from capkit.engine.loss import (
     Criterion,
@@ -46,22 +42,31 @@ from capkit.engine.loss import (
     caption_loss,
     self_critical_loss,
 )
+from capkit.engine.monitor import LoggingHook, ProgressBarHook, Throughput
 from capkit.engine.optim import build_optimizer, build_scheduler, load_optimizer_moments, set_requires_grad
+from capkit.engine.replay import EpochReplay
 from capkit.engine.rng import get_rng_state, seed_everything, set_rng_state
-from capkit.engine.trainer import Trainer
+from capkit.engine.run_dir import RunDir
+from capkit.engine.trainer import Hook, Trainer
 
 __all__ = [
-    "CheckpointHook",
+    "BestCheckpointHook",
     "Criterion",
     "CrossEntropyCriterion",
     "DistInfo",
+    "DistributedDataParallelHook",
     "EarlyStoppingHook",
     "EncoderFinetuneHook",
+    "EpochReplay",
     "EvalHook",
     "Hook",
     "LRSchedulerHook",
     "LoggingHook",
+    "PeriodicCheckpointHook",
+    "ProgressBarHook",
+    "RunDir",
     "SelfCriticalCriterion",
+    "Throughput",
     "Trainer",
     "broadcast_object",
     "build_optimizer",
@@ -73,6 +78,7 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "load_optimizer_moments",
+    "mean_over_ranks",
     "load_checkpoint",
     "resolve_amp_dtype",
     "resolve_checkpoint",

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,7 +21,9 @@ __all__ = [
     "is_main_process",
     "world_size",
     "broadcast_object",
+    "mean_over_ranks",
     "build_train_sampler",
+    "rank_zero_first",
 ]
 
 
@@ -89,6 +93,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar tensor over the ranks (its value in single-process runs)."""
+    if world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world_size()
+    return value.item()
+
+
 def build_train_sampler(dataset: Dataset, *, seed: int, shuffle: bool = True, drop_last: bool = False) -> DistributedSampler:
     """The training sampler, for one process or many: each epoch's order comes from ``(seed, epoch)`` alone.
 
@@ -99,3 +112,14 @@ def build_train_sampler(dataset: Dataset, *, seed: int, shuffle: bool = True, dr
     return DistributedSampler(
         dataset, num_replicas=world_size(), rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. extracting the feature cache), then the other ranks."""
+    several = world_size() > 1
+    if several and not is_main_process():
+        dist.barrier()
+    yield
+    if several and is_main_process():
+        dist.barrier()

@@ -1,63 +1,39 @@
-"""Training hooks: evaluation, logging, checkpoints, LR schedules, early stopping, encoder fine-tuning.
+"""Training hooks: evaluation, checkpoints, LR schedules, early stopping, encoder fine-tuning, DDP wrapping.
 
-Every hook method receives the trainer (no back-reference is stored). Hooks run in list order; put
-``CheckpointHook`` last so the checkpoint holds what the other hooks did at the end of the epoch.
+Every hook method receives the trainer (no back-reference is stored). Hooks run in list order; the checkpoint
+hooks come last, so that a checkpoint holds what the other hooks did at the end of the epoch. Logging and the
+progress bar are in ``capkit.engine.monitor``.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
-from torch.utils.tensorboard import SummaryWriter
 
 from capkit.engine.checkpoint import save_checkpoint
-from capkit.engine.distributed import broadcast_object
+from capkit.engine.distributed import broadcast_object, world_size
 from capkit.engine.optim import ENCODER_GROUP, param_group, set_requires_grad
 from capkit.engine.rng import get_rng_state, set_rng_state
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from capkit.engine.trainer import Trainer
+from capkit.engine.run_dir import BEST, LAST, RunDir
+from capkit.engine.trainer import Hook, Trainer
 
 __all__ = [
-    "Hook",
     "EvalHook",
-    "LoggingHook",
-    "CheckpointHook",
+    "PeriodicCheckpointHook",
+    "BestCheckpointHook",
     "EarlyStoppingHook",
     "LRSchedulerHook",
     "EncoderFinetuneHook",
+    "DistributedDataParallelHook",
 ]
 
 MODES = ("max", "min")
-
-
-class Hook:
-    """Base hook: override any subset of the events. ``state_dict`` is saved in checkpoints under ``name``."""
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    def before_train(self, trainer: Trainer) -> None: ...
-    def before_epoch(self, trainer: Trainer) -> None: ...
-    def after_step(self, trainer: Trainer, loss: float) -> None: ...
-    def after_epoch(self, trainer: Trainer) -> None: ...
-    def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-    def after_train(self, trainer: Trainer) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class EvalHook(Hook):
@@ -106,135 +82,96 @@ class EvalHook(Hook):
         return {k: float(v) for k, v in metrics.items()}
 
 
-class LoggingHook(Hook):
-    """Writes ``RUN_DIR/metrics.jsonl`` (one JSON object per line) and TensorBoard events (rank 0 only).
-
-    Step lines: ``{"step", "epoch", "loss", "loss/<part>", "lr", "lr/<group>", "captions_s"}`` every
-    ``every_steps`` steps (``captions_s``: this process's training captions per second since the previous line);
-    evaluation lines: ``{"step", "epoch", "val/<metric>": ...}``. On resume, lines past the checkpoint's step
-    (written by the interrupted run after its last checkpoint) are dropped, so the file has no duplicates.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike, every_steps: int = 10):
-        self.run_dir = Path(run_dir)
-        self.every_steps = every_steps
-        self._file = None
-        self._writer: SummaryWriter | None = None
-        self._since: tuple[float, int] = (0.0, 0)  # (time, captions seen) at the previous step line
-
-    def before_train(self, trainer: Trainer) -> None:
-        if not trainer.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "metrics.jsonl"
-        kept = [line for line in _read_lines(path) if _step_of(line) <= trainer.global_step]
-        path.write_text("".join(kept))
-        self._file = path.open("a")
-        self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=trainer.global_step or None)
-        self._since = (time.perf_counter(), trainer.captions_seen)
-
-    def after_step(self, trainer: Trainer, loss: float) -> None:
-        if self._file is None or trainer.global_step % self.every_steps:
-            return
-        record = {"loss": loss, **{f"loss/{k}": v for k, v in trainer.loss_parts.items()}}
-        for i, group in enumerate(trainer.optimizer.param_groups):
-            record["lr" if i == 0 else f"lr/{group.get('name', i)}"] = group["lr"]
-        now, (then, seen) = time.perf_counter(), self._since
-        record["captions_s"] = (trainer.captions_seen - seen) / max(now - then, 1e-9)
-        self._since = (now, trainer.captions_seen)
-        self._log(trainer, record)
-
-    def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if self._file is not None:
-            self._log(trainer, {f"val/{k}": v for k, v in metrics.items()})
-
-    def _log(self, trainer: Trainer, values: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": trainer.global_step, "epoch": trainer.epoch, **values}) + "\n")
-        self._file.flush()
-        for key, value in values.items():
-            self._writer.add_scalar(key, value, trainer.global_step)
-
-    def after_train(self, trainer: Trainer) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._writer.close()
-            self._file = self._writer = None
-
-
-class CheckpointHook(Hook):
-    """Saves ``RUN_DIR/checkpoints/last`` after every epoch (and every ``every_steps`` steps), and
-    ``RUN_DIR/checkpoints/best`` after an epoch whose evaluation improved ``metric``. Rank 0 only.
-
-    A run that ends without error between two checkpoints (``max_steps``) saves ``last`` at the end too, and
-    ``best`` when the evaluation at its stop (``EvalHook``) improved ``metric``.
+class _CheckpointHook(Hook):
+    """Writes checkpoints of the trainer's state into ``RUN_DIR/checkpoints`` (rank 0 only), with the run's
+    config and vocabulary, which loading a checkpoint for captioning needs.
 
     Args:
-        run_dir: the run's directory.
-        metric: validation metric that selects ``best`` (None: no ``best``).
-        mode: ``max`` if larger is better, else ``min``.
-        every_steps: also save ``last`` every this many steps (needed to resume inside an epoch).
+        run_dir: the run's directory (``RunDir`` or a path).
         config: the resolved experiment config (plain dict), stored in every checkpoint.
         vocab: the vocabulary (its word list or dict form), stored in every checkpoint.
     """
 
-    def __init__(
-        self,
-        run_dir: str | os.PathLike,
-        *,
-        metric: str | None = None,
-        mode: str = "max",
-        every_steps: int | None = None,
-        config: Mapping[str, Any] | None = None,
-        vocab: Any = None,
-    ):
-        _check_mode(mode)
-        self.dir = Path(run_dir) / "checkpoints"
-        self.metric, self.mode, self.every_steps = metric, mode, every_steps
+    def __init__(self, run_dir: RunDir | str | os.PathLike, *, config: Mapping[str, Any] | None = None, vocab: Any = None):
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.config, self.vocab = config, vocab
-        self.best: float | None = None
-        self._improved = False
-        self._saved_step: int | None = None
 
     def before_train(self, trainer: Trainer) -> None:
-        if trainer.hooks[-1] is not self:
+        first = next(i for i, h in enumerate(trainer.hooks) if isinstance(h, _CheckpointHook))
+        if not all(isinstance(h, _CheckpointHook) for h in trainer.hooks[first:]):
             raise ValueError(
-                "CheckpointHook must be the last hook: a checkpoint must hold what the other hooks did at the "
-                f"end of the epoch (evaluation, LR schedule, early stopping); hooks are {[h.name for h in trainer.hooks]}"
+                "the checkpoint hooks must come after every other hook: a checkpoint must hold what the other hooks "
+                f"did at the end of the epoch (evaluation, LR schedule, early stopping); hooks are "
+                f"{[h.name for h in trainer.hooks]}"
             )
+
+    def save(self, trainer: Trainer, name: str) -> None:
+        """Write checkpoint ``name`` of the trainer's current state (on rank 0; a no-op elsewhere)."""
+        if trainer.is_main:
+            save_checkpoint(self.run.checkpoint(name), {**trainer.state_dict(), "config": self.config, "vocab": self.vocab})
+
+
+class PeriodicCheckpointHook(_CheckpointHook):
+    """Saves ``checkpoints/last`` after every epoch, every ``every_steps`` steps (to resume inside an epoch),
+    and at the end of a run that stops without error between two of these (``max_steps``).
+
+    Args: ``run_dir``, ``config``, ``vocab`` (see ``_CheckpointHook``); ``every_steps``: None saves per epoch only.
+    """
+
+    def __init__(self, run_dir: RunDir | str | os.PathLike, *, every_steps: int | None = None, **contents: Any):
+        super().__init__(run_dir, **contents)
+        self.every_steps = every_steps
+        self._saved_step: int | None = None
+
+    def save(self, trainer: Trainer, name: str = LAST) -> None:
+        self._saved_step = trainer.global_step
+        super().save(trainer, name)
 
     def after_step(self, trainer: Trainer, loss: float) -> None:
         if self.every_steps and trainer.global_step % self.every_steps == 0:
-            self.save(trainer, "last")
+            self.save(trainer)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self.save(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if trainer.error is None and self._saved_step != trainer.global_step:
+            self.save(trainer)
+
+
+class BestCheckpointHook(_CheckpointHook):
+    """Saves ``checkpoints/best`` after an epoch whose evaluation improved ``metric`` (and at the end of a run
+    that stops on ``max_steps`` inside an epoch, when the evaluation at its stop improved it).
+
+    Args:
+        run_dir, config, vocab: see ``_CheckpointHook``.
+        metric: the validation metric that selects ``best``.
+        mode: ``max`` if larger is better, else ``min``.
+    """
+
+    def __init__(self, run_dir: RunDir | str | os.PathLike, *, metric: str, mode: str = "max", **contents: Any):
+        _check_mode(mode)
+        super().__init__(run_dir, **contents)
+        self.metric, self.mode = metric, mode
+        self.best: float | None = None
+        self._improved = False
 
     def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if self.metric is None:
-            return
         value = _metric(metrics, self.metric, self.name)
         if _improves(value, self.best, self.mode):
             self.best, self._improved = value, True
 
     def after_epoch(self, trainer: Trainer) -> None:
-        self.save(trainer, "last")
-        self._save_best_if_improved(trainer)
+        self._save_if_improved(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
-        if trainer.error is not None:
-            return
-        if self._saved_step != trainer.global_step:
-            self.save(trainer, "last")
-        self._save_best_if_improved(trainer)
+        if trainer.error is None:
+            self._save_if_improved(trainer)
 
-    def _save_best_if_improved(self, trainer: Trainer) -> None:
+    def _save_if_improved(self, trainer: Trainer) -> None:
         if self._improved:
-            self.save(trainer, "best")
+            self.save(trainer, BEST)
             self._improved = False
-
-    def save(self, trainer: Trainer, name: str) -> None:
-        """Write checkpoint ``name`` of the trainer's current state (on rank 0; a no-op elsewhere)."""
-        self._saved_step = trainer.global_step
-        if trainer.is_main:
-            state = {**trainer.state_dict(), "config": self.config, "vocab": self.vocab}
-            save_checkpoint(self.dir / name, state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
@@ -316,6 +253,25 @@ class EncoderFinetuneHook(Hook):
         set_requires_grad(params, trainer.epoch >= self.from_epoch)
 
 
+class DistributedDataParallelHook(Hook):
+    """Wraps the model in DistributedDataParallel when several ranks train (``trainer.model``; hooks keep using
+    ``trainer.module``), and wraps it again before an epoch whose set of trainable parameters changed: DDP
+    registers the parameters that require grad at construction (e.g. before encoder fine-tuning starts).
+    Put it after the hooks that change what trains (``EncoderFinetuneHook``)."""
+
+    def __init__(self) -> None:
+        self._trainable: tuple[bool, ...] | None = None
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        if world_size() == 1:
+            return
+        trainable = tuple(p.requires_grad for p in trainer.module.parameters())
+        if trainable != self._trainable:
+            ids = [trainer.device.index] if trainer.device.type == "cuda" else None
+            trainer.model = DistributedDataParallel(trainer.module, device_ids=ids)
+            self._trainable = trainable
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be 'max' (larger is better) or 'min', got {mode!r}")
@@ -331,15 +287,3 @@ def _improves(value: float, best: float | None, mode: str) -> bool:
     if math.isnan(value):
         return False
     return best is None or (value > best if mode == "max" else value < best)
-
-
-def _read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines(keepends=True) if path.exists() else []
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics.jsonl line; a line cut short by a kill counts as past every step."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError):
-        return math.inf

@@ -33,6 +33,8 @@ from capkit.errors import CheckpointNotFoundError
 
 __all__ = [
     "RunDir",
+    "LAST",
+    "BEST",
     "CHECKPOINT_MODEL",
     "CHECKPOINT_TENSORS",
     "CHECKPOINT_JSON",

@@ -1,4 +1,9 @@
 """Drawing attention: per-word maps over the image, headless (no display needed)."""
-from capkit.visualization.attention import attention_figure, save_attention_figure, upsample_attention
+from capkit.visualization.attention import (
+    attention_figure,
+    save_attention_figure,
+    save_caption_figure,
+    upsample_attention,
+)
 
-__all__ = ["attention_figure", "save_attention_figure", "upsample_attention"]
+__all__ = ["attention_figure", "save_attention_figure", "save_caption_figure", "upsample_attention"]

@@ -17,7 +17,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-__all__ = ["upsample_attention", "overlay", "attention_figure", "save_attention_figure"]
+from capkit.data.transforms import visible_region
+from capkit.types import EOS, Hypothesis
+
+__all__ = ["upsample_attention", "overlay", "attention_figure", "save_attention_figure", "save_caption_figure"]
 
 
 def upsample_attention(alpha: torch.Tensor | np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -65,7 +68,7 @@ def attention_figure(
         panel_size: inches per panel.
         title: the figure's title (e.g. the full caption).
         region: (x0, y0, x1, y1), the part of the image the encoder saw (its centre crop, see
-            ``capkit.evaluation.grounding.visible_region``); the grid is laid over it. Default: the whole image.
+            ``capkit.data.transforms.visible_region``); the grid is laid over it. Default: the whole image.
     """
     alphas = np.asarray(alphas.detach().cpu() if isinstance(alphas, torch.Tensor) else alphas, dtype=np.float32)
     if alphas.ndim != 2 or alphas.shape[0] != len(words) or alphas.shape[1] != grid[0] * grid[1]:
@@ -109,3 +112,29 @@ def save_attention_figure(path: str | os.PathLike, *args, dpi: int = 100, **kwar
     fig = attention_figure(*args, **kwargs)
     fig.savefig(path, dpi=dpi, format="png")
     return os.fspath(path)
+
+
+def save_caption_figure(
+    path: str | os.PathLike,
+    image: Image.Image,
+    hypothesis: Hypothesis,
+    grid: tuple[int, int],
+    *,
+    words: Sequence[str],
+    data_config: dict,
+    **kwargs,
+) -> str:
+    """The per-word attention figure of a generated caption, written to ``path`` (PNG): a panel per word and
+    one for ``<end>``, each map laid over the part of ``image`` the encoder saw.
+
+    Args:
+        image: the picture as given to the model (any size).
+        hypothesis: the caption (``Generation.best[i]``), its ``alphas`` (len(tokens) + 1, N).
+        grid: (H, W) of the generation (``Generation.grid``).
+        words: the vocabulary's id -> word list (``Vocabulary.itos``).
+        data_config: the encoder's preprocessing (``model.encoder.data_config``), which decides what it saw.
+        kwargs: ``attention_figure``'s options (``columns``, ``panel_size``, ``title``) and ``dpi``.
+    """
+    labels = [words[t] for t in hypothesis.tokens] + [EOS]
+    region = visible_region(*image.size, data_config)
+    return save_attention_figure(path, image, labels, hypothesis.alphas, grid, region=region, **kwargs)

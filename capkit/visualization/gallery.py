@@ -7,11 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from capkit.visualization.attention import save_attention_figure
+from capkit.types import Hypothesis
+from capkit.visualization.attention import save_caption_figure
 
 __all__ = ["GalleryItem", "write_gallery"]
 
@@ -23,21 +22,27 @@ class GalleryItem:
     caption: str
     references: Sequence[str]
     scores: Mapping[str, float]  # per-image metric values
-    words: Sequence[str]  # one per row of ``alphas`` (the caption's words and <end>)
-    alphas: torch.Tensor | np.ndarray  # (T, N)
+    hypothesis: Hypothesis  # the generated caption, with its attention maps
     grid: tuple[int, int]
-    region: tuple[float, float, float, float] | None = None  # the part of the image the encoder saw
 
 
-def write_gallery(out_dir: str | os.PathLike, items: Sequence[GalleryItem], title: str = "capkit gallery") -> Path:
-    """Write ``out_dir/index.html`` plus one attention strip PNG per item; returns the HTML file's path."""
+def write_gallery(
+    out_dir: str | os.PathLike,
+    items: Sequence[GalleryItem],
+    *,
+    words: Sequence[str],
+    data_config: dict,
+    title: str = "capkit gallery",
+) -> Path:
+    """Write ``out_dir/index.html`` plus one attention strip PNG per item; returns the HTML file's path.
+    ``words`` and ``data_config``: see ``save_caption_figure``."""
     out = Path(out_dir)
     (out / "attention").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, item in enumerate(items):
         strip = Path("attention") / f"{i:04d}.png"
-        save_attention_figure(out / strip, item.image, list(item.words), item.alphas, item.grid,
-                              columns=len(item.words) + 1, panel_size=1.6, region=item.region)
+        save_caption_figure(out / strip, item.image, item.hypothesis, item.grid, words=words, data_config=data_config,
+                            columns=len(item.hypothesis.tokens) + 2, panel_size=1.6)
         scores = ", ".join(f"{k} {v:.3f}" for k, v in item.scores.items())
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in item.references)
         rows.append(

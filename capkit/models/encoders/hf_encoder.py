@@ -6,7 +6,6 @@ import and only this encoder needs it).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import os
 from collections.abc import Mapping
@@ -98,7 +97,7 @@ class HFEncoder(Encoder):
         self._data_config = _data_config(processor, self.config)
         self.finetune = finetune
         self._patch_stride = _patch_stride(self.config)
-        self._accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self._interpolates = True  # until the model refuses interpolate_pos_encoding
         self.model.eval()  # the probes below must not update batch-norm statistics or draw dropout masks
         self._set_trainable(finetune, finetune_layers)
         if self._out_channels is None:  # neither hidden_size nor hidden_sizes: ask the model
@@ -162,10 +161,16 @@ class HFEncoder(Encoder):
 
     # ------------------------------------------------------------------------------------------ forward
     def _features(self, images: Tensor) -> Tensor:
-        kwargs = {}
-        if self._accepts_interpolate and tuple(images.shape[-2:]) != _pair(getattr(self.config, "image_size", 0)):
-            kwargs["interpolate_pos_encoding"] = True
-        return self.model(pixel_values=images, **kwargs).last_hidden_state
+        """The model's last hidden state; position embeddings interpolated to another size than the config's,
+        where the model takes ``interpolate_pos_encoding`` (the others size their embeddings themselves)."""
+        if self._interpolates and tuple(images.shape[-2:]) != _pair(getattr(self.config, "image_size", 0)):
+            try:
+                return self.model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state
+            except TypeError as err:
+                if "interpolate_pos_encoding" not in str(err):
+                    raise
+                self._interpolates = False
+        return self.model(pixel_values=images).last_hidden_state
 
     def forward(self, images: Tensor) -> EncoderOutput:
         with self.no_grad_if_frozen():
@@ -218,10 +223,18 @@ def _vision_model(config: Any, source: str | None, kwargs: dict[str, Any]) -> nn
     if type(config) not in MODEL_MAPPING:
         raise ValueError(f"hf encoder: transformers has no AutoModel for model_type {config.model_type!r}")
     cls = MODEL_MAPPING[type(config)]
-    extra = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+    try:  # no pooler where the class has one to leave out (ViT, DeiT, BEiT): the features are the hidden states
+        return _instantiate(cls, config, source, {**kwargs, "add_pooling_layer": False})
+    except TypeError as err:
+        if "add_pooling_layer" not in str(err):
+            raise
+        return _instantiate(cls, config, source, kwargs)
+
+
+def _instantiate(cls: type, config: Any, source: str | None, kwargs: dict[str, Any]) -> nn.Module:
     if source is None:
-        return cls(config, **extra)
-    return cls.from_pretrained(source, config=config, **extra, **kwargs)
+        return cls(config, **kwargs)
+    return cls.from_pretrained(source, config=config, **kwargs)
 
 
 def _load(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from torch import Tensor, nn
 
 from capkit.errors import WeightsUnavailableError

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("capkit_adaptive")
 
-from capkit.ablation import load_ablation, run_ablation, summarise  # noqa: E402
+from capkit.recipes.ablation import load_ablation, run_ablation, summarise  # noqa: E402
 
 BASE = """
 model:

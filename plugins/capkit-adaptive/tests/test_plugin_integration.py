@@ -162,7 +162,7 @@ def test_a_config_naming_the_plugin_trains_generates_and_draws(tmp_path):
 
     # the sentinel share of every generated word, on the same beam-search hypothesis
     from capkit.data.transforms import build_transform
-    from capkit.inference import load_trained
+    from capkit.recipes.inference import load_trained
     from capkit.types import EOS
     from capkit_adaptive import hypothesis_sentinel_shares, save_sentinel_figure
 

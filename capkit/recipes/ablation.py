@@ -1,8 +1,8 @@
 """The attention ablation: train and evaluate variants on equal terms, then tabulate and plot them.
 
 Every variant starts from one experiment config (same data, same cached encoder features, same budget) and
-differs only by its overrides; each runs once per seed. A finished run leaves ``result.json`` in its
-directory, so re-running the ablation skips it (and an interrupted run resumes from its last checkpoint).
+differs only by its overrides; each runs once per seed. A finished run leaves its result (``RunDir.result``) in
+its directory, so re-running the ablation skips it (and an interrupted run resumes from its last checkpoint).
 """
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ from matplotlib.figure import Figure
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from capkit.cli.train import run as train_run
-from capkit.config import ConfigError, load_config
+from capkit.config import load_config
+from capkit.engine.run_dir import BEST, LAST, RunDir
+from capkit.errors import ConfigError
 from capkit.evaluation import CaptionEvaluator, decode_batches
 from capkit.evaluation.grounding import measure_grounding
-from capkit.inference import load_eval_split, load_trained
+from capkit.recipes.inference import load_eval_split, load_trained
+from capkit.recipes.train import train_experiment
 
 __all__ = ["VariantConfig", "AblationConfig", "load_ablation", "run_ablation", "summarise"]
 
@@ -77,18 +79,17 @@ def run_ablation(ablation: AblationConfig) -> list[dict[str, Any]]:
     results = []
     for variant in ablation.variants:
         for seed in ablation.seeds:
-            run_dir = out / variant.name / f"seed{seed}"
-            done = run_dir / "result.json"
-            if done.is_file():
-                log.info("skip %s seed %d: finished (%s)", variant.name, seed, done)
-                results.append(json.loads(done.read_text()))
+            run = RunDir(out / variant.name / f"seed{seed}")
+            if run.result.is_file():
+                log.info("skip %s seed %d: finished (%s)", variant.name, seed, run.result)
+                results.append(json.loads(run.result.read_text()))
                 continue
             cfg = _variant_config(ablation, variant, seed, out)
-            resume = run_dir if (run_dir / "checkpoints" / "last").exists() else None
+            resume = run.root if run.has_checkpoint(LAST) else None
             log.info("run %s seed %d%s", variant.name, seed, " (resuming)" if resume else "")
-            train_run(cfg, config_path=Path(ablation.base), resume=resume, samples=0)
-            result = {"variant": variant.name, "seed": seed, **_score(run_dir, ablation.split)}
-            done.write_text(json.dumps(result, indent=2) + "\n")
+            train_experiment(cfg, config_path=ablation.base, resume=resume, samples=0)
+            result = {"variant": variant.name, "seed": seed, **_score(run, ablation.split)}
+            run.result.write_text(json.dumps(result, indent=2) + "\n")
             results.append(result)
     return results
 
@@ -103,16 +104,15 @@ def _variant_config(ablation: AblationConfig, variant: VariantConfig, seed: int,
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([*variant.overrides, *run]))
 
 
-def _score(run_dir: Path, split_name: str) -> dict[str, Any]:
+def _score(run: RunDir, split_name: str) -> dict[str, Any]:
     """Metrics, parameter count, training time, decoding speed and (where boxes exist) grounding of a run."""
-    trained = load_trained(run_dir / "checkpoints" / "best")
+    trained = load_trained(run.find_checkpoint(BEST))
     cfg, model = trained.config, trained.model
     split, loader = load_eval_split(trained, split_name)
     evaluator = CaptionEvaluator(list(cfg.eval.metrics))
-    decoding = dict(beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len, length_penalty=cfg.eval.length_penalty)
     captions, started = {}, time.perf_counter()
     # one timed decoding pass gives the speed, the scored captions and the grounding
-    for batch, generation in decode_batches(model, loader, **decoding):
+    for batch, generation in decode_batches(model, loader, **trained.decoding):
         captions.update(zip(batch.image_ids, generation.best))
         evaluator.process(batch, generation, trained.vocab.decode)
     images_per_s = len(split.records) / (time.perf_counter() - started)
@@ -123,7 +123,7 @@ def _score(run_dir: Path, split_name: str) -> dict[str, Any]:
             measure_grounding(captions, records, trained.vocab.itos, generation.grid, model.encoder.data_config)
         )
     decoder_params = sum(p.numel() for p in model.decoder.parameters())
-    summary = json.loads((run_dir / "train_summary.json").read_text())
+    summary = json.loads(run.summary.read_text())
     return {**metrics, "decoder_params": decoder_params, "train_seconds": summary["train_seconds"],
             "decode_images_per_s": images_per_s}
 

@@ -13,11 +13,13 @@ from torch.utils.data import DataLoader
 
 from capkit.builder import build_captioner
 from capkit.config import ExperimentConfig, to_container
-from capkit.data.build import LoadedSplit, build_eval_loader, load_split
+from capkit.data.build import LoadedSplit, load_split
 from capkit.data.transforms import build_transform
 from capkit.data.vocab import Vocabulary
 from capkit.engine.checkpoint import load_checkpoint
+from capkit.errors import CheckpointError
 from capkit.models.captioner import Captioner
+from capkit.recipes.experiment import build_eval_loader_for, decoding_settings
 from capkit.registry import import_plugins
 from capkit.types import Generation
 
@@ -31,13 +33,20 @@ class TrainedCaptioner:
     config: DictConfig  # the resolved experiment config the model was trained with
     device: torch.device
 
+    @property
+    def decoding(self) -> dict[str, Any]:
+        """The decoding settings the run evaluated with: ``beam_size``, ``max_len``, ``length_penalty``."""
+        return decoding_settings(self.config.eval)
+
 
 def load_trained(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedCaptioner:
     """Rebuild the model from the config stored in ``checkpoint`` (a directory such as
     ``RUN_DIR/checkpoints/best``) and load its weights, vocabulary and config. Reads no pickle."""
     state = load_checkpoint(checkpoint)
     if not state.get("config") or not state.get("vocab"):
-        raise ValueError(f"{checkpoint}: the checkpoint holds no config or vocabulary; was it written by tools/train.py?")
+        raise CheckpointError(
+            f"{checkpoint}: the checkpoint holds no config or vocabulary; was it written by `capkit train`?"
+        )
     config = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), state["config"])
     import_plugins(list(config.plugins))
     vocab = Vocabulary(state["vocab"])  # the full id -> word list; the special tokens are re-added first
@@ -55,12 +64,7 @@ def load_eval_split(
     data = trained.config.data
     dataset = {**to_container(data.dataset), **(dataset_overrides or {})}
     loaded = load_split(dataset, split, skip_missing_images=data.skip_missing_images)
-    loader = build_eval_loader(
-        loaded, trained.model.encoder, batch_size=trained.config.eval.batch_size, cache_features=data.cache_features,
-        cache_dir=data.cache_dir, skip_corrupt_images=data.skip_corrupt_images, num_workers=data.num_workers,
-        device=trained.device,
-    )
-    return loaded, loader
+    return loaded, build_eval_loader_for(trained.config, loaded, trained.model.encoder, trained.device)
 
 
 def caption_images(

@@ -1,0 +1,58 @@
+"""What every recipe reads from an experiment config: the loaders' settings and the decoding settings.
+
+The components take typed keyword arguments; these functions are where a config's sections become them, so
+that training, testing, evaluation and the ablation build their loaders and decode the same way.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from capkit.data.build import LoadedSplit, build_eval_loader, build_train_loader
+from capkit.data.vocab import Vocabulary
+from capkit.engine.distributed import DistInfo
+
+__all__ = ["caches_features", "build_train_loader_for", "build_eval_loader_for", "decoding_settings"]
+
+
+def caches_features(cfg: DictConfig) -> bool:
+    """Whether the run reads a frozen encoder's features from the cache; fine-tuning the encoder needs images."""
+    return cfg.data.cache_features and cfg.train.finetune_encoder_from_epoch is None
+
+
+def _source_options(cfg: DictConfig, device: str | torch.device) -> dict[str, Any]:
+    d = cfg.data
+    return dict(
+        cache_features=caches_features(cfg), cache_dir=d.cache_dir, skip_corrupt_images=d.skip_corrupt_images,
+        num_workers=d.num_workers, device=device,
+    )
+
+
+def build_train_loader_for(
+    cfg: DictConfig, split: LoadedSplit, encoder: nn.Module, vocab: Vocabulary, dist: DistInfo
+) -> DataLoader:
+    """The training batches of ``split`` as the config says: per caption, or per image for self-critical training."""
+    t, d = cfg.train, cfg.data
+    return build_train_loader(
+        split, encoder, vocab, batch_size=t.batch_size, max_caption_len=d.max_caption_len, augment=d.augment,
+        seed=t.seed, rank=dist.rank, world_size=dist.world_size, per_image=t.objective == "scst",
+        **_source_options(cfg, dist.device),
+    )
+
+
+def build_eval_loader_for(
+    cfg: DictConfig, split: LoadedSplit, encoder: nn.Module, device: str | torch.device, max_images: int | None = None
+) -> DataLoader:
+    """The evaluation batches of ``split`` (``eval.batch_size`` images each; the first ``max_images`` only)."""
+    return build_eval_loader(
+        split, encoder, batch_size=cfg.eval.batch_size, max_images=max_images, **_source_options(cfg, device)
+    )
+
+
+def decoding_settings(eval_cfg: DictConfig) -> dict[str, Any]:
+    """The beam search settings of an ``eval`` section: ``beam_size``, ``max_len``, ``length_penalty``."""
+    return dict(beam_size=eval_cfg.beam_size, max_len=eval_cfg.max_len, length_penalty=eval_cfg.length_penalty)

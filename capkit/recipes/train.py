@@ -1,0 +1,284 @@
+"""Train an experiment config end to end: prepare, build the hooks, train, test.
+
+``train_experiment`` composes the steps, as detectron2's ``do_train`` does; each step is a function of its
+own, so a plugin or a notebook can run them one by one. The trainer itself never reads the config. Works
+alone or under ``torchrun --nproc_per_node N`` (DistributedDataParallel).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from capkit.builder import build_captioner
+from capkit.config import save_config, to_container
+from capkit.data import ImageRecord, LoadedSplit, Vocabulary, load_split, tokenize
+from capkit.engine import (
+    BestCheckpointHook,
+    Criterion,
+    CrossEntropyCriterion,
+    DistInfo,
+    DistributedDataParallelHook,
+    EarlyStoppingHook,
+    EncoderFinetuneHook,
+    EvalHook,
+    Hook,
+    LoggingHook,
+    LRSchedulerHook,
+    PeriodicCheckpointHook,
+    ProgressBarHook,
+    RunDir,
+    SelfCriticalCriterion,
+    Trainer,
+    build_optimizer,
+    build_scheduler,
+    destroy_distributed,
+    init_distributed,
+    load_checkpoint,
+    load_optimizer_moments,
+    seed_everything,
+)
+from capkit.engine.distributed import rank_zero_first
+from capkit.engine.run_dir import BEST, LAST
+from capkit.errors import ConfigError, MissingImagesError
+from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
+from capkit.models.captioner import Captioner
+from capkit.recipes.experiment import (
+    build_eval_loader_for,
+    build_train_loader_for,
+    decoding_settings,
+)
+
+__all__ = ["OBJECTIVES", "Experiment", "prepare", "build_hooks", "train", "test", "train_experiment"]
+
+log = logging.getLogger("capkit.train")
+
+CHECKPOINT_EVERY_STEPS = 200  # step checkpoints let a killed run resume inside an epoch
+OBJECTIVES = ("xent", "scst")
+
+
+@dataclass
+class Experiment:
+    """A run prepared from its config, before anything trains.
+
+    Attributes:
+        cfg: the resolved experiment config.
+        run: the run directory (created by ``prepare`` on rank 0).
+        dist: this process's place in the job.
+        train_split, val_split: the loaded splits.
+        vocab: the vocabulary (built from the training captions, or the resumed or initial run's).
+        model: the captioner, with ``train.init_from``'s weights when set.
+        resumed: the checkpoint ``--resume`` continues from, or None.
+        initial: ``train.init_from``'s checkpoint (its optimizer moments are still to load), or None.
+    """
+
+    cfg: DictConfig
+    run: RunDir
+    dist: DistInfo
+    train_split: LoadedSplit
+    val_split: LoadedSplit
+    vocab: Vocabulary
+    model: Captioner
+    resumed: dict[str, Any] | None = None
+    initial: dict[str, Any] | None = None
+
+
+def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = False) -> Experiment:
+    """Seed, load the data, the vocabulary and the model, check the config against a resumed run, and write
+    the run's config and vocabulary. Everything that can fail on the user's input fails here, before training."""
+    t, d = cfg.train, cfg.data
+    if t.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective is {t.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    seed_everything(t.seed)
+    run = RunDir(run_dir)
+    dataset = to_container(d.dataset)
+    train_split = load_split(dataset, "train", skip_missing_images=d.skip_missing_images)
+    val_split = load_split(dataset, "val", skip_missing_images=d.skip_missing_images)
+    resumed = load_checkpoint(run.find_checkpoint(LAST)) if resume else None
+    initial = load_checkpoint(t.init_from) if t.init_from and resumed is None else None
+    if resumed is not None:
+        _check_same_config(resumed["config"], cfg, run)
+        vocab = Vocabulary(resumed["vocab"])
+    elif initial is not None:
+        vocab = Vocabulary(initial["vocab"])
+    else:
+        vocab = Vocabulary.build((c for r in train_split.records for c in r.captions), d.vocab_min_count, d.vocab_max_size)
+    model = build_captioner(to_container(cfg.model), len(vocab))
+    if initial is not None:
+        _load_initial_weights(model, initial["model"], t.init_from)
+    return Experiment(cfg, run, dist, train_split, val_split, vocab, model, resumed, initial)
+
+
+def build_criterion(cfg: DictConfig, records: list[ImageRecord], vocab: Vocabulary) -> Criterion:
+    """Cross-entropy, or self-critical training rewarded against the training references (``scst_reward``)."""
+    t = cfg.train
+    if t.objective == "xent":
+        return CrossEntropyCriterion(dict(t.aux_loss_weights), label_smoothing=t.label_smoothing)
+    references = {r.image_id: [" ".join(tokenize(c)) for c in r.captions] for r in records}
+    try:
+        score = build_reward(dict(t.scst_reward), references)
+    except ValueError as err:
+        raise ConfigError(f"train.scst_reward: {err}") from err
+
+    def reward(image_ids: list[str], words: list[list[int]]) -> list[float]:  # <unk> stays, and matches nothing
+        return score(image_ids, [" ".join(vocab.itos[w] for w in ws) for ws in words])
+
+    return SelfCriticalCriterion(reward, num_samples=t.scst_samples, max_len=cfg.data.max_caption_len)
+
+
+def build_hooks(exp: Experiment, evaluate_fn, scheduler) -> list[Hook]:
+    """The run's hooks, in the order they must run: what changes the model or the schedule, evaluation and
+    what reacts to it, what shows the run, and the checkpoints last."""
+    t, e = exp.cfg.train, exp.cfg.eval
+    hooks: list[Hook] = []
+    if t.finetune_encoder_from_epoch is not None:
+        hooks.append(EncoderFinetuneHook(t.finetune_encoder_from_epoch))
+    hooks += [DistributedDataParallelHook(), EvalHook(evaluate_fn, every_epochs=e.every_epochs)]
+    if scheduler is not None:
+        hooks.append(LRSchedulerHook(scheduler, metric=t.early_stop_metric))
+    contents = dict(config=to_container(exp.cfg), vocab=exp.vocab.itos)
+    return hooks + [
+        EarlyStoppingHook(t.early_stop_metric, t.patience),
+        LoggingHook(exp.run),
+        ProgressBarHook(),
+        PeriodicCheckpointHook(exp.run, every_steps=CHECKPOINT_EVERY_STEPS, **contents),
+        BestCheckpointHook(exp.run, metric=t.early_stop_metric, **contents),
+    ]
+
+
+def train(exp: Experiment) -> Trainer:
+    """Build the loaders (extracting the feature cache on first use), optimizer and hooks, and train."""
+    cfg, model, dist = exp.cfg, exp.model, exp.dist
+    t, e = cfg.train, cfg.eval
+    criterion = build_criterion(cfg, exp.train_split.records, exp.vocab)  # before the feature cache: config errors first
+    if dist.is_main:
+        exp.run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, exp.run.config)
+        exp.vocab.save(exp.run.vocab)
+        log.info("run %s: %s, vocabulary %d words, %d trainable parameters", exp.run.root, _describe(cfg),
+                 len(exp.vocab), sum(p.numel() for p in model.parameters() if p.requires_grad))
+    with rank_zero_first():  # rank 0 extracts the feature cache
+        train_loader = build_train_loader_for(cfg, exp.train_split, model.encoder, exp.vocab, dist)
+        val_loader = build_eval_loader_for(cfg, exp.val_split, model.encoder, dist.device, e.max_images)
+    evaluator = CaptionEvaluator(list(e.metrics))
+
+    def evaluate(m: Captioner) -> dict[str, float]:
+        return run_evaluation(m, val_loader, evaluator, decode=exp.vocab.decode, **decoding_settings(e))
+
+    optimizer = build_optimizer(model, lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay)
+    if exp.initial is not None and not load_optimizer_moments(optimizer, exp.initial["optimizer"]):
+        log.info("train.init_from: the optimizer state does not fit this run's trainable parameters; fresh state")
+    scheduler = build_scheduler(optimizer, t.scheduler, epochs=t.epochs, factor=t.lr_decay, patience=t.lr_patience, mode="max")
+    trainer = Trainer(
+        model, optimizer, train_loader, epochs=t.epochs, hooks=build_hooks(exp, evaluate, scheduler),
+        device=dist.device, grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last,
+        criterion=criterion, max_steps=t.max_steps,
+    )
+    if exp.resumed is not None:
+        trainer.load_state_dict(exp.resumed)
+        log.info("resumed at epoch %d, step %d", trainer.epoch, trainer.global_step)
+    started = time.perf_counter()
+    trainer.fit()
+    if dist.is_main:
+        seconds = time.perf_counter() - started
+        log.info("training took %.1f s%s", seconds, f" ({trainer.stop_reason})" if trainer.stop_reason else "")
+        _write_summary(exp.run, seconds, trainer)
+    return trainer
+
+
+def test(exp: Experiment, model: Captioner, split: str = "test", samples: int = 5) -> dict[str, float] | None:
+    """Score the best checkpoint (the last weights when no evaluation ran) on ``split``; write its metrics,
+    captions and per-image scores into the run directory and print them with a few sample captions."""
+    cfg, run = exp.cfg, exp.run
+    if run.has_checkpoint(BEST):
+        model.load_state_dict(load_checkpoint(run.find_checkpoint(BEST))["model"])
+    else:
+        log.warning("no best checkpoint (no evaluation ran): testing the last weights")
+    try:
+        loaded = load_split(to_container(cfg.data.dataset), split, skip_missing_images=cfg.data.skip_missing_images)
+    except MissingImagesError as err:
+        log.warning("%s split skipped: %s. Score it later with capkit evaluate --checkpoint %s", split, err, run.best)
+        return None
+    loader = build_eval_loader_for(cfg, loaded, model.encoder, exp.dist.device)
+    evaluator = CaptionEvaluator(list(cfg.eval.metrics))
+    decoding = decoding_settings(cfg.eval)
+    metrics = run_evaluation(model, loader, evaluator, decode=exp.vocab.decode, **decoding)
+    run.split_metrics(split).write_text(json.dumps(metrics, indent=2) + "\n")
+    evaluator.save(run.split_captions(split), run.split_per_image(split))
+    print(f"\n{split} split ({len(loaded.records)} images), beam {decoding['beam_size']}:")
+    for key, value in metrics.items():
+        print(f"  {key:<10} {value:.4f}")
+    shown = list(evaluator.hypotheses)[:samples]
+    if shown:
+        print("\nsample captions (generated | first reference):")
+        for image_id in shown:
+            print(f"  {image_id}: {evaluator.hypotheses[image_id]} | {evaluator.references[image_id][0]}")
+    return metrics
+
+
+def train_experiment(
+    cfg: DictConfig, *, config_path: str | os.PathLike, resume: str | os.PathLike | None = None, samples: int = 5
+) -> Path:
+    """Train ``cfg`` (read from ``config_path``, which names a run without ``train.run_name``), or continue the
+    run in ``resume``; test the best checkpoint; return the run directory."""
+    dist = init_distributed(cfg.train.device)
+    try:
+        run_dir = Path(resume) if resume else _new_run_dir(cfg, Path(config_path))
+        exp = prepare(cfg, dist, run_dir=run_dir, resume=resume is not None)
+        trainer = train(exp)
+        if dist.is_main:
+            test(exp, trainer.module, samples=samples)
+        return exp.run.root
+    finally:
+        destroy_distributed()
+
+
+def _new_run_dir(cfg: DictConfig, config_path: Path) -> Path:
+    t = cfg.train
+    return Path(t.output_dir) / (t.run_name or f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _load_initial_weights(model: Captioner, weights: dict, path: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ConfigError(
+            f"train.init_from={path}: its weights do not fit this config's model ({detail}); use the model "
+            f"section of the config that trained it"
+        ) from err
+
+
+def _write_summary(run: RunDir, seconds: float, trainer: Trainer) -> None:
+    """The run's summary: training wall time (summed over resumed sessions), position, stop reason."""
+    before = json.loads(run.summary.read_text())["train_seconds"] if run.summary.is_file() else 0.0
+    summary = {
+        "train_seconds": before + seconds, "epochs_done": trainer.epoch, "global_step": trainer.global_step,
+        "stop_reason": trainer.stop_reason,
+    }
+    run.summary.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _check_same_config(saved: dict, cfg: DictConfig, run: RunDir) -> None:
+    ignored = {"train": {"epochs", "max_steps"}}  # a resumed run may be extended
+    current = to_container(cfg)
+    for section in ("model", "data", "train", "eval"):
+        for key in set(saved[section]) | set(current[section]):
+            if key in ignored.get(section, ()):
+                continue
+            if saved[section].get(key) != current[section].get(key):
+                raise ConfigError(
+                    f"--resume {run.root}: {section}.{key} is {current[section].get(key)!r} but the run was trained "
+                    f"with {saved[section].get(key)!r}; resume with the run's own config ({run.config})"
+                )
+
+
+def _describe(cfg: DictConfig) -> str:
+    m = cfg.model
+    return f"{m.encoder.get('model_name', m.encoder.name)} + {m.attention.name} + {m.decoder.name}"
