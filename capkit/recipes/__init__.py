@@ -1,0 +1,11 @@
+"""Recipes: what a command does, as library functions over the engine, the builder and the data layer.
+
+- ``train``: ``train_experiment(cfg, config_path=...)``, composed of ``prepare``, ``build_hooks``, ``train`` and
+  ``test``;
+- ``evaluate``: ``score_checkpoint`` (a split, with an optional gallery) and ``score_files``;
+- ``inference``: ``load_trained`` and ``caption_images``;
+- ``ablation``: ``load_ablation``, ``run_ablation``, ``summarise``;
+- ``experiment``: the loader and decoding settings every recipe reads from a config.
+
+The command line (``capkit.cli``) parses arguments and calls these; nothing here imports it.
+"""
