@@ -7,5 +7,5 @@
 - ``ablation``: ``load_ablation``, ``run_ablation``, ``summarise``;
 - ``experiment``: the loader and decoding settings every recipe reads from a config.
 
-The command line (``capkit.cli``) parses arguments and calls these; nothing here imports it.
+The command line parses arguments and calls these; nothing here imports it.
 """
