@@ -35,7 +35,7 @@ def run(amp: str, device: torch.device) -> dict:
     model = build_captioner(MODEL, VOCAB)
     trainer = Trainer(model, build_optimizer(model, lr=4e-4), DataLoader([]), epochs=1, device=device, amp=amp,
                       criterion=CrossEntropyCriterion({"doubly_stochastic": 1.0}), grad_clip=5.0,
-                      progress=False)
+                      )
     _, captions = make_batch(BATCH, (1, 1), 1, VOCAB, device)
     images = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     batch = CaptionBatch([str(i) for i in range(BATCH)], captions=captions, images=images)

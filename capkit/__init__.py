@@ -4,6 +4,7 @@ from capkit import data  # noqa: F401  (registers the builtin datasets)
 from capkit import evaluation  # noqa: F401  (registers the builtin metrics)
 from capkit.builder import build_captioner
 from capkit.config import load_config, save_config
+from capkit.errors import CapkitError
 from capkit.models.captioner import Captioner
 from capkit.registry import ATTENTIONS, DATASETS, DECODERS, ENCODERS, METRICS, REGISTRIES, Registry
 from capkit.types import DecoderOutput, EncoderOutput, Generation, Hypothesis
@@ -17,6 +18,7 @@ __all__ = [
     "ENCODERS",
     "METRICS",
     "REGISTRIES",
+    "CapkitError",
     "Captioner",
     "DecoderOutput",
     "EncoderOutput",

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+from capkit.errors import ConfigError, ConfigKeyError
 from capkit.models.captioner import Captioner
 from capkit.registry import ATTENTIONS, DECODERS, ENCODERS
 
@@ -23,7 +24,7 @@ def build_captioner(model_cfg: Mapping[str, Any], vocab_size: int) -> Captioner:
     missing = [s for s in MODEL_SECTIONS if s not in model_cfg]
     extra = [s for s in model_cfg if s not in MODEL_SECTIONS]
     if missing or extra:
-        raise KeyError(
+        raise ConfigKeyError(
             f"model config needs exactly the sections {', '.join(MODEL_SECTIONS)}; "
             f"missing: {missing or 'none'}, unknown: {extra or 'none'}"
         )
@@ -44,7 +45,7 @@ def _check_supported_attention(model_cfg: Mapping[str, Any]) -> None:
         return  # the registries report the missing name
     supported = getattr(DECODERS.get(decoder_name), "supported_attentions", None)
     if supported is not None and attention_name not in supported:
-        raise ValueError(
+        raise ConfigError(
             f"decoder {decoder_name!r} does not take attention {attention_name!r}: it supports only "
             f"{', '.join(repr(s) for s in supported)} (set model.attention: {{name: {supported[0]}}})"
         )

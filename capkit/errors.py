@@ -12,7 +12,11 @@ from __future__ import annotations
 __all__ = [
     "CapkitError",
     "ConfigError",
+    "ConfigKeyError",
     "ComponentNotFoundError",
+    "ComponentArgumentError",
+    "DuplicateComponentError",
+    "PluginError",
     "DataError",
     "DatasetNotFoundError",
     "MissingImagesError",
@@ -28,15 +32,35 @@ class CapkitError(Exception):
     """Base of every user error; ``str(err)`` is the whole message (what, where, what to do)."""
 
 
+class _Message:
+    """For the classes that also derive from ``KeyError``, which would quote the message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ConfigError(CapkitError, ValueError):
     """A config file, override or setting is invalid; the message names the file or override and the key."""
 
 
-class ComponentNotFoundError(CapkitError, KeyError):
+class ConfigKeyError(_Message, ConfigError, KeyError):
+    """A config lacks a key it needs, or names one that does not exist."""
+
+
+class ComponentNotFoundError(ConfigKeyError):
     """A registry has no component of that name; the message lists close matches and every known name."""
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+
+class ComponentArgumentError(ConfigError, TypeError):
+    """A component's config section sets a keyword its constructor does not take."""
+
+
+class DuplicateComponentError(_Message, CapkitError, KeyError):
+    """Two components (builtin or from plugins) claim one registry name."""
+
+
+class PluginError(CapkitError, ImportError):
+    """A plugin module or entry point cannot be imported."""
 
 
 class DataError(CapkitError):

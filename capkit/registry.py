@@ -13,7 +13,14 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from capkit.errors import ComponentNotFoundError
+from capkit.errors import (
+    ComponentArgumentError,
+    ComponentNotFoundError,
+    ConfigError,
+    ConfigKeyError,
+    DuplicateComponentError,
+    PluginError,
+)
 
 __all__ = [
     "Registry",
@@ -79,7 +86,7 @@ class Registry:
                 origin = _entry_point_origin(ep)
             taken = _entry_point_origin(ep)
         if taken is not None and taken != origin:
-            raise KeyError(
+            raise DuplicateComponentError(
                 f"{self.kind} name {name!r} is registered twice: by {taken} and by {origin}. "
                 f"Rename one of them (registry names must be unique)."
             )
@@ -94,12 +101,12 @@ class Registry:
         for ep in entry_points(group=self.group):
             origin = _entry_point_origin(ep)
             if ep.name in self._origins and self._origins[ep.name] != origin:  # not: loaded from this very ep
-                raise KeyError(
+                raise DuplicateComponentError(
                     f"{self.kind} name {ep.name!r} is registered twice: by {self._origins[ep.name]} "
                     f"and by {origin}. Rename the plugin's entry point or uninstall one of them."
                 )
             if ep.name in found and found[ep.name].value != ep.value:
-                raise KeyError(
+                raise DuplicateComponentError(
                     f"{self.kind} name {ep.name!r} is registered twice: by {_entry_point_origin(found[ep.name])} "
                     f"and by {origin}. Uninstall one of the two distributions."
                 )
@@ -131,7 +138,7 @@ class Registry:
             try:
                 obj = ep.load()
             except Exception as err:  # a broken plugin fails only when selected, and says which
-                raise ImportError(
+                raise PluginError(
                     f"could not load {self.kind} {name!r} from entry point {ep.value!r} "
                     f"({_entry_point_origin(ep)}): {err}"
                 ) from err
@@ -157,13 +164,13 @@ class Registry:
         computes) must not also be set in the config.
         """
         if "name" not in cfg:
-            raise ComponentNotFoundError(f"{self.kind} config has no 'name' key; known {self.kind}s: {', '.join(self.names())}")
+            raise ConfigKeyError(f"{self.kind} config has no 'name' key; known {self.kind}s: {', '.join(self.names())}")
         kwargs = {k: v for k, v in cfg.items() if k != "name"}
         name = cfg["name"]
         target = self.get(name)
         clash = sorted(set(kwargs) & set(derived))
         if clash:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.kind} {name!r}: {', '.join(clash)} is set by the builder from the other components; "
                 f"remove it from the config"
             )
@@ -172,7 +179,7 @@ class Registry:
         if unknown and not takes_any:
             suggestions = {k: difflib.get_close_matches(k, accepted, n=1) for k in unknown}
             hints = ", ".join(f"{k!r}" + (f" (did you mean {s[0]!r}?)" if s else "") for k, s in suggestions.items())
-            raise TypeError(
+            raise ComponentArgumentError(
                 f"{self.kind} {name!r} does not accept {hints}. "
                 f"Accepted keys: {', '.join(a for a in accepted if a not in derived) or '(none)'}"
             )
@@ -210,7 +217,7 @@ def import_plugins(modules: list[str]) -> None:
         try:
             importlib.import_module(module)
         except ImportError as err:
-            raise ImportError(
+            raise PluginError(
                 f"plugin module {module!r} (from the config's `plugins:` list) could not be imported: {err}. "
                 f"Check the module path and that its package is on PYTHONPATH or installed."
             ) from err

@@ -13,7 +13,8 @@ from PIL import Image
 import capkit
 from capkit.cli import evaluate as evaluate_cli
 from capkit.cli import train as train_cli
-from capkit.engine import RunDir, save_checkpoint
+import capkit.engine.trainer as trainer_module
+from capkit.engine import BestCheckpointHook, PeriodicCheckpointHook, RunDir, load_checkpoint, save_checkpoint
 from capkit.engine.run_dir import backup_of
 from capkit.errors import CapkitError, CheckpointNotFoundError, ComponentNotFoundError
 from capkit.models.attention.bahdanau import BahdanauAttention
@@ -22,22 +23,26 @@ from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
 from capkit.registry import DECODERS
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
 from capkit.visualization import save_caption_figure
+from toys import make_trainer
 
 PACKAGE = Path(capkit.__file__).parent
 
 
 def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    """Every module ``path`` imports, relative imports resolved."""
+    package = ["capkit", *path.relative_to(PACKAGE).parent.parts]
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            names.add(".".join([*base, *([node.module] if node.module else [])]))
     return names
 
 
 def test_the_library_never_imports_the_command_line():
+    """``capkit/__main__.py`` (``python -m capkit``) is the command line's entry, as ``tools/*.py`` are."""
     library = [p for p in PACKAGE.rglob("*.py") if "cli" not in p.relative_to(PACKAGE).parts and p.name != "__main__.py"]
     assert len(library) > 40
     offenders = {str(p.relative_to(PACKAGE)) for p in library if any(m.startswith("capkit.cli") for m in imported_modules(p))}
@@ -46,6 +51,7 @@ def test_the_library_never_imports_the_command_line():
 
 def test_the_trainer_imports_no_hook_module():
     assert not {"capkit.engine.hooks", "capkit.engine.monitor"} & imported_modules(PACKAGE / "engine" / "trainer.py")
+    assert "capkit.cli.main" in imported_modules(PACKAGE / "__main__.py")  # relative imports are resolved
 
 
 def test_a_run_directory_names_its_files_and_finds_a_checkpoint_left_mid_save(tmp_path):
@@ -127,3 +133,20 @@ def test_one_helper_draws_a_generated_captions_attention(tmp_path):
     with pytest.raises(ValueError, match="len\\(words\\)"):  # one panel per word and one for <end>
         save_caption_figure(tmp_path / "bad.png", Image.new("RGB", (8, 8)), generation.best[0], (1, 1),
                             words=words, data_config=model.encoder.data_config)
+
+
+def test_a_checkpoint_of_the_single_checkpoint_hook_resumes_the_best_score(tmp_path):
+    """Before the periodic and best checkpoints were two hooks, one saved both under the name CheckpointHook."""
+    make_trainer([PeriodicCheckpointHook(tmp_path)], n=8, epochs=1).fit()
+    state = load_checkpoint(RunDir(tmp_path).last)
+    state["hooks"] = {"CheckpointHook": {"best": 0.7}}
+    best = BestCheckpointHook(tmp_path, metric="cider")
+    trainer = make_trainer([best], n=8, epochs=1)
+    trainer.load_state_dict(state)
+    assert best.best == 0.7
+
+
+def test_several_ranks_refuse_to_train_a_model_no_hook_wrapped(monkeypatch):
+    monkeypatch.setattr(trainer_module, "world_size", lambda: 2)
+    with pytest.raises(RuntimeError, match="add DistributedDataParallelHook"):
+        make_trainer(n=8, epochs=1).fit()

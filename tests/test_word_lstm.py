@@ -44,7 +44,7 @@ def test_cached_word_gates_give_the_cells_result(monkeypatch):
         emb = embed(tokens)
         expected = cell(emb, x, hx)  # outside a decoding call: nn.LSTMCell
         fed = count_word_gate_calls(monkeypatch)
-        with word_gate_cache(V), step_words(tokens):
+        with word_gate_cache(V), step_words(tokens, emb):
             got = cell(emb, x, hx)
     assert fed == [3]
     for a, b in zip(got, expected):
@@ -57,10 +57,10 @@ def test_a_cell_outside_step_words_or_with_autograd_runs_the_plain_lstm(monkeypa
     with word_gate_cache(V):
         with torch.no_grad():
             cell(emb, x, hx)  # a decoding call, but no step's words announced
-        with step_words(torch.tensor([1, 2, 3])):
+        with step_words(torch.tensor([1, 2, 3]), emb):
             cell(emb, x, hx)  # autograd on: training, the weights change
-        with torch.no_grad(), step_words(torch.tensor([1, 2])):
-            cell(emb, x, hx)  # rows that are not the announced words'
+        with torch.no_grad(), step_words(torch.tensor([1, 2, 3]), emb):
+            cell(emb * 2, x, hx)  # another input than the announced embeddings (a scaled one, a stacked layer's)'
 
 
 def test_word_gates_compute_each_fed_word_once():

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from capkit.errors import CapkitError
 
-__all__ = ["USER_ERROR", "add_debug_flag", "command", "message"]
+__all__ = ["USER_ERROR", "add_debug_flag", "command", "configure_logging", "message"]
 
 USER_ERROR = 2  # the exit status of a user error, as argparse uses for a bad command line
 

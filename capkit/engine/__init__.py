@@ -6,9 +6,10 @@ The engine never reads configs; ``capkit.recipes.train`` composes a run from one
     model = build_captioner(cfg.model, len(vocab))
     loader = DataLoader(..., sampler=build_train_sampler(dataset, seed=train.seed))
     optimizer = build_optimizer(model, lr=train.lr, encoder_lr=train.encoder_lr)
-    hooks = [EvalHook(lambda m: run_evaluation(m, val_loader, evaluator, ...)),
+    hooks = [ProgressBarHook(), DistributedDataParallelHook(),    # the latter wraps the model under torchrun
+             EvalHook(lambda m: run_evaluation(m, val_loader, evaluator, ...)),
              EarlyStoppingHook(train.early_stop_metric, train.patience),
-             LoggingHook(run), ProgressBarHook(),
+             LoggingHook(run),
              PeriodicCheckpointHook(run, every_steps=200, config=resolved, vocab=words),
              BestCheckpointHook(run, metric=train.early_stop_metric, config=resolved, vocab=words)]
     trainer = Trainer(model, optimizer, loader, epochs=train.epochs, hooks=hooks, device=dist.device, ...)

@@ -149,6 +149,8 @@ class BestCheckpointHook(_CheckpointHook):
         mode: ``max`` if larger is better, else ``min``.
     """
 
+    aliases = ("CheckpointHook",)  # one hook saved both checkpoints before: runs it checkpointed resume here
+
     def __init__(self, run_dir: RunDir | str | os.PathLike, *, metric: str, mode: str = "max", **contents: Any):
         _check_mode(mode)
         super().__init__(run_dir, **contents)

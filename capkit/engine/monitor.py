@@ -10,6 +10,7 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from capkit.engine.replay import batches_per_epoch
 from capkit.engine.run_dir import RunDir
 from capkit.engine.trainer import Hook, Trainer
 
@@ -95,8 +96,7 @@ class ProgressBarHook(Hook):
     def before_epoch(self, trainer: Trainer) -> None:
         if not trainer.is_main:
             return
-        total = len(trainer.train_loader) if hasattr(trainer.train_loader, "__len__") else None
-        self._bar = tqdm(total=total, initial=trainer.batch_in_epoch, desc=f"epoch {trainer.epoch}", dynamic_ncols=True)
+        self._bar = tqdm(total=batches_per_epoch(trainer.train_loader), initial=trainer.batch_in_epoch, desc=f"epoch {trainer.epoch}", dynamic_ncols=True)
         self._throughput.reset(trainer.captions_seen)
 
     def after_step(self, trainer: Trainer, loss: float) -> None:

@@ -10,7 +10,15 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from capkit.engine.rng import get_rng_state, set_rng_state
 
-__all__ = ["EpochReplay"]
+__all__ = ["EpochReplay", "batches_per_epoch"]
+
+
+def batches_per_epoch(loader: DataLoader) -> int | None:
+    """The loader's length; None for an iterable dataset without one."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 class EpochReplay:

@@ -14,16 +14,19 @@ from torch.utils.data import DataLoader
 
 from capkit.engine.checkpoint import load_checkpoint
 from capkit.engine.device import resolve_amp_dtype, resolve_device
-from capkit.engine.distributed import is_main_process, mean_over_ranks
+from capkit.engine.distributed import is_main_process, mean_over_ranks, world_size
 from capkit.engine.loss import Criterion, CrossEntropyCriterion
-from capkit.engine.replay import EpochReplay
+from capkit.engine.replay import EpochReplay, batches_per_epoch
 from capkit.types import CaptionBatch
 
 __all__ = ["Trainer", "Hook"]
 
 
 class Hook:
-    """Base hook: override any subset of the events. ``state_dict`` is saved in checkpoints under ``name``."""
+    """Base hook: override any subset of the events. ``state_dict`` is saved in checkpoints under ``name``
+    (and found under an earlier name in ``aliases``)."""
+
+    aliases: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -123,8 +126,10 @@ class Trainer:
     def _run_epoch(self) -> None:
         self.replay.start_epoch(self.train_loader, self.epoch)
         self.call("before_epoch")
+        if self.model is self.module and world_size() > 1:  # the ranks would train apart, silently
+            raise RuntimeError("several ranks train an unwrapped model: add DistributedDataParallelHook() to the hooks")
         self.model.train()
-        length = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
+        length = batches_per_epoch(self.train_loader)
         for batch in self.replay.batches(self.train_loader, self.batch_in_epoch):
             loss = self.train_step(batch)
             self.global_step += 1
@@ -135,9 +140,7 @@ class Trainer:
                 return  # stopped inside the epoch; a stop on its last batch still ends it (evaluation, best)
         self._epoch_done = True
         self.call("after_epoch")
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        self._epoch_done = False
+        self.epoch, self.batch_in_epoch, self._epoch_done = self.epoch + 1, 0, False
 
     def train_step(self, batch: CaptionBatch) -> float:
         """One optimizer step on ``batch``; returns the total loss (averaged over ranks)."""
@@ -166,13 +169,9 @@ class Trainer:
         """Everything needed to continue exactly from here (the checkpoint's content, minus config and vocab)."""
         epoch, batch = (self.epoch + 1, 0) if self._epoch_done else (self.epoch, self.batch_in_epoch)
         return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": self.replay.state_dict(self.train_loader, mid_epoch=batch > 0),
-            "epoch": epoch,
-            "batch_in_epoch": batch,
-            "global_step": self.global_step,
+            "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": self.replay.state_dict(self.train_loader, mid_epoch=batch > 0),
+            "epoch": epoch, "batch_in_epoch": batch, "global_step": self.global_step,
             "hooks": {h.name: h.state_dict() for h in self.hooks},
         }
 
@@ -185,8 +184,9 @@ class Trainer:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
         for hook in self.hooks:
-            if hook.name in state["hooks"]:
-                hook.load_state_dict(state["hooks"][hook.name])
+            saved = [state["hooks"][n] for n in (hook.name, *hook.aliases) if n in state["hooks"]]
+            if saved:
+                hook.load_state_dict(saved[0])
         self.replay.load_state_dict(self.train_loader, state["rng"], epoch=self.epoch, mid_epoch=self.batch_in_epoch > 0)
 
     def resume(self, path: str | os.PathLike) -> None:

@@ -51,7 +51,10 @@ def load_trained(checkpoint: str | os.PathLike, device: str | torch.device = "cp
     import_plugins(list(config.plugins))
     vocab = Vocabulary(state["vocab"])  # the full id -> word list; the special tokens are re-added first
     model = build_captioner(to_container(config.model), len(vocab))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # a checkpoint edited by hand, or written by another model
+        raise CheckpointError(f"{checkpoint}: its weights do not fit the model its config describes ({err})") from err
     device = torch.device(device)
     return TrainedCaptioner(model.to(device).eval(), vocab, config, device)
 

@@ -55,7 +55,7 @@ from capkit.recipes.experiment import (
     decoding_settings,
 )
 
-__all__ = ["OBJECTIVES", "Experiment", "prepare", "build_hooks", "train", "test", "train_experiment"]
+__all__ = ["OBJECTIVES", "Experiment", "prepare", "build_criterion", "build_hooks", "train", "test", "train_experiment"]
 
 log = logging.getLogger("capkit.train")
 
@@ -69,7 +69,7 @@ class Experiment:
 
     Attributes:
         cfg: the resolved experiment config.
-        run: the run directory (created by ``prepare`` on rank 0).
+        run: the run directory (created by ``train`` on rank 0).
         dist: this process's place in the job.
         train_split, val_split: the loaded splits.
         vocab: the vocabulary (built from the training captions, or the resumed or initial run's).
@@ -90,8 +90,8 @@ class Experiment:
 
 
 def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = False) -> Experiment:
-    """Seed, load the data, the vocabulary and the model, check the config against a resumed run, and write
-    the run's config and vocabulary. Everything that can fail on the user's input fails here, before training."""
+    """Seed, load the data, the vocabulary and the model, and check the config against a resumed run: what can
+    fail on the user's input fails here, before anything is written or trained."""
     t, d = cfg.train, cfg.data
     if t.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective is {t.objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -136,7 +136,7 @@ def build_hooks(exp: Experiment, evaluate_fn, scheduler) -> list[Hook]:
     """The run's hooks, in the order they must run: what changes the model or the schedule, evaluation and
     what reacts to it, what shows the run, and the checkpoints last."""
     t, e = exp.cfg.train, exp.cfg.eval
-    hooks: list[Hook] = []
+    hooks: list[Hook] = [ProgressBarHook()]  # first: its bar closes as the epoch ends, before the evaluation
     if t.finetune_encoder_from_epoch is not None:
         hooks.append(EncoderFinetuneHook(t.finetune_encoder_from_epoch))
     hooks += [DistributedDataParallelHook(), EvalHook(evaluate_fn, every_epochs=e.every_epochs)]
@@ -146,7 +146,6 @@ def build_hooks(exp: Experiment, evaluate_fn, scheduler) -> list[Hook]:
     return hooks + [
         EarlyStoppingHook(t.early_stop_metric, t.patience),
         LoggingHook(exp.run),
-        ProgressBarHook(),
         PeriodicCheckpointHook(exp.run, every_steps=CHECKPOINT_EVERY_STEPS, **contents),
         BestCheckpointHook(exp.run, metric=t.early_stop_metric, **contents),
     ]

@@ -98,7 +98,7 @@ class LSTMDecoder(Decoder):
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """tokens (B,) -> logits (B, V), alpha (B, N), next state."""
         emb = self.embed(tokens)  # (B, E)
-        with step_words(tokens):
+        with step_words(tokens, emb):
             out, alpha, state = self.recur(emb, state, memory)
         return self.output(emb, out), alpha, state
 

@@ -4,8 +4,8 @@ The embedding's share of the cell's gates, emb W_ih[:, :E]^T + b_ih + b_hh, depe
 decoding call (``word_gate_cache``, entered by ``LSTMDecoder.generate``) a ``WordLSTMCell`` on the CPU computes
 it once per word of the call instead of once per hypothesis and step, and then computes only the shares of
 its other input and of h (a fifth less of its largest product at E = 512, X = 2048). The decoder announces each
-step's words with ``step_words``; a cell called outside both, or on another device, runs ``nn.LSTMCell`` on the
-concatenated input. Elsewhere than on the CPU decoding is bound by kernel launches rather than arithmetic, and
+step's words and their embedding tensor with ``step_words``; a cell called outside both, with another first
+input, or on another device, runs ``nn.LSTMCell`` on the concatenated input. Elsewhere than on the CPU decoding is bound by kernel launches rather than arithmetic, and
 ``nn.LSTMCell``'s fused kernel takes fewer of them.
 
 The call's state lives in a context variable, not on the modules, so that concurrent decoding calls (threads of
@@ -89,12 +89,13 @@ class _DecodingCall:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self.tokens: Tensor | None = None
+        self.tokens: Tensor | None = None  # the current step's words (B,)
+        self.emb: Tensor | None = None  # and their embeddings (B, E), the very tensor the cell is given
         self.tables: dict[int, WordGates] = {}
 
     def fits(self, emb: Tensor) -> bool:
-        """Whether emb (B, E) are the current step's word embeddings, outside autograd."""
-        return self.tokens is not None and len(self.tokens) == len(emb) and not torch.is_grad_enabled()
+        """Whether emb is the current step's word embeddings, outside autograd."""
+        return emb is self.emb and not torch.is_grad_enabled()
 
     def gates(self, cell: WordLSTMCell, emb: Tensor) -> Tensor:
         table = self.tables.get(id(cell))
@@ -117,14 +118,16 @@ def word_gate_cache(vocab_size: int) -> Iterator[None]:
 
 
 @contextmanager
-def step_words(tokens: Tensor) -> Iterator[None]:
-    """Within: the cells' ``emb`` rows are the embeddings of ``tokens`` (B,) (a no-op outside a decoding call)."""
+def step_words(tokens: Tensor, emb: Tensor) -> Iterator[None]:
+    """Within: a cell given the tensor ``emb`` (B, E) knows it holds the embeddings of ``tokens`` (B,) (a no-op
+    outside a decoding call). Any other first input runs the plain cell."""
     call = _CALL.get()
     if call is None:
         yield
         return
-    call.tokens = tokens
+    before = call.tokens, call.emb
+    call.tokens, call.emb = tokens, emb
     try:
         yield
     finally:
-        call.tokens = None
+        call.tokens, call.emb = before
