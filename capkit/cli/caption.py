@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from capkit.cli.common import add_debug_flag, command
+from capkit.cli.common import add_debug_flag, add_plugin_flag, command
 from capkit.engine.device import resolve_device
 from capkit.errors import DataError
 from capkit.recipes.inference import caption_images, load_trained
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length-penalty", type=float, default=0.0, help="default: %(default)s")
     parser.add_argument("--attention-out", type=Path, metavar="DIR", help="save a per-word attention figure per image")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    add_plugin_flag(parser)
     add_debug_flag(parser)
     return parser
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
         raise DataError(f"no such image file: {', '.join(missing)}")
-    trained = load_trained(args.checkpoint, resolve_device(args.device))
+    trained = load_trained(args.checkpoint, resolve_device(args.device), plugins=args.plugin)
     pictures = []
     for path in args.images:
         try:

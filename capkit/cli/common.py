@@ -9,13 +9,21 @@ from collections.abc import Callable
 
 from capkit.errors import CapkitError
 
-__all__ = ["USER_ERROR", "add_debug_flag", "command", "configure_logging", "message"]
+__all__ = ["USER_ERROR", "add_debug_flag", "add_plugin_flag", "command", "configure_logging", "message"]
 
 USER_ERROR = 2  # the exit status of a user error, as argparse uses for a bad command line
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE",
+        help="import this module for the model's components (repeatable); a checkpoint's own plugin list is "
+        "never imported",
+    )
 
 
 def message(err: BaseException) -> str:

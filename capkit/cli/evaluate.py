@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import capkit  # noqa: F401  (registers the builtins)
-from capkit.cli.common import add_debug_flag, command, configure_logging
+from capkit.cli.common import add_debug_flag, add_plugin_flag, command, configure_logging
 from capkit.config import EvalConfig, to_container
 from capkit.engine.device import resolve_device
 from capkit.evaluation import CaptionEvaluator
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--per-image", type=Path, metavar="PATH", help="write per-image captions, references and scores (JSON)"
     )
+    add_plugin_flag(parser)
     add_debug_flag(parser)
     return parser
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         scored = score_checkpoint(
             evaluator, args.checkpoint, args.split, beam_size=args.beam, max_len=args.max_len,
             length_penalty=args.length_penalty, dataset_overrides=_parse_overrides(args.data),
-            device=resolve_device(args.device), gallery=args.gallery, gallery_dir=args.gallery_dir,
+            device=resolve_device(args.device), plugins=args.plugin, gallery=args.gallery, gallery_dir=args.gallery_dir,
         )
         if scored.gallery is not None:
             print(f"gallery: {scored.gallery}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from capkit.cli.common import add_debug_flag, command
+from capkit.cli.common import add_debug_flag, add_plugin_flag, command
 from capkit.engine.device import resolve_device
 from capkit.errors import DataError
 from capkit.recipes.inference import caption_images, load_trained
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-len", type=int, default=16, help="most words (default: %(default)s)")
     parser.add_argument("--columns", type=int, default=5, help="panels per row (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    add_plugin_flag(parser)
     add_debug_flag(parser)
     return parser
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
             picture = img.convert("RGB")
     except OSError as err:
         raise DataError(f"cannot read image {args.image}: {err}") from err
-    trained = load_trained(args.checkpoint, resolve_device(args.device))
+    trained = load_trained(args.checkpoint, resolve_device(args.device), plugins=args.plugin)
     (caption,), generation = caption_images(trained, [picture], beam_size=args.beam, max_len=args.max_len)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_caption_figure(

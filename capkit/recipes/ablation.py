@@ -88,7 +88,7 @@ def run_ablation(ablation: AblationConfig) -> list[dict[str, Any]]:
             resume = run.root if run.has_checkpoint(LAST) else None
             log.info("run %s seed %d%s", variant.name, seed, " (resuming)" if resume else "")
             train_experiment(cfg, config_path=ablation.base, resume=resume, samples=0)
-            result = {"variant": variant.name, "seed": seed, **_score(run, ablation.split)}
+            result = {"variant": variant.name, "seed": seed, **_score(run, ablation.split, list(cfg.plugins))}
             run.result.write_text(json.dumps(result, indent=2) + "\n")
             results.append(result)
     return results
@@ -104,9 +104,9 @@ def _variant_config(ablation: AblationConfig, variant: VariantConfig, seed: int,
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([*variant.overrides, *run]))
 
 
-def _score(run: RunDir, split_name: str) -> dict[str, Any]:
+def _score(run: RunDir, split_name: str, plugins: list[str]) -> dict[str, Any]:
     """Metrics, parameter count, training time, decoding speed and (where boxes exist) grounding of a run."""
-    trained = load_trained(run.find_checkpoint(BEST))
+    trained = load_trained(run.find_checkpoint(BEST), plugins=plugins)
     cfg, model = trained.config, trained.model
     split, loader = load_eval_split(trained, split_name)
     evaluator = CaptionEvaluator(list(cfg.eval.metrics))

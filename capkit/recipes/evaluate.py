@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ def score_checkpoint(
     length_penalty: float | None = None,
     dataset_overrides: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    plugins: Sequence[str] = (),
     gallery: int = 0,
     gallery_dir: str | os.PathLike | None = None,
 ) -> Scored:
@@ -57,9 +58,9 @@ def score_checkpoint(
 
     ``max_len`` and ``length_penalty`` default to the run's ``eval`` settings. ``gallery`` > 0 writes an HTML
     page of the first images (caption, references, scores, attention) to ``gallery_dir`` (default: the run's
-    ``gallery_<split>``).
+    ``gallery_<split>``). ``plugins``: modules to import for the model's components (see ``load_trained``).
     """
-    trained = load_trained(checkpoint, device)
+    trained = load_trained(checkpoint, device, plugins=plugins)
     decoding = {
         **trained.decoding, "beam_size": beam_size,
         **{k: v for k, v in (("max_len", max_len), ("length_penalty", length_penalty)) if v is not None},

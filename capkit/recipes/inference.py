@@ -17,7 +17,7 @@ from capkit.data.build import LoadedSplit, load_split
 from capkit.data.transforms import build_transform
 from capkit.data.vocab import Vocabulary
 from capkit.engine.checkpoint import load_checkpoint
-from capkit.errors import CheckpointError
+from capkit.errors import CheckpointError, ComponentNotFoundError
 from capkit.models.captioner import Captioner
 from capkit.recipes.experiment import build_eval_loader_for, decoding_settings
 from capkit.registry import import_plugins
@@ -39,24 +39,47 @@ class TrainedCaptioner:
         return decoding_settings(self.config.eval)
 
 
-def load_trained(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedCaptioner:
+def load_trained(
+    checkpoint: str | os.PathLike, device: str | torch.device = "cpu", *, plugins: Sequence[str] = ()
+) -> TrainedCaptioner:
     """Rebuild the model from the config stored in ``checkpoint`` (a directory such as
-    ``RUN_DIR/checkpoints/best``) and load its weights, vocabulary and config. Reads no pickle."""
+    ``RUN_DIR/checkpoints/best``) and load its weights, vocabulary and config.
+
+    A checkpoint is data: this reads safetensors and JSON only, imports no module the checkpoint names (its
+    config's ``plugins`` list is not imported) and lets no stored setting enable remote code
+    (``trust_remote_code`` is forced off). Components from plugins resolve through installed entry points or
+    through the modules the caller names in ``plugins``.
+    """
     state = load_checkpoint(checkpoint)
     if not state.get("config") or not state.get("vocab"):
         raise CheckpointError(
             f"{checkpoint}: the checkpoint holds no config or vocabulary; was it written by `capkit train`?"
         )
     config = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), state["config"])
-    import_plugins(list(config.plugins))
+    import_plugins(list(plugins))
     vocab = Vocabulary(state["vocab"])  # the full id -> word list; the special tokens are re-added first
-    model = build_captioner(to_container(config.model), len(vocab))
+    try:
+        model = build_captioner(_without_remote_code(to_container(config.model)), len(vocab))
+    except ComponentNotFoundError as err:
+        stored = list(config.plugins)
+        hint = (f" The checkpoint's config lists the plugin modules {stored}; a checkpoint is only data, so capkit "
+                f"imports none of them: install the plugin, or name the module yourself (--plugin MODULE).") if stored else ""
+        raise ComponentNotFoundError(f"{checkpoint}: {err}{hint}") from err
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:  # a checkpoint edited by hand, or written by another model
         raise CheckpointError(f"{checkpoint}: its weights do not fit the model its config describes ({err})") from err
     device = torch.device(device)
     return TrainedCaptioner(model.to(device).eval(), vocab, config, device)
+
+
+def _without_remote_code(section: Any) -> Any:
+    """A config section with every ``trust_remote_code`` set to False (a checkpoint must not enable it)."""
+    if isinstance(section, Mapping):
+        return {k: False if k == "trust_remote_code" else _without_remote_code(v) for k, v in section.items()}
+    if isinstance(section, list):
+        return [_without_remote_code(v) for v in section]
+    return section
 
 
 def load_eval_split(
