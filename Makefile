@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) tools/train.py configs/demo.yaml
+	$(PY) tools/train.py configs/demo.yaml --overwrite
 
 bench: install
 	$(PY) -m benchmarks

@@ -21,6 +21,7 @@ __all__ = [
     "DatasetNotFoundError",
     "MissingImagesError",
     "CorruptImageError",
+    "RunDirError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "WeightsUnavailableError",
@@ -77,6 +78,10 @@ class MissingImagesError(DataError, FileNotFoundError):
 
 class CorruptImageError(DataError, OSError):
     """An image file exists but cannot be decoded."""
+
+
+class RunDirError(CapkitError):
+    """A run directory cannot be used as asked: it holds another run, or another process is using it."""
 
 
 class CheckpointError(CapkitError, ValueError):

@@ -64,13 +64,15 @@ def test_interrupted_cache_is_not_used_and_rerun_restarts(split, tiny_encoder, t
     try:
         with pytest.raises(Interrupted):
             cached_features(records, tiny_encoder, transform, identity=data.identity(), cache_dir=tmp_path, batch_size=4)
-        assert [p.suffix for p in tmp_path.iterdir()] == [".partial"]  # nothing published
+        (partial,) = [p for p in tmp_path.iterdir() if p.suffix != ".lock"]  # nothing published
+        assert partial.suffix == f".partial-{os.getpid()}"
+        partial.rename(partial.with_suffix(".partial-999999"))  # as a killed process leaves it
         calls, interrupt = [], False
         store = cached_features(records, tiny_encoder, transform, identity=data.identity(), cache_dir=tmp_path, batch_size=4)
         assert len(calls) == 3 and len(store) == 10
     finally:
         handle.remove()
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npy"]
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".lock", ".npy"]
 
 
 def test_kill_9_mid_extraction_leaves_no_complete_cache(tmp_path):
@@ -107,3 +109,25 @@ def test_encoder_or_transform_change_makes_a_new_cache(split, tiny_encoder, tmp_
     assert meta["key"]["encoder"]["model_name"] == "test_efficientnet" and meta["image_ids"][0] == "shapes_train_00000"
     reloaded = cached_features(records, tiny_encoder, build_transform(tiny_encoder.data_config), **kwargs)
     assert torch.equal(reloaded[3], first[3])
+
+
+def test_two_processes_extracting_one_cache_at_once_share_one_extraction(tmp_path):
+    """The second waits on the entry's lock and reads what the first wrote."""
+    script = f"""
+import capkit
+from capkit.data import build_transform, cached_features, load_split
+from capkit.registry import ENCODERS
+enc = ENCODERS.build({{"name": "timm", "model_name": "test_efficientnet"}})
+enc.register_forward_hook(lambda *_: print("batch", flush=True))
+data, records = load_split({SHAPES!r}, "train")
+store = cached_features(records, enc, build_transform(enc.data_config), identity=data.identity(), cache_dir={str(tmp_path)!r}, batch_size=4)
+print("rows", len(store), float(store[3].float().sum()))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0].splitlines() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    batches = sorted(out.count("batch") for out in outs)
+    assert batches == [0, 3]  # 10 images in batches of 4: one extraction in all
+    assert outs[0][-1] == outs[1][-1] and outs[0][-1].startswith("rows 10 ")
+    assert not list(tmp_path.glob("*.partial-*"))

@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.lr=1e-4 model.attention.name=none")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    start.add_argument("--overwrite", action="store_true", help="replace the run already in the run directory")
     parser.add_argument("--samples", type=int, default=5, help="test images whose captions are printed at the end")
     add_debug_flag(parser)
     return parser
@@ -29,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 @command("capkit train", FileNotFoundError)
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    train_experiment(cfg, config_path=args.config, resume=args.resume, samples=args.samples)
+    train_experiment(cfg, config_path=args.config, resume=args.resume, overwrite=args.overwrite, samples=args.samples)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
-    return run(build_parser().parse_args(argv))
+    return run(build_parser().parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 A cache file is named ``<dataset>_<split>_<hash>`` where the hash covers everything that decides the
 features: the encoder's ``cache_key()`` (model and weights), the transform and the split's identity
-(dataset, root/seed, image ids). Extraction writes ``*.partial`` files and publishes them with
+(dataset, root/seed, image ids). Extraction writes ``*.partial-<pid>`` files and publishes them with
 ``os.replace``, the sidecar last, so an interrupted run (even ``kill -9``) never leaves a cache that reads
-as complete, and the next run starts over. Extract on one process (rank 0) before others read.
+as complete, and the next run starts over. Extraction holds a file lock on its cache entry: a second process
+asking for the same features waits, then reads what the first one wrote.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from filelock import FileLock
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -89,17 +91,25 @@ def cached_features(
     stem = f"{identity.get('dataset', 'data')}_{identity.get('split', 'split')}_{digest}"
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data_path, meta_path = directory / f"{stem}.npy", directory / f"{stem}.json"
-    if meta_path.is_file() and data_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta["key"] == key:
-            return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]))
     directory.mkdir(parents=True, exist_ok=True)
-    kept, grid = _extract(records, encoder, transform, data_path, batch_size, num_workers, device, skip_corrupt)
-    meta = {"key": key, "image_ids": kept, "grid": list(grid), "shape": list(np.load(data_path, mmap_mode="r").shape)}
-    partial_meta = meta_path.with_name(meta_path.name + ".partial")
-    partial_meta.write_text(json.dumps(meta))
-    os.replace(partial_meta, meta_path)  # the sidecar marks the cache complete
+    with FileLock(directory / f"{stem}.lock"):
+        if meta_path.is_file() and data_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta["key"] == key:
+                return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]))
+        for stale in directory.glob(f"{stem}.*.partial-*"):  # a killed extraction's (the lock is ours now)
+            stale.unlink()
+        kept, grid = _extract(records, encoder, transform, data_path, batch_size, num_workers, device, skip_corrupt)
+        shape = list(np.load(data_path, mmap_mode="r").shape)
+        partial_meta = _partial(meta_path)
+        partial_meta.write_text(json.dumps({"key": key, "image_ids": kept, "grid": list(grid), "shape": shape}))
+        os.replace(partial_meta, meta_path)  # the sidecar marks the cache complete
     return FeatureStore(data_path, kept, grid)
+
+
+def _partial(path: Path) -> Path:
+    """Where this process writes ``path`` before publishing it."""
+    return path.with_name(f"{path.name}.partial-{os.getpid()}")
 
 
 @torch.no_grad()
@@ -117,7 +127,7 @@ def _extract(
     loader = build_loader(
         EvaluationDataset(ImageSource(records, transform, skip_corrupt), records), batch_size, num_workers=num_workers
     )
-    partial_path = data_path.with_name(data_path.name + ".partial")
+    partial_path = _partial(data_path)
     was_training, home = encoder.training, next(encoder.parameters()).device
     encoder.eval().to(device)  # extraction runs on ``device``; the encoder goes back where it was afterwards
     array, kept, grid = None, [], (0, 0)

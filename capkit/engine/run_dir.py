@@ -15,6 +15,7 @@
       test_per_image.json             and its per-image scores
       gallery_<split>/              ``capkit evaluate --gallery`` pages
       result.json                   an ablation run's scores, once it is scored
+      .lock, .lock.owner            held by the process that trains the run (``RunDir.claim``)
 
 A checkpoint is a directory of ``model.safetensors`` (the model's state dict), ``state.safetensors`` (every other
 tensor) and ``state.json`` (the rest). ``capkit.engine.checkpoint`` publishes it atomically: a complete copy is
@@ -27,9 +28,16 @@ This module imports nothing from capkit but its error classes.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from capkit.errors import CheckpointNotFoundError
+from filelock import FileLock, Timeout
+
+from capkit.errors import CheckpointNotFoundError, RunDirError
 
 __all__ = [
     "RunDir",
@@ -139,3 +147,57 @@ class RunDir:
 
     def gallery(self, split: str) -> Path:
         return self.root / f"gallery_{split}"
+
+    # A run's artefacts: a directory holding one of these holds a run
+    def holds_run(self) -> bool:
+        """Whether the directory holds (part of) a run: its config, logs or checkpoints."""
+        return any(p.exists() for p in (self.config, self.metrics, self.checkpoints, self.summary))
+
+    def clear(self) -> None:
+        """Remove everything in the directory but its lock (replacing a run: ``--overwrite``)."""
+        keep = {self._lock.name, self._owner.name}
+        for entry in self.root.iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    _lock = property(lambda self: self.root / ".lock")
+    _owner = property(lambda self: self.root / ".lock.owner")
+
+    @contextmanager
+    def claim(self) -> Iterator[RunDir]:
+        """Hold the run directory for the block: a second process that claims it fails at once, naming the holder.
+
+        The lock is an OS file lock, so it dies with its process; a process that finds the owner file of one
+        that died without releasing (``kill -9``) takes the run over with a warning. A directory the claim
+        created and nothing was written to (a run refused before it started) is removed again.
+        """
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self._lock, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunDirError(
+                f"{self.root} is in use by {self._owner_text() or 'another process'}; wait for it to finish, or "
+                f"stop it, before training into this run directory"
+            ) from None
+        try:
+            previous = self._owner_text()
+            if previous:
+                warnings.warn(f"{self.root}: taking over the run from {previous}, which ended without releasing it",
+                              stacklevel=3)
+            self._owner.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
+            yield self
+        finally:
+            self._owner.unlink(missing_ok=True)
+            lock.release()
+            if created and {p.name for p in self.root.iterdir()} <= {self._lock.name}:
+                self._lock.unlink(missing_ok=True)
+                self.root.rmdir()
+
+    def _owner_text(self) -> str:
+        return self._owner.read_text().strip() if self._owner.is_file() else ""

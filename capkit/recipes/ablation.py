@@ -87,7 +87,8 @@ def run_ablation(ablation: AblationConfig) -> list[dict[str, Any]]:
             cfg = _variant_config(ablation, variant, seed, out)
             resume = run.root if run.has_checkpoint(LAST) else None
             log.info("run %s seed %d%s", variant.name, seed, " (resuming)" if resume else "")
-            train_experiment(cfg, config_path=ablation.base, resume=resume, samples=0)
+            # the ablation owns its runs: one without a checkpoint died before its first and starts again
+            train_experiment(cfg, config_path=ablation.base, resume=resume, overwrite=resume is None, samples=0)
             result = {"variant": variant.name, "seed": seed, **_score(run, ablation.split, list(cfg.plugins))}
             run.result.write_text(json.dumps(result, indent=2) + "\n")
             results.append(result)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from capkit.engine import (
 )
 from capkit.engine.distributed import rank_zero_first
 from capkit.engine.run_dir import BEST, LAST
-from capkit.errors import ConfigError, MissingImagesError
+from capkit.errors import ConfigError, MissingImagesError, RunDirError
 from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
 from capkit.models.captioner import Captioner
 from capkit.recipes.experiment import (
@@ -222,18 +223,36 @@ def test(exp: Experiment, model: Captioner, split: str = "test", samples: int = 
 
 
 def train_experiment(
-    cfg: DictConfig, *, config_path: str | os.PathLike, resume: str | os.PathLike | None = None, samples: int = 5
+    cfg: DictConfig,
+    *,
+    config_path: str | os.PathLike,
+    resume: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    samples: int = 5,
 ) -> Path:
     """Train ``cfg`` (read from ``config_path``, which names a run without ``train.run_name``), or continue the
-    run in ``resume``; test the best checkpoint; return the run directory."""
+    run in ``resume``; test the best checkpoint; return the run directory.
+
+    The run directory is held for the whole run (``RunDir.claim``), and a new run refuses a directory that holds
+    another run unless ``overwrite`` replaces it.
+    """
     dist = init_distributed(cfg.train.device)
     try:
-        run_dir = Path(resume) if resume else _new_run_dir(cfg, Path(config_path))
-        exp = prepare(cfg, dist, run_dir=run_dir, resume=resume is not None)
-        trainer = train(exp)
-        if dist.is_main:
-            test(exp, trainer.module, samples=samples)
-        return exp.run.root
+        run = RunDir(resume if resume else _new_run_dir(cfg, Path(config_path)))
+        with run.claim() if dist.is_main else nullcontext():
+            if resume is None and run.holds_run():
+                if not overwrite:
+                    raise RunDirError(
+                        f"{run.root} already holds a run; continue it with --resume {run.root}, replace it with "
+                        f"--overwrite, or name another run (train.run_name=...)"
+                    )
+                log.warning("replacing the run in %s (--overwrite)", run.root)
+                run.clear()
+            exp = prepare(cfg, dist, run_dir=run.root, resume=resume is not None)
+            trainer = train(exp)
+            if dist.is_main:
+                test(exp, trainer.module, samples=samples)
+        return run.root
     finally:
         destroy_distributed()
 
@@ -265,17 +284,21 @@ def _write_summary(run: RunDir, seconds: float, trainer: Trainer) -> None:
 
 
 def _check_same_config(saved: dict, cfg: DictConfig, run: RunDir) -> None:
-    ignored = {"train": {"epochs", "max_steps"}}  # a resumed run may be extended
+    """A resumed run trains as it was configured; it may be extended (epochs, max_steps) and evaluated otherwise
+    (the whole ``eval`` section), and says so."""
+    changeable = {"train": {"epochs", "max_steps"}, "eval": set(saved["eval"]) | set(cfg.eval)}
     current = to_container(cfg)
     for section in ("model", "data", "train", "eval"):
-        for key in set(saved[section]) | set(current[section]):
-            if key in ignored.get(section, ()):
+        for key in sorted(set(saved[section]) | set(current[section])):
+            was, now = saved[section].get(key), current[section].get(key)
+            if was == now:
                 continue
-            if saved[section].get(key) != current[section].get(key):
+            if key not in changeable.get(section, ()):
                 raise ConfigError(
-                    f"--resume {run.root}: {section}.{key} is {current[section].get(key)!r} but the run was trained "
-                    f"with {saved[section].get(key)!r}; resume with the run's own config ({run.config})"
+                    f"--resume {run.root}: {section}.{key} is {now!r} but the run was trained with {was!r}; resume "
+                    f"with the run's own config ({run.config}), changing only train.epochs, train.max_steps or eval.*"
                 )
+            log.info("resume: %s.%s is %r (the run had %r)", section, key, now, was)
 
 
 def _describe(cfg: DictConfig) -> str:

@@ -1,0 +1,133 @@
+"""A run is never clobbered: a new run refuses a directory that holds one, and one process at a time trains it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from capkit.cli import train as train_cli
+from capkit.engine import RunDir, load_checkpoint
+from capkit.errors import RunDirError
+from toys import TINY_SHAPES_CONFIG
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` and a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def tiny_config(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # runs/ lands here
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_SHAPES_CONFIG)
+    return config
+
+
+def test_a_second_run_on_a_finished_runs_directory_leaves_every_file_as_it_was(tiny_config, tmp_path, capsys):
+    assert train_cli.main([str(tiny_config), "train.run_name=first"]) == 0
+    run = tmp_path / "runs" / "first"
+    before = snapshot(run)
+    assert {"config.yaml", "vocab.json", "metrics.jsonl", "train_summary.json", "checkpoints/last/state.json"} <= set(before)
+    capsys.readouterr()
+    assert train_cli.main([str(tiny_config), "train.run_name=first", "train.lr=1e-2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"capkit train: error: {Path('runs/first')} already holds a run; continue it with --resume "
+                   f"runs/first, replace it with --overwrite, or name another run (train.run_name=...)\n")
+    assert snapshot(run) == before
+
+
+def test_overwrite_replaces_the_run(tiny_config, tmp_path):
+    assert train_cli.main([str(tiny_config), "train.run_name=again"]) == 0
+    run = tmp_path / "runs" / "again"
+    (run / "notes.txt").write_text("mine")
+    assert train_cli.main([str(tiny_config), "train.run_name=again", "--overwrite"]) == 0
+    assert not (run / "notes.txt").exists() and (run / "checkpoints" / "best" / "state.json").is_file()
+
+
+def test_a_refused_run_leaves_no_directory_behind(tiny_config, tmp_path):
+    assert train_cli.main([str(tiny_config), "train.run_name=refused", "train.objective=rl"]) == 2
+    assert not (tmp_path / "runs" / "refused").exists()
+
+
+def test_one_process_at_a_time_holds_a_run_and_a_dead_holder_is_taken_over(tmp_path):
+    run = RunDir(tmp_path / "run")
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from capkit.engine import RunDir
+        with RunDir({str(run.root)!r}).claim():
+            print("held", flush=True)
+            sys.stdin.readline()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=rf"{run.root} is in use by process {proc.pid} on .*; wait for it"):
+            with run.claim():
+                pass
+    finally:
+        proc.kill()  # dies holding the run: the OS releases its lock, its owner file stays
+        proc.wait()
+    with pytest.warns(UserWarning, match=rf"taking over the run from process {proc.pid} on .*ended without releasing"):
+        with run.claim():
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with run.claim():  # released cleanly last time: no warning, no owner file left
+            pass
+    assert not (run.root / ".lock.owner").exists()
+
+
+KILLER_METRIC = """
+import os, signal
+from pathlib import Path
+from capkit.registry import METRICS
+
+@METRICS.register("kill_at_second_evaluation")
+def kill_at_second_evaluation(hyps, refs):
+    calls = Path(os.environ["CAPKIT_TEST_CALLS"])
+    calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
+    if len(calls.read_text()) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # inside the second epoch's evaluation, before its checkpoint
+    return 0.0
+"""
+
+
+def test_kill_9_then_resume_with_another_evaluation_setting_trains_exactly_as_uninterrupted(tiny_config, tmp_path):
+    budget = ["train.epochs=3", "train.batch_size=4", "train.lr=1e-2"]
+    assert train_cli.main([str(tiny_config), "train.run_name=whole", *budget]) == 0
+    (tmp_path / "killer_metric.py").write_text(KILLER_METRIC)
+    # the same threads as this process: float sums in another order would differ
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CAPKIT_TEST_CALLS": str(tmp_path / "calls")}
+    killed = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train.py"), str(tiny_config), "train.run_name=cut", *budget,
+         "plugins=[killer_metric]", "eval.metrics=[sacrebleu,kill_at_second_evaluation]"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    cut, whole = RunDir(tmp_path / "runs" / "cut"), RunDir(tmp_path / "runs" / "whole")
+    assert load_checkpoint(cut.last)["epoch"] == 1  # the first epoch's checkpoint survived
+    with pytest.warns(UserWarning, match="taking over the run from process"):
+        assert train_cli.main([str(tiny_config), "--resume", str(cut.root), "train.run_name=cut", *budget]) == 0
+    resumed, reference = load_checkpoint(cut.last), load_checkpoint(whole.last)
+    assert resumed["global_step"] == reference["global_step"] > 0
+    for key, value in reference["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in run.metrics.read_text().splitlines() if '"loss"' in line]
+
+    assert losses(cut) == losses(whole)
