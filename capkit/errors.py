@@ -19,6 +19,7 @@ __all__ = [
     "PluginError",
     "DataError",
     "DatasetNotFoundError",
+    "CaptionFileError",
     "MissingImagesError",
     "CorruptImageError",
     "RunDirError",
@@ -70,6 +71,10 @@ class DataError(CapkitError):
 
 class DatasetNotFoundError(DataError, FileNotFoundError):
     """A dataset's files are not where they were expected; the message says where, and how to get them."""
+
+
+class CaptionFileError(DataError, ValueError):
+    """A caption file has a malformed row or record; the message names the file and the line (or record)."""
 
 
 class MissingImagesError(DataError, FileNotFoundError):

@@ -1,13 +1,12 @@
 """``coco``: COCO captions in the official layout (``annotations/captions_<split><year>.json`` + image folder)."""
 from __future__ import annotations
 
-import json
 import os
-from collections import defaultdict
 from typing import Any
 
-from capkit.data.datasets.base import CaptionDataset, require_file, resolve_root
+from capkit.data.datasets.base import CaptionDataset, caption_text, field, read_json, require_file, resolve_root
 from capkit.data.records import ImageRecord
+from capkit.errors import CaptionFileError
 from capkit.registry import DATASETS
 
 __all__ = ["CocoDataset"]
@@ -45,17 +44,23 @@ class CocoDataset(CaptionDataset):
         self.annotations = require_file(
             self.root / (annotations or f"annotations/captions_{split}{year}.json"), self.name, DOWNLOAD
         )
-        with open(self.annotations, encoding="utf-8") as f:
-            data = json.load(f)
-        captions: dict[str, list[str]] = defaultdict(list)
-        for ann in data["annotations"]:
-            captions[str(ann["image_id"])].append(ann["caption"].strip())
+        data = read_json(self.annotations)
+        captions: dict[str, list[str]] = {}
+        for i, ann in enumerate(field(data, "annotations", str(self.annotations), list)):
+            where = f"{self.annotations}: annotations[{i}]"
+            image_id = str(field(ann, "image_id", where, (int, str)))
+            captions.setdefault(image_id, []).append(caption_text(field(ann, "caption", where), where))
         base = self.root / (image_dir or f"{split}{year}")
-        self.records = [
-            ImageRecord(str(img["id"]), captions[str(img["id"])], path=base / img["file_name"])
-            for img in data["images"]
-            if str(img["id"]) in captions
-        ]
+        seen: set[str] = set()
+        for i, img in enumerate(field(data, "images", str(self.annotations), list)):
+            where = f"{self.annotations}: images[{i}]"
+            image_id = str(field(img, "id", where, (int, str)))
+            file_name = field(img, "file_name", where, str)
+            if image_id in seen:
+                raise CaptionFileError(f"{where}: image id {image_id} is listed twice")
+            seen.add(image_id)
+            if image_id in captions:
+                self.records.append(ImageRecord(image_id, captions[image_id], path=base / file_name))
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "annotations": str(self.annotations.resolve())}

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
-from capkit.data.datasets.base import CaptionDataset, require_file, resolve_root
+from capkit.data.datasets.base import CaptionDataset, caption_text, read_text, require_file, resolve_root
 from capkit.data.records import ImageRecord
+from capkit.errors import CaptionFileError
 from capkit.registry import DATASETS
 
 __all__ = ["Flickr8kDataset"]
@@ -45,20 +46,23 @@ class Flickr8kDataset(CaptionDataset):
         image_dir = require_file(self.root / "Flicker8k_Dataset", self.name, DOWNLOAD)
 
         captions: dict[str, list[str]] = defaultdict(list)
-        for lineno, line in enumerate(tokens.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(tokens).splitlines(), 1):
             if not line.strip():
                 continue
             key, sep, caption = line.partition("\t")
             name = key.rpartition("#")[0]
             if not sep or not name:
-                raise ValueError(f"{tokens}:{lineno}: expected 'name.jpg#N<TAB>caption', got {line[:80]!r}")
+                raise CaptionFileError(f"{tokens}:{lineno}: expected 'name.jpg#N<TAB>caption', got {line[:80]!r}")
             if not _BOGUS_NAME.search(name):
-                captions[name].append(caption.strip())
+                captions[name].append(caption_text(caption, f"{tokens}:{lineno}"))
 
-        names = [n.strip() for n in names_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+        names = [n.strip() for n in read_text(names_file).splitlines() if n.strip()]
+        twice = sorted(n for n, count in Counter(names).items() if count > 1)
+        if twice:
+            raise CaptionFileError(f"{names_file}: {len(twice)} images are listed more than once: {twice[:5]}")
         no_caption = [n for n in names if n not in captions]
         if no_caption:
-            raise ValueError(f"{names_file}: {len(no_caption)} images have no caption in {tokens}: {no_caption[:5]}")
+            raise CaptionFileError(f"{names_file}: {len(no_caption)} images have no caption in {tokens}: {no_caption[:5]}")
         self.records = [ImageRecord(n, captions[n], path=image_dir / n) for n in names]
 
     def identity(self) -> dict[str, Any]:

@@ -1,15 +1,17 @@
 """``karpathy``: Karpathy-split JSON files (``dataset_{coco,flickr8k,flickr30k}.json``)."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from capkit.data.datasets.base import CaptionDataset, require_file, resolve_root
+from capkit.data.datasets.base import CaptionDataset, caption_text, field, read_json, require_file, resolve_root
 from capkit.data.records import ImageRecord
+from capkit.errors import CaptionFileError
 from capkit.registry import DATASETS
 
-__all__ = ["KarpathyDataset"]
+__all__ = ["KarpathyDataset", "KARPATHY_SPLITS"]
+
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
 
 DOWNLOAD = (
     "The split files are in https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip; "
@@ -45,19 +47,25 @@ class KarpathyDataset(CaptionDataset):
         subdir = annotations.rsplit("/", 1)[-1].removeprefix("dataset_").split(".")[0]  # dataset_coco.json -> coco
         self.root = resolve_root(root, subdir)
         self.annotations = require_file(self.root / annotations, self.name, DOWNLOAD)
-        with open(self.annotations, encoding="utf-8") as f:
-            images = json.load(f)["images"]
+        images = field(read_json(self.annotations), "images", str(self.annotations), list)
         wanted = {split} | ({"restval"} if split == "train" and use_restval else set())
         base = self.root / image_dir
-        self.records = [
-            ImageRecord(
-                str(img.get("cocoid", img["filename"])),
-                [s["raw"].strip() for s in img["sentences"]],
-                path=base / img.get("filepath", "") / img["filename"],
-            )
-            for img in images
-            if img["split"] in wanted
-        ]
+        for i, img in enumerate(images):
+            where = f"{self.annotations}: images[{i}]"
+            filename = field(img, "filename", where, str)
+            image_split = field(img, "split", where, str)
+            if image_split not in KARPATHY_SPLITS:
+                raise CaptionFileError(f"{where}: split {image_split!r} is not one of {', '.join(KARPATHY_SPLITS)}")
+            sentences = field(img, "sentences", where, list)
+            if image_split not in wanted:
+                continue
+            raws = [caption_text(field(s, "raw", f"{where}.sentences[{j}]"), f"{where}.sentences[{j}]")
+                    for j, s in enumerate(sentences)]
+            if not raws:
+                raise CaptionFileError(f"{where}: no sentences")
+            self.records.append(ImageRecord(
+                str(img.get("cocoid", filename)), raws, path=base / img.get("filepath", "") / filename
+            ))
         self.use_restval = use_restval
 
     def identity(self) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""Bad caption files are refused with one error that names the file and line (or record) and what is wrong;
+nothing is dropped silently. One case per malformation, for every reader."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from capkit.errors import CaptionFileError
+from capkit.registry import DATASETS
+
+CSV_CASES = {
+    "extra field (an unquoted comma)": ("image,caption,split\na.jpg,a car, red,train\n", r":2: 4 fields where the header has 3 .*quote a caption that holds a comma"),
+    "missing field": ("image,caption,split\na.jpg,a car\n", r":2: 2 fields where the header has 3"),
+    "empty caption": ("image,caption,split\na.jpg,,train\n", r":2: a caption must be a non-empty string, got ''"),
+    "blank caption": ("image,caption,split\na.jpg,   ,train\n", r":2: a caption must be a non-empty string"),
+    "unknown split": ("image,caption,split\na.jpg,a car,tran\n", r":2: split 'tran' is not one of train, val, test"),
+    "no split": ("image,caption,split\na.jpg,a car,\n", r":2: no 'split' field"),
+    "no image": ("image,caption,split\n,a car,train\n", r":2: needs 'image' and 'caption'"),
+    "wrong header": ("file,text\na.jpg,x\n", r":2: needs 'image' and 'caption'"),
+    "empty file": ("", r":1: an empty file, where the header 'image,caption\[,split\]' belongs"),
+    "no row of the split": ("image,caption,split\na.jpg,a car,val\n", r"no captions for the train split; the file has the splits val"),
+    "not UTF-8": (b"image,caption,split\na.jpg,caf\xe9,train\n", r"not UTF-8 text"),
+}
+JSONL_CASES = {
+    "captions is a string": ('{"image": "a.jpg", "captions": "a dog", "split": "train"}\n', r":1: 'captions' must be a non-empty list of strings, got 'a dog'"),
+    "empty captions list": ('{"image": "a.jpg", "captions": [], "split": "train"}\n', r":1: 'captions' must be a non-empty list"),
+    "caption not a string": ('{"image": "a.jpg", "caption": 3, "split": "train"}\n', r":1: a caption must be a non-empty string, got 3"),
+    "empty caption in a list": ('{"image": "a.jpg", "captions": ["a dog", ""], "split": "train"}\n', r":1: a caption must be a non-empty string, got ''"),
+    "both caption fields": ('{"image": "a.jpg", "caption": "x", "captions": ["y"], "split": "train"}\n', r":1: has both 'caption' and 'captions'"),
+    "image not a string": ('{"image": 7, "caption": "x", "split": "train"}\n', r":1: 'image' must be a file name"),
+    "record not an object": ('["a.jpg", "x"]\n', r":1: a record must be a JSON object, got list"),
+    "invalid JSON": ('{"image": "a.jpg", "caption": "x"\n', r":1: invalid JSON"),
+    "second line bad": ('{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "b.jpg", "split": "train"}\n', r":2: needs 'image' and 'caption'"),
+    "unknown split": ('{"image": "a.jpg", "caption": "x", "split": "validation"}\n', r":1: split 'validation' is not one of"),
+}
+
+
+def build_folder(tmp_path, name: str, content: str | bytes, split: str = "train"):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return DATASETS.build({"name": "folder", "root": str(tmp_path), "annotations": name}, split=split)
+
+
+@pytest.mark.parametrize("content, message", CSV_CASES.values(), ids=CSV_CASES.keys())
+def test_a_malformed_csv_row_is_refused_naming_file_and_line(tmp_path, content, message):
+    with pytest.raises(CaptionFileError, match=rf"captions\.csv{message}" if message.startswith(":") else message):
+        build_folder(tmp_path, "captions.csv", content)
+
+
+@pytest.mark.parametrize("content, message", JSONL_CASES.values(), ids=JSONL_CASES.keys())
+def test_a_malformed_json_lines_record_is_refused_naming_file_and_line(tmp_path, content, message):
+    with pytest.raises(CaptionFileError, match=rf"captions\.jsonl{message}"):
+        build_folder(tmp_path, "captions.jsonl", content)
+
+
+def test_duplicates_are_kept_once_and_counted_and_a_bom_is_fine(tmp_path, caplog):
+    content = "\ufeffimage,caption,split\na.jpg,a car,train\na.jpg,a car,train\na.jpg,\"a car, red\",train\nb.jpg,x,val\n"
+    with caplog.at_level(logging.INFO):
+        data = build_folder(tmp_path, "captions.csv", content)
+    assert [(r.image_id, r.captions) for r in data.records] == [("a.jpg", ["a car", "a car, red"])]
+    assert "folder train: 1 images, 2 captions from" in caplog.text and "(1 duplicate captions left out)" in caplog.text
+
+
+def coco(tmp_path, doc) -> None:
+    (tmp_path / "annotations").mkdir(exist_ok=True)
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(doc))
+    DATASETS.build({"name": "coco", "root": str(tmp_path)}, split="val")
+
+
+IMAGE = {"id": 1, "file_name": "a.jpg"}
+COCO_CASES = {
+    "no annotations": ({"images": [IMAGE]}, r"captions_val2017\.json: has no 'annotations' field"),
+    "annotation without caption": ({"images": [IMAGE], "annotations": [{"image_id": 1}]},
+                                   r"annotations\[0\]: has no 'caption' field"),
+    "annotation without image_id": ({"images": [IMAGE], "annotations": [{"caption": "x"}]},
+                                    r"annotations\[0\]: has no 'image_id' field"),
+    "empty caption": ({"images": [IMAGE], "annotations": [{"image_id": 1, "caption": " "}]},
+                      r"annotations\[0\]: a caption must be a non-empty string"),
+    "image without file_name": ({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "x"}]},
+                                r"images\[0\]: has no 'file_name' field"),
+    "image listed twice": ({"images": [IMAGE, IMAGE], "annotations": [{"image_id": 1, "caption": "x"}]},
+                           r"images\[1\]: image id 1 is listed twice"),
+    "annotations not a list": ({"images": [IMAGE], "annotations": {"image_id": 1}},
+                               r"'annotations' must be a list"),
+}
+
+
+@pytest.mark.parametrize("doc, message", COCO_CASES.values(), ids=COCO_CASES.keys())
+def test_a_malformed_coco_file_is_refused_naming_the_record(tmp_path, doc, message):
+    with pytest.raises(CaptionFileError, match=message):
+        coco(tmp_path, doc)
+
+
+def test_invalid_coco_json_names_the_line(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_val2017.json").write_text('{"images": [],\n "annotations": [,]}')
+    with pytest.raises(CaptionFileError, match=r"captions_val2017\.json:2: invalid JSON"):
+        DATASETS.build({"name": "coco", "root": str(tmp_path)}, split="val")
+
+
+KARPATHY_IMAGE = {"filename": "a.jpg", "split": "val", "sentences": [{"raw": "a dog"}]}
+KARPATHY_CASES = {
+    "no filename": ({"split": "val", "sentences": []}, r"images\[0\]: has no 'filename' field"),
+    "no split": ({"filename": "a.jpg", "sentences": []}, r"images\[0\]: has no 'split' field"),
+    "unknown split": ({**KARPATHY_IMAGE, "split": "dev"}, r"images\[0\]: split 'dev' is not one of train, val, test, restval"),
+    "sentence without raw": ({**KARPATHY_IMAGE, "sentences": [{"tokens": ["a"]}]}, r"images\[0\]\.sentences\[0\]: has no 'raw' field"),
+    "empty raw": ({**KARPATHY_IMAGE, "sentences": [{"raw": ""}]}, r"images\[0\]\.sentences\[0\]: a caption must be a non-empty string"),
+    "no sentences": ({**KARPATHY_IMAGE, "sentences": []}, r"images\[0\]: no sentences"),
+}
+
+
+@pytest.mark.parametrize("image, message", KARPATHY_CASES.values(), ids=KARPATHY_CASES.keys())
+def test_a_malformed_karpathy_file_is_refused_naming_the_image(tmp_path, image, message):
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [image]}))
+    with pytest.raises(CaptionFileError, match=message):
+        DATASETS.build({"name": "karpathy", "root": str(tmp_path)}, split="val")
+
+
+def flickr8k(tmp_path, tokens: bytes, names: str = "a.jpg\n"):
+    text = tmp_path / "Flickr8k_text"
+    text.mkdir(exist_ok=True)
+    (tmp_path / "Flicker8k_Dataset").mkdir(exist_ok=True)
+    (text / "Flickr8k.token.txt").write_bytes(tokens)
+    (text / "Flickr_8k.devImages.txt").write_text(names)
+    return DATASETS.build({"name": "flickr8k", "root": str(tmp_path)}, split="val")
+
+
+FLICKR_CASES = {
+    "not UTF-8": (b"a.jpg#0\ta dog\na.jpg#1\tcaf\xe9\n", "a.jpg\n", r"Flickr8k\.token\.txt:2: not UTF-8 text"),
+    "no tab": (b"a.jpg#0 a dog\n", "a.jpg\n", r"Flickr8k\.token\.txt:1: expected 'name\.jpg#N<TAB>caption'"),
+    "empty caption": (b"a.jpg#0\t \n", "a.jpg\n", r"Flickr8k\.token\.txt:1: a caption must be a non-empty string"),
+    "image listed twice": (b"a.jpg#0\ta dog\n", "a.jpg\na.jpg\n", r"devImages\.txt: 1 images are listed more than once"),
+    "image without caption": (b"a.jpg#0\ta dog\n", "a.jpg\nb.jpg\n", r"devImages\.txt: 1 images have no caption"),
+}
+
+
+@pytest.mark.parametrize("tokens, names, message", FLICKR_CASES.values(), ids=FLICKR_CASES.keys())
+def test_a_malformed_flickr8k_file_is_refused_naming_file_and_line(tmp_path, tokens, names, message):
+    with pytest.raises(CaptionFileError, match=message):
+        flickr8k(tmp_path, tokens, names)
+
