@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     model.add_argument("--gallery", type=int, default=0, metavar="N",
                        help="write an HTML gallery of the first N images (caption, references, scores, attention)")
-    model.add_argument("--gallery-dir", type=Path, metavar="DIR", help="default: a gallery folder of the split in the run directory")
+    model.add_argument("--gallery-dir", type=Path, metavar="DIR",
+                       help="default: a gallery folder of the split in the run directory")
     files = parser.add_argument_group("score a results file (no model)")
     files.add_argument(
         "--predictions", type=Path, metavar="PRED.json", help='COCO results JSON: [{"image_id": ..., "caption": ...}]'

@@ -92,7 +92,9 @@ class _CheckpointHook(Hook):
         vocab: the vocabulary (its word list or dict form), stored in every checkpoint.
     """
 
-    def __init__(self, run_dir: RunDir | str | os.PathLike, *, config: Mapping[str, Any] | None = None, vocab: Any = None):
+    def __init__(
+        self, run_dir: RunDir | str | os.PathLike, *, config: Mapping[str, Any] | None = None, vocab: Any = None
+    ):
         self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.config, self.vocab = config, vocab
 
@@ -108,7 +110,8 @@ class _CheckpointHook(Hook):
     def save(self, trainer: Trainer, name: str) -> None:
         """Write checkpoint ``name`` of the trainer's current state (on rank 0; a no-op elsewhere)."""
         if trainer.is_main:
-            save_checkpoint(self.run.checkpoint(name), {**trainer.state_dict(), "config": self.config, "vocab": self.vocab})
+            state = {**trainer.state_dict(), "config": self.config, "vocab": self.vocab}
+            save_checkpoint(self.run.checkpoint(name), state)
 
 
 class PeriodicCheckpointHook(_CheckpointHook):

@@ -58,7 +58,8 @@ def score_checkpoint(
 
     ``max_len`` and ``length_penalty`` default to the run's ``eval`` settings. ``gallery`` > 0 writes an HTML
     page of the first images (caption, references, scores, attention) to ``gallery_dir`` (default: the run's
-    ``gallery_<split>``). ``plugins``: modules to import for the model's components (see ``load_trained``).
+    gallery folder of the split, ``RunDir.gallery``). ``plugins``: modules to import for the model's components
+    (see ``load_trained``).
     """
     trained = load_trained(checkpoint, device, plugins=plugins)
     decoding = {

@@ -62,7 +62,9 @@ class Flickr8kDataset(CaptionDataset):
             raise CaptionFileError(f"{names_file}: {len(twice)} images are listed more than once: {twice[:5]}")
         no_caption = [n for n in names if n not in captions]
         if no_caption:
-            raise CaptionFileError(f"{names_file}: {len(no_caption)} images have no caption in {tokens}: {no_caption[:5]}")
+            raise CaptionFileError(
+                f"{names_file}: {len(no_caption)} images have no caption in {tokens}: {no_caption[:5]}"
+            )
         self.records = [ImageRecord(n, captions[n], path=image_dir / n) for n in names]
 
     def identity(self) -> dict[str, Any]:

@@ -116,7 +116,9 @@ def _csv_rows(path: Path, f) -> Iterator[tuple[str, dict[str, Any]]]:
     reader = csv.reader(f)
     header = next(reader, None)
     if not header:
-        raise CaptionFileError(f"{path}:1: an empty file, where the header 'image,caption[,split]' belongs. {FORMAT_HELP}")
+        raise CaptionFileError(
+            f"{path}:1: an empty file, where the header 'image,caption[,split]' belongs. {FORMAT_HELP}"
+        )
     header = [h.strip() for h in header]
     for fields in reader:
         where = f"{path}:{reader.line_num}"
