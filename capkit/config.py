@@ -26,6 +26,7 @@ __all__ = [
     "EvalConfig",
     "ConfigError",
     "load_config",
+    "check_values",
     "save_config",
     "to_container",
 ]
@@ -50,7 +51,8 @@ class DataConfig:
     cache_features: bool = True  # cache frozen-encoder features on disk
     cache_dir: Optional[str] = None  # default: $CAPKIT_CACHE or ~/.cache/capkit
     skip_missing_images: bool = False
-    skip_corrupt_images: bool = False
+    skip_corrupt_images: bool = False  # also leaves out images over max_image_pixels
+    max_image_pixels: Optional[int] = 178_956_970  # larger images are refused (decompression bombs); null: no limit
     augment: bool = False
 
 
@@ -90,6 +92,7 @@ class EvalConfig:
     max_len: int = 16
     length_penalty: float = 0.0
     batch_size: int = 128  # images per beam-search call (no activations kept: larger than training's pays)
+    tokenizer: str = "ptb"  # before the COCO metrics: ptb (Java, the COCO pipeline) | python (no Java) | none
     every_epochs: int = 1
     max_images: Optional[int] = None  # evaluate on the first N validation images only
 
@@ -127,8 +130,64 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as err:
             raise ConfigError(f"command-line override: {_first_line(err)} (key: {_full_key(err)})") from err
+    check_values(cfg, f"{path}" if path is not None else "the config")
     import_plugins(list(cfg.plugins))
     return cfg
+
+
+def _at_least(low: float):
+    return (lambda v: v >= low), f"it must be at least {low}"
+
+
+def _positive():
+    return (lambda v: v > 0), "it must be greater than 0"
+
+
+def _one_of(*choices: str):
+    return (lambda v: v in choices), f"choose one of {', '.join(choices)}"
+
+
+# what each setting must be; a setting that is None (``Optional`` and unset) is not checked
+RULES: dict[str, tuple] = {
+    "data.max_caption_len": _at_least(1),
+    "data.vocab_min_count": _at_least(1),
+    "data.vocab_max_size": _at_least(1),
+    "data.num_workers": _at_least(0),
+    "data.max_image_pixels": _at_least(1),
+    "train.epochs": _at_least(1),
+    "train.batch_size": _at_least(1),
+    "train.lr": _positive(),
+    "train.weight_decay": _at_least(0),
+    "train.grad_clip": _positive(),
+    "train.objective": _one_of("xent", "scst"),
+    "train.scst_samples": _at_least(2),
+    "train.label_smoothing": ((lambda v: 0 <= v < 1), "it must be in [0, 1)"),
+    "train.scheduler": _one_of("plateau", "cosine", "none"),
+    "train.lr_decay": ((lambda v: 0 < v <= 1), "it must be in (0, 1]"),
+    "train.lr_patience": _at_least(0),
+    "train.finetune_encoder_from_epoch": _at_least(0),
+    "train.encoder_lr": _positive(),
+    "train.patience": _at_least(1),
+    "train.amp": _one_of("auto", "bf16", "fp16", "none"),
+    "train.max_steps": _at_least(1),
+    "eval.beam_size": _at_least(1),
+    "eval.max_len": _at_least(1),
+    "eval.length_penalty": _at_least(0),
+    "eval.batch_size": _at_least(1),
+    "eval.every_epochs": _at_least(1),
+    "eval.max_images": _at_least(1),
+    "eval.tokenizer": _one_of("ptb", "python", "none"),
+}
+
+
+def check_values(cfg: DictConfig, source: str) -> None:
+    """Every setting of ``RULES`` within its range, or a ``ConfigError`` naming the key, its value and the range."""
+    for key, (valid, requirement) in RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not valid(value):
+            raise ConfigError(f"{source}: {key} is {value!r}; {requirement}")
+    if not cfg.eval.metrics:
+        raise ConfigError(f"{source}: eval.metrics is empty; name at least one metric (e.g. [bleu, cider])")
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 
 import pytest
+from PIL import Image
 
-from capkit.errors import CaptionFileError
+from capkit.cli import ablate as ablate_cli
+from capkit.cli import caption as caption_cli
+from capkit.cli import evaluate as evaluate_cli
+from capkit.cli import train as train_cli
+from capkit.cli import visualize as visualize_cli
+from capkit.errors import CaptionFileError, DataError
 from capkit.registry import DATASETS
+from toys import MODEL, TINY_SHAPES_CONFIG, write_checkpoint
 
 CSV_CASES = {
     "extra field (an unquoted comma)": ("image,caption,split\na.jpg,a car, red,train\n", r":2: 4 fields where the header has 3 .*quote a caption that holds a comma"),
@@ -60,7 +69,7 @@ def test_duplicates_are_kept_once_and_counted_and_a_bom_is_fine(tmp_path, caplog
     with caplog.at_level(logging.INFO):
         data = build_folder(tmp_path, "captions.csv", content)
     assert [(r.image_id, r.captions) for r in data.records] == [("a.jpg", ["a car", "a car, red"])]
-    assert "folder train: 1 images, 2 captions from" in caplog.text and "(1 duplicate captions left out)" in caplog.text
+    assert "folder train: 1 captions given twice for one image left out" in caplog.text
 
 
 def coco(tmp_path, doc) -> None:
@@ -141,3 +150,128 @@ def test_a_malformed_flickr8k_file_is_refused_naming_file_and_line(tmp_path, tok
     with pytest.raises(CaptionFileError, match=message):
         flickr8k(tmp_path, tokens, names)
 
+
+
+# --- settings that used to fail after an epoch fail before the first step ---------------------------------
+
+SETTING_CASES = {
+    "negative batch size": (["train.batch_size=-4"], r"train\.batch_size is -4; it must be at least 1"),
+    "zero learning rate": (["train.lr=0"], r"train\.lr is 0\.0; it must be greater than 0"),
+    "beam size 0": (["eval.beam_size=0"], r"eval\.beam_size is 0; it must be at least 1"),
+    "negative max_len": (["eval.max_len=-1"], r"eval\.max_len is -1; it must be at least 1"),
+    "label smoothing 1": (["train.label_smoothing=1.0"], r"train\.label_smoothing is 1\.0; it must be in \[0, 1\)"),
+    "unknown scheduler": (["train.scheduler=step"], r"train\.scheduler is 'step'; choose one of plateau, cosine, none"),
+    "unknown tokenizer": (["eval.tokenizer=spacy"], r"eval\.tokenizer is 'spacy'; choose one of ptb, python, none"),
+    "no metrics": (["eval.metrics=[]"], r"eval\.metrics is empty"),
+    "selection metric not reported": (["train.early_stop_metric=cider"],
+                                      r"train\.early_stop_metric is 'cider', but eval\.metrics \['sacrebleu'\] report only sacrebleu"),
+    "unknown metric": (["eval.metrics=[blue]"], r"unknown metric 'blue'"),
+    "wrong decoder keyword": (["model.decoder.hiden_dim=8"], r"decoder 'show_attend_tell' does not accept 'hiden_dim' \(did you mean 'hidden_dim'\?\)"),
+    "unknown attention": (["model.attention.name=bahdanu"], r"unknown attention 'bahdanu'\. Did you mean 'bahdanau'"),
+}
+
+
+@pytest.mark.parametrize("overrides, message", SETTING_CASES.values(), ids=SETTING_CASES.keys())
+def test_a_bad_setting_fails_in_seconds_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, overrides, message):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_SHAPES_CONFIG)
+    started = time.perf_counter()
+    assert train_cli.main([str(config), "train.run_name=bad", *overrides]) == 2
+    seconds = time.perf_counter() - started
+    err = capsys.readouterr().err
+    assert err.startswith("capkit train: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert seconds < 10 and not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_metrics_that_need_java_fail_before_training_where_there_is_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java on it
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_SHAPES_CONFIG)
+    assert train_cli.main([str(config), "eval.metrics=[bleu,meteor]", "train.early_stop_metric=bleu4"]) == 2
+    err = capsys.readouterr().err
+    assert "metric 'meteor' and the PTB tokenizer (eval.tokenizer=ptb) run a Java program" in err
+    assert "eval.tokenizer=python" in err and not (tmp_path / "runs").exists()
+
+
+def test_the_python_tokenizer_scores_like_the_ptb_one_on_plain_captions():
+    from capkit.evaluation.coco import python_tokenize
+
+    got = python_tokenize({1: ["A dog's ball, on the grass.", "They don't run -- it is a T-shirt!"]})
+    assert got == {1: ["a dog 's ball on the grass", "they do n't run it is a t-shirt"]}
+
+
+def test_an_evaluation_split_with_a_repeated_image_or_no_references_is_refused():
+    from capkit.data.build import LoadedSplit
+    from capkit.data.records import ImageRecord
+    from capkit.recipes.train import check_eval_split
+
+    class Named:
+        name = "mine"
+
+    with pytest.raises(DataError, match=r"mine val split: 1 images are listed more than once \(e\.g\. \['a'\]\)"):
+        check_eval_split(LoadedSplit(Named(), [ImageRecord("a", ["x"]), ImageRecord("a", ["y"])]), "val")
+    with pytest.raises(DataError, match=r"mine val split: 1 images have no reference caption"):
+        check_eval_split(LoadedSplit(Named(), [ImageRecord("a", [])]), "val")
+    with pytest.raises(DataError, match=r"mine val split: no images to evaluate on"):
+        check_eval_split(LoadedSplit(Named(), []), "val")
+
+
+# --- every tool: one line, status 2, the file named ------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return write_checkpoint(tmp_path / "ckpt", MODEL)
+
+
+def run_tool(main, args, capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_caption_refuses_a_file_that_is_no_image(tmp_path, checkpoint, capsys):
+    (tmp_path / "notes.jpg").write_text("hello")
+    err = run_tool(caption_cli.main, ["--checkpoint", str(checkpoint), "--device", "cpu", str(tmp_path / "notes.jpg")], capsys)
+    assert err.startswith("capkit caption: error: cannot decode image") and "notes.jpg" in err
+
+
+def test_caption_names_a_missing_image(tmp_path, checkpoint, capsys):
+    err = run_tool(caption_cli.main, ["--checkpoint", str(checkpoint), str(tmp_path / "gone.jpg")], capsys)
+    assert "no such image file" in err and "gone.jpg" in err
+
+
+@pytest.mark.parametrize("damage", ["model", "state", "json"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, checkpoint, capsys, damage):
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    target = {"model": "model.safetensors", "state": "state.safetensors", "json": "state.json"}[damage]
+    data = (checkpoint / target).read_bytes()
+    (checkpoint / target).write_bytes(data[: len(data) // 2])  # cut short
+    err = run_tool(caption_cli.main, ["--checkpoint", str(checkpoint), "--device", "cpu", str(tmp_path / "photo.png")], capsys)
+    assert err.startswith(f"capkit caption: error: {checkpoint}: the checkpoint is damaged")
+
+
+def test_visualize_refuses_a_file_that_is_no_image(tmp_path, checkpoint, capsys):
+    (tmp_path / "notes.png").write_bytes(b"\x89PNG broken")
+    err = run_tool(visualize_cli.main, [str(tmp_path / "notes.png"), "--checkpoint", str(checkpoint),
+                                        "--out", str(tmp_path / "fig.png")], capsys)
+    assert err.startswith("capkit visualize: error: cannot decode image") and not (tmp_path / "fig.png").exists()
+
+
+def test_evaluate_names_a_predictions_file_that_is_no_json(tmp_path, capsys):
+    (tmp_path / "pred.json").write_text("[{")
+    (tmp_path / "refs.json").write_text(json.dumps({"1": ["a dog"]}))
+    err = run_tool(evaluate_cli.main, ["--predictions", str(tmp_path / "pred.json"), "--references",
+                                       str(tmp_path / "refs.json"), "--tokenizer", "none", "--metrics", "bleu"], capsys)
+    assert err.startswith("capkit evaluate: error:") and "pred.json" in err
+
+
+def test_ablate_refuses_a_config_without_variants(tmp_path, capsys):
+    (tmp_path / "ablation.yaml").write_text("base: tiny.yaml\nvariants: []\n")
+    err = run_tool(ablate_cli.main, [str(tmp_path / "ablation.yaml")], capsys)
+    assert err == f"capkit ablate: error: {tmp_path / 'ablation.yaml'}: no variants listed\n"

@@ -46,7 +46,7 @@ def test_unknown_metric_name_is_a_registry_error():
 
 
 def test_identical_captions_score_the_maximum():
-    result = CaptionEvaluator(["bleu", "rouge_l", "cider"], ptb_tokenize=False).score(HYPS, REFS)
+    result = CaptionEvaluator(["bleu", "rouge_l", "cider"], tokenizer="none").score(HYPS, REFS)
     assert result.scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
     assert result.scores["rouge_l"] == 1.0
     assert result.scores["cider"] == pytest.approx(10.0)  # CIDEr-D's x10 scale
@@ -94,7 +94,7 @@ def test_sacrebleu_matches_an_independent_computation():
 def test_ptb_tokenization_lowercases_and_drops_punctuation():
     hyps, refs = {"a": "A Dog, running."}, {"a": ["a dog running"]}
     assert CaptionEvaluator(["bleu"]).score(hyps, refs).scores["bleu1"] == pytest.approx(1.0)
-    assert CaptionEvaluator(["bleu"], ptb_tokenize=False).score(hyps, refs).scores["bleu1"] < 0.5
+    assert CaptionEvaluator(["bleu"], tokenizer="none").score(hyps, refs).scores["bleu1"] < 0.5
     assert CaptionEvaluator(["sacrebleu"]).score(hyps, refs).scores["sacrebleu"] < 100  # raw text, not PTB
 
 
@@ -122,7 +122,7 @@ def test_spice_without_its_jars_logs_one_line_and_reports_nothing(monkeypatch, c
 
     monkeypatch.setattr(coco._spice_models, "urlretrieve", no_download)
     with caplog.at_level(logging.WARNING):
-        evaluator = CaptionEvaluator(["spice", "bleu"], ptb_tokenize=False)
+        evaluator = CaptionEvaluator(["spice", "bleu"], tokenizer="none")
         scores = evaluator.score(HYPS, REFS).scores
     [record] = caplog.records  # one warning, one line
     assert record.getMessage().startswith("SPICE unavailable") and "\n" not in record.getMessage()
@@ -138,14 +138,14 @@ def test_meteor_reports_a_failed_java_process(monkeypatch):
 
 def test_hypotheses_need_references():
     with pytest.raises(ValueError, match="1 hypotheses lack references"):
-        CaptionEvaluator(["bleu"], ptb_tokenize=False).score({"a": "x", "z": "y"}, {"a": ["x"]})
+        CaptionEvaluator(["bleu"], tokenizer="none").score({"a": "x", "z": "y"}, {"a": ["x"]})
     with pytest.raises(ValueError, match="no reference captions"):
-        CaptionEvaluator(["bleu"], ptb_tokenize=False).score({"a": "x"}, {"a": []})
+        CaptionEvaluator(["bleu"], tokenizer="none").score({"a": "x"}, {"a": []})
 
 
 def test_references_without_hypotheses_are_skipped_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
-        result = CaptionEvaluator(["bleu"], ptb_tokenize=False).score({"a": HYPS["a"]}, REFS)
+        result = CaptionEvaluator(["bleu"], tokenizer="none").score({"a": HYPS["a"]}, REFS)
     assert "1 of 2 reference images have no hypothesis" in caplog.text
     assert set(result.per_image) == {"a"}
 
@@ -182,7 +182,7 @@ def generation(sentences: list[str]) -> Generation:
 
 
 def test_caption_evaluator_process_evaluate_reset_and_save(tmp_path):
-    evaluator = CaptionEvaluator(["bleu", "rouge_l"], ptb_tokenize=False)
+    evaluator = CaptionEvaluator(["bleu", "rouge_l"], tokenizer="none")
     batch = CaptionBatch(["a", "b"], references=[["a dog runs on the grass"], ["two cats"]])
     evaluator.process(batch, generation(["a dog runs on the grass", "two cats"]), decode)
     with pytest.raises(ValueError, match="processed twice"):
@@ -225,7 +225,7 @@ def test_run_evaluation_generates_in_eval_mode_and_restores_the_mode():
         CaptionBatch(["a", "b"], images=torch.zeros(2, 3, 8, 8), references=[["a dog runs"], ["two cats"]]),
         CaptionBatch(["c"], images=torch.zeros(1, 3, 8, 8), references=[["a dog runs on the grass"]]),
     ]
-    model, evaluator = FakeCaptioner().train(), CaptionEvaluator(["bleu"], ptb_tokenize=False)
+    model, evaluator = FakeCaptioner().train(), CaptionEvaluator(["bleu"], tokenizer="none")
     scores = run_evaluation(model, loader, evaluator, beam_size=2, max_len=5, length_penalty=0.0, decode=decode)
     assert model.modes == [False, False] and model.training
     assert set(evaluator.hypotheses) == {"a", "b", "c"} and 0 < scores["bleu1"] < 1

@@ -75,7 +75,7 @@ def _assert_places5(scores: dict[str, float], expected: dict[str, float]) -> Non
 def nlgeval() -> tuple[dict, CaptionEvaluator]:
     """The expected scores, and one evaluator for every case (METEOR's JVM takes 10 s or more to start)."""
     spec = json.loads((NLGEVAL / "expected_scores.json").read_text(encoding="utf-8"))
-    return spec, CaptionEvaluator(COCO_METRICS, ptb_tokenize=False)
+    return spec, CaptionEvaluator(COCO_METRICS, tokenizer="none")
 
 
 def test_nlgeval_corpus_without_ptb_tokenization(nlgeval):

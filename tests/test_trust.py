@@ -11,28 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import capkit
 from capkit.cli import caption as caption_cli
-from capkit.config import ExperimentConfig, to_container
-from capkit.engine import save_checkpoint
 from capkit.errors import ComponentNotFoundError
 from capkit.recipes.inference import load_trained
-from omegaconf import OmegaConf
-
-MODEL = {
-    "encoder": {"name": "timm", "model_name": "test_efficientnet"},
-    "attention": {"name": "bahdanau", "attn_dim": 8},
-    "decoder": {"name": "show_attend_tell", "embed_dim": 8, "hidden_dim": 16},
-}
-WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "red", "square"]
-
-
-def write_checkpoint(path: Path, model_cfg: dict, stored_model_cfg: dict | None = None, plugins=()) -> Path:
-    """A checkpoint of a freshly built model whose stored config says ``stored_model_cfg`` (default: its own)."""
-    model = capkit.build_captioner(model_cfg, len(WORDS))
-    config = to_container(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), {"model": stored_model_cfg or model_cfg}))
-    config["plugins"] = list(plugins)
-    return save_checkpoint(path, {"model": model.state_dict(), "config": config, "vocab": WORDS})
+from toys import MODEL, write_checkpoint
 
 
 def marker_module(folder: Path, name: str, marker: Path, body: str = "") -> None:

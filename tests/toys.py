@@ -1,11 +1,15 @@
 """Toy models, data and trainers shared by the engine tests (on the test path: ``pythonpath = tests``)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 import capkit
-from capkit.engine import CrossEntropyCriterion, Trainer, build_optimizer, build_train_sampler, seed_everything
+from capkit.config import ExperimentConfig, to_container
+from capkit.engine import CrossEntropyCriterion, Trainer, build_optimizer, build_train_sampler, save_checkpoint, seed_everything
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, CaptionBatch, EncoderOutput
 
 AUX = {"doubly_stochastic": 1.0}
@@ -76,3 +80,20 @@ def make_trainer(hooks=(), *, n=16, epochs=2, finetune="none", images=False, see
     optimizer = build_optimizer(model, lr=1e-2, encoder_lr=1e-3)
     kwargs = {"device": "cpu", "criterion": CrossEntropyCriterion(AUX), **kwargs}
     return Trainer(model, optimizer, loader, epochs=epochs, hooks=hooks, **kwargs)
+
+
+# a tiny captioner on the random test_efficientnet, for checkpoints that the tools load
+MODEL = {
+    "encoder": {"name": "timm", "model_name": "test_efficientnet"},
+    "attention": {"name": "bahdanau", "attn_dim": 8},
+    "decoder": {"name": "show_attend_tell", "embed_dim": 8, "hidden_dim": 16},
+}
+WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "red", "square"]
+
+
+def write_checkpoint(path: Path, model_cfg: dict, stored_model_cfg: dict | None = None, plugins=()) -> Path:
+    """A checkpoint of a freshly built model whose stored config says ``stored_model_cfg`` (default: its own)."""
+    model = capkit.build_captioner(model_cfg, len(WORDS))
+    config = to_container(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), {"model": stored_model_cfg or model_cfg}))
+    config["plugins"] = list(plugins)
+    return save_checkpoint(path, {"model": model.state_dict(), "config": config, "vocab": WORDS})

@@ -5,9 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 from capkit.cli.common import add_debug_flag, add_plugin_flag, command
+from capkit.data.images import open_image
 from capkit.engine.device import resolve_device
 from capkit.errors import DataError
 from capkit.recipes.inference import caption_images, load_trained
@@ -34,13 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise DataError(f"no such image file: {', '.join(missing)}")
     trained = load_trained(args.checkpoint, resolve_device(args.device), plugins=args.plugin)
-    pictures = []
-    for path in args.images:
-        try:
-            with Image.open(path) as img:
-                pictures.append(img.convert("RGB"))
-        except OSError as err:
-            raise DataError(f"cannot read image {path}: {err}") from err
+    pictures = [open_image(path) for path in args.images]
     captions, generation = caption_images(
         trained, pictures, beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty
     )

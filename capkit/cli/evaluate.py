@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tokenizer",
-        choices=("ptb", "none"),
+        choices=("ptb", "python", "none"),
         default="ptb",
-        help="ptb: the COCO pipeline's PTB tokenizer (needs Java) before the COCO metrics; none: raw strings",
+        help="ptb: the COCO pipeline's PTB tokenizer (needs Java) before the COCO metrics; python: the same without "
+        "Java (scores differ slightly, see docs/RESULTS.md); none: raw strings",
     )
     parser.add_argument("--out", type=Path, metavar="PATH", help="write the scores to this JSON file")
     parser.add_argument(
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 @command("capkit evaluate", FileNotFoundError, ValueError, KeyError)
 def run(args: argparse.Namespace) -> int:
-    evaluator = CaptionEvaluator(args.metrics, ptb_tokenize=args.tokenizer == "ptb")
+    evaluator = CaptionEvaluator(args.metrics, tokenizer=args.tokenizer)
+    evaluator.check_runtime()
     if args.checkpoint is not None:
         scored = score_checkpoint(
             evaluator, args.checkpoint, args.split, beam_size=args.beam, max_len=args.max_len,

@@ -5,11 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 from capkit.cli.common import add_debug_flag, add_plugin_flag, command
+from capkit.data.images import open_image
 from capkit.engine.device import resolve_device
-from capkit.errors import DataError
 from capkit.recipes.inference import caption_images, load_trained
 from capkit.visualization import save_caption_figure
 
@@ -32,11 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("capkit visualize", FileNotFoundError)
 def run(args: argparse.Namespace) -> int:
-    try:
-        with Image.open(args.image) as img:
-            picture = img.convert("RGB")
-    except OSError as err:
-        raise DataError(f"cannot read image {args.image}: {err}") from err
+    picture = open_image(args.image)
     trained = load_trained(args.checkpoint, resolve_device(args.device), plugins=args.plugin)
     (caption,), generation = caption_images(trained, [picture], beam_size=args.beam, max_len=args.max_len)
     args.out.parent.mkdir(parents=True, exist_ok=True)

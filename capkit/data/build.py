@@ -1,6 +1,7 @@
 """Loaders for a run: a loaded split -> images or cached features -> a DataLoader of ``CaptionBatch``es."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from capkit.data.datasets.base import CaptionDataset
 from capkit.data.feature_cache import cached_features
+from capkit.data.images import DEFAULT_MAX_PIXELS
 from capkit.data.loaders import EvaluationDataset, ImageSource, Source, TrainingDataset, build_loader
 from capkit.data.records import ImageRecord, drop_missing
 from capkit.data.transforms import build_transform
@@ -18,6 +20,8 @@ from capkit.data.vocab import Vocabulary
 from capkit.registry import DATASETS
 
 __all__ = ["LoadedSplit", "load_split", "build_source", "build_train_loader", "build_eval_loader"]
+
+log = logging.getLogger(__name__)
 
 
 class LoadedSplit(NamedTuple):
@@ -29,7 +33,9 @@ def load_split(dataset: Mapping[str, Any], split: str, *, skip_missing_images: b
     """Build the registered dataset ``{name, **kwargs}`` for ``split``; keep the records whose images exist
     (``MissingImagesError`` unless ``skip_missing_images``)."""
     data = DATASETS.build(dataset, split=split)
-    return LoadedSplit(data, drop_missing(data.records, skip_missing_images, f"{data.name} {split}"))
+    records = drop_missing(data.records, skip_missing_images, f"{data.name} {split}")
+    log.info("%s %s: %d images, %d captions", data.name, split, len(records), sum(len(r.captions) for r in records))
+    return LoadedSplit(data, records)
 
 
 def build_source(
@@ -40,6 +46,7 @@ def build_source(
     cache_features: bool = True,
     cache_dir: str | os.PathLike | None = None,
     skip_corrupt_images: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
     num_workers: int = 0,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
@@ -49,9 +56,10 @@ def build_source(
         return cached_features(
             split.records, encoder, build_transform(encoder.data_config), identity=split.data.identity(),
             cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, device=device,
-            skip_corrupt=skip_corrupt_images,
+            skip_corrupt=skip_corrupt_images, max_pixels=max_image_pixels,
         )
-    return ImageSource(split.records, build_transform(encoder.data_config, augment), skip_corrupt_images)
+    transform = build_transform(encoder.data_config, augment)
+    return ImageSource(split.records, transform, skip_corrupt_images, max_image_pixels)
 
 
 def build_train_loader(
@@ -65,6 +73,7 @@ def build_train_loader(
     cache_features: bool = True,
     cache_dir: str | os.PathLike | None = None,
     skip_corrupt_images: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
     num_workers: int = 2,
     seed: int = 0,
     rank: int = 0,
@@ -80,7 +89,8 @@ def build_train_loader(
     """
     source = build_source(
         split, encoder, augment=augment, cache_features=cache_features, cache_dir=cache_dir,
-        skip_corrupt_images=skip_corrupt_images, num_workers=num_workers, batch_size=batch_size, device=device,
+        skip_corrupt_images=skip_corrupt_images, max_image_pixels=max_image_pixels, num_workers=num_workers,
+        batch_size=batch_size, device=device,
     )
     if per_image:
         dataset: TrainingDataset | EvaluationDataset = EvaluationDataset(source, split.records)
@@ -100,6 +110,7 @@ def build_eval_loader(
     cache_features: bool = True,
     cache_dir: str | os.PathLike | None = None,
     skip_corrupt_images: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
     num_workers: int = 2,
     device: str | torch.device = "cpu",
 ) -> DataLoader:
@@ -108,6 +119,7 @@ def build_eval_loader(
         split = LoadedSplit(split.data, split.records[:max_images])
     source = build_source(
         split, encoder, cache_features=cache_features, cache_dir=cache_dir,
-        skip_corrupt_images=skip_corrupt_images, num_workers=num_workers, batch_size=batch_size, device=device,
+        skip_corrupt_images=skip_corrupt_images, max_image_pixels=max_image_pixels, num_workers=num_workers,
+        batch_size=batch_size, device=device,
     )
     return build_loader(EvaluationDataset(source, split.records), batch_size, num_workers=num_workers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ from filelock import FileLock
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from capkit.data.images import DEFAULT_MAX_PIXELS
 from capkit.data.loaders import EvaluationDataset, ImageSource, build_loader
 from capkit.data.records import ImageRecord
 
 __all__ = ["FeatureStore", "default_cache_dir", "cached_features"]
 
 CACHE_ENV = "CAPKIT_CACHE"
+IMAGE_DECODING = 2  # bumped when decoding changes the pixels (2: EXIF orientation, 16-bit grey, alpha on white)
 
 
 def default_cache_dir() -> Path:
@@ -69,6 +72,7 @@ def cached_features(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     skip_corrupt: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> FeatureStore:
     """The split's features from the cache, extracting them first when absent or incomplete.
 
@@ -79,11 +83,13 @@ def cached_features(
         identity: what identifies the split (``CaptionDataset.identity()``: dataset, split, root, ...).
         cache_dir: default ``default_cache_dir()``.
         skip_corrupt: leave undecodable images out of the cache (with a warning) instead of raising.
+        max_pixels: the largest image accepted (see ``open_image``).
     """
     ids = [r.image_id for r in records]
     key = {
         "encoder": encoder.cache_key(),
         "transform": repr(transform),
+        "decoding": IMAGE_DECODING,
         "data": identity,
         "image_ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
     }
@@ -92,19 +98,52 @@ def cached_features(
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data_path, meta_path = directory / f"{stem}.npy", directory / f"{stem}.json"
     directory.mkdir(parents=True, exist_ok=True)
+    files = _fingerprints(records)
     with FileLock(directory / f"{stem}.lock"):
         if meta_path.is_file() and data_path.is_file():
             meta = json.loads(meta_path.read_text())
-            if meta["key"] == key:
+            if meta["key"] == key and _still_valid(meta, files, data_path):
                 return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]))
         for stale in directory.glob(f"{stem}.*.partial-*"):  # a killed extraction's (the lock is ours now)
             stale.unlink()
-        kept, grid = _extract(records, encoder, transform, data_path, batch_size, num_workers, device, skip_corrupt)
+        source = ImageSource(records, transform, skip_corrupt, max_pixels)
+        kept, grid = _extract(source, encoder, data_path, batch_size, num_workers, device)
         shape = list(np.load(data_path, mmap_mode="r").shape)
         partial_meta = _partial(meta_path)
-        partial_meta.write_text(json.dumps({"key": key, "image_ids": kept, "grid": list(grid), "shape": shape}))
+        meta = {"key": key, "image_ids": kept, "grid": list(grid), "shape": shape, "files": files}
+        partial_meta.write_text(json.dumps(meta))
         os.replace(partial_meta, meta_path)  # the sidecar marks the cache complete
     return FeatureStore(data_path, kept, grid)
+
+
+def _fingerprints(records: list[ImageRecord]) -> dict[str, list[int]]:
+    """Each image file's size and modification time: a rewritten (or fixed) file changes them."""
+    out = {}
+    for r in records:
+        if r.path is not None and r.path.is_file():
+            stat = r.path.stat()
+            out[r.image_id] = [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
+def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], data_path: Path) -> bool:
+    """Whether a complete cache entry still holds its images' features: no image file changed since it was
+    written, and the array is whole (the shape its sidecar records). Says why where it does not."""
+    recorded = meta.get("files", {})
+    changed = sorted(i for i in files.keys() | recorded.keys() if files.get(i) != recorded.get(i))
+    if changed:
+        warnings.warn(f"{len(changed)} images changed since the features in {data_path} were extracted "
+                      f"(e.g. {changed[:3]}); extracting them again", stacklevel=3)
+        return False
+    try:
+        shape = list(np.load(data_path, mmap_mode="r").shape)
+    except (OSError, ValueError) as err:
+        shape = f"unreadable ({err})"
+    if shape != meta["shape"]:
+        warnings.warn(f"{data_path} is damaged (shape {shape}, its sidecar says {meta['shape']}); extracting again",
+                      stacklevel=3)
+        return False
+    return True
 
 
 def _partial(path: Path) -> Path:
@@ -114,19 +153,16 @@ def _partial(path: Path) -> Path:
 
 @torch.no_grad()
 def _extract(
-    records: list[ImageRecord],
+    source: ImageSource,
     encoder: nn.Module,
-    transform: Callable[[Image.Image], Tensor],
     data_path: Path,
     batch_size: int,
     num_workers: int,
     device: str | torch.device,
-    skip_corrupt: bool,
 ) -> tuple[list[str], tuple[int, int]]:
     """Write (len(kept), N, C) float16 features to ``data_path``; return the kept image ids and the grid."""
-    loader = build_loader(
-        EvaluationDataset(ImageSource(records, transform, skip_corrupt), records), batch_size, num_workers=num_workers
-    )
+    records = source.records
+    loader = build_loader(EvaluationDataset(source, records), batch_size, num_workers=num_workers)
     partial_path = _partial(data_path)
     was_training, home = encoder.training, next(encoder.parameters()).device
     encoder.eval().to(device)  # extraction runs on ``device``; the encoder goes back where it was afterwards

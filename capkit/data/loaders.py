@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from capkit.data.images import DEFAULT_MAX_PIXELS
 from capkit.data.records import CorruptImageError, ImageRecord
 from capkit.data.vocab import Vocabulary
 from capkit.types import PAD_ID, CaptionBatch, EncoderOutput
@@ -36,13 +37,21 @@ class ImageSource:
     Args:
         records: the split's images.
         transform: PIL image -> tensor (``build_transform``).
-        skip_corrupt: warn and skip an undecodable file instead of raising ``CorruptImageError``.
+        skip_corrupt: warn and skip an undecodable file (or one over ``max_pixels``) instead of raising
+            ``CorruptImageError``.
+        max_pixels: the largest image accepted (decompression bombs); None: no limit.
     """
 
     grid = None
 
-    def __init__(self, records: list[ImageRecord], transform: Callable[[Image.Image], Tensor], skip_corrupt: bool = False):
-        self.records, self.transform, self.skip_corrupt = records, transform, skip_corrupt
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        transform: Callable[[Image.Image], Tensor],
+        skip_corrupt: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
+        self.records, self.transform, self.skip_corrupt, self.max_pixels = records, transform, skip_corrupt, max_pixels
         self.image_ids = [r.image_id for r in records]
 
     def __len__(self) -> int:
@@ -50,7 +59,7 @@ class ImageSource:
 
     def __getitem__(self, index: int) -> Tensor | None:
         try:
-            image = self.records[index].open()
+            image = self.records[index].open(self.max_pixels)
         except CorruptImageError as err:
             if not self.skip_corrupt:
                 raise

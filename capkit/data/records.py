@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from capkit.data.images import DEFAULT_MAX_PIXELS, open_image
 from capkit.errors import CorruptImageError, MissingImagesError
 
 __all__ = ["Box", "ImageRecord", "CorruptImageError", "MissingImagesError", "drop_missing"]
@@ -42,17 +43,17 @@ class ImageRecord:
     loader: Callable[[], Image.Image] | None = None
     boxes: list[Box] | None = None
 
-    def open(self) -> Image.Image:
-        """The image in RGB; raises ``CorruptImageError`` naming the file when it cannot be decoded."""
+    def open(self, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """The image in upright 8-bit RGB (``open_image``); raises ``CorruptImageError`` naming the file and the
+        image id when it cannot be decoded or exceeds ``max_pixels``."""
         if self.loader is not None:
             return self.loader()
         try:
-            with Image.open(self.path) as img:
-                return img.convert("RGB")  # decodes fully: a truncated file fails here, not later
-        except (OSError, SyntaxError, ValueError) as err:
+            return open_image(self.path, max_pixels=max_pixels)
+        except CorruptImageError as err:
             raise CorruptImageError(
-                f"cannot decode image {self.path} (id {self.image_id!r}): {err}. "
-                f"Replace the file, or set data.skip_corrupt_images=true to leave it out."
+                f"{err} (image id {self.image_id!r}). Replace the file, or set data.skip_corrupt_images=true to "
+                f"leave it out."
             ) from err
 
 

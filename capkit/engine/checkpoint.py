@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -82,16 +83,28 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint``; tensors are on the CPU."""
+    """Read a checkpoint written by ``save_checkpoint``; tensors are on the CPU.
+
+    Raises:
+        CheckpointNotFoundError: no complete checkpoint at ``path``.
+        CheckpointError: a file of it is damaged (cut short, edited) or of another format.
+    """
     path = resolve_checkpoint(path)
-    doc = json.loads((path / CHECKPOINT_JSON).read_text())
-    if doc.get("format") != FORMAT_VERSION:
+    try:
+        doc = json.loads((path / CHECKPOINT_JSON).read_text())
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+            found = doc.get("format") if isinstance(doc, dict) else None
+            raise CheckpointError(f"{path}: checkpoint format {found!r}, this capkit reads format {FORMAT_VERSION}")
+        tensors = load_file(path / CHECKPOINT_TENSORS)
+        state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
+        state["model"] = load_file(path / CHECKPOINT_MODEL)
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(
-            f"{path}: checkpoint format {doc.get('format')!r}, this capkit reads format {FORMAT_VERSION}"
-        )
-    tensors = load_file(path / CHECKPOINT_TENSORS)
-    state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
-    state["model"] = load_file(path / CHECKPOINT_MODEL)
+            f"{path}: the checkpoint is damaged ({type(err).__name__}: {err}); use another one (checkpoints/last "
+            f"and checkpoints/best are separate copies) or train again"
+        ) from err
     return state
 
 

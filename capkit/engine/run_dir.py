@@ -175,7 +175,7 @@ class RunDir:
         that died without releasing (``kill -9``) takes the run over with a warning. A directory the claim
         created and nothing was written to (a run refused before it started) is removed again.
         """
-        created = not self.root.exists()
+        created = [p for p in (self.root, *self.root.parents) if not p.exists()]  # innermost first
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self._lock, timeout=0)
         try:
@@ -197,7 +197,10 @@ class RunDir:
             lock.release()
             if created and {p.name for p in self.root.iterdir()} <= {self._lock.name}:
                 self._lock.unlink(missing_ok=True)
-                self.root.rmdir()
+                for folder in created:  # the run directory, then the parents made for it
+                    if any(folder.iterdir()):
+                        break
+                    folder.rmdir()
 
     def _owner_text(self) -> str:
         return self._owner.read_text().strip() if self._owner.is_file() else ""

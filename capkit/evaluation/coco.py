@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -22,7 +23,8 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from capkit.evaluation.metric import ImageId, MetricResult, check_aligned, require_java
 from capkit.registry import METRICS
 
-__all__ = ["ptb_tokenize", "Bleu", "Meteor", "RougeL", "Cider", "Spice", "spice_missing_jars"]
+__all__ = ["ptb_tokenize", "python_tokenize", "TOKENIZERS", "Bleu", "Meteor", "RougeL", "Cider", "Spice",
+           "spice_missing_jars"]
 
 logger = logging.getLogger(__name__)
 K = TypeVar("K")
@@ -41,6 +43,27 @@ def ptb_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
     return out
 
 
+# what pycocoevalcap's PTBTokenizer drops after Stanford's tokenizer has split the text
+_PUNCTUATION = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+# Stanford's splits of English contractions and possessives ("don't" -> "do n't", "dog's" -> "dog 's")
+_CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|\w+(?:[-./]\w+)*|\.\.\.|--|\S")
+
+
+def python_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
+    """``ptb_tokenize`` without Java: lower-case, split off punctuation and English clitics as Stanford's
+    PTBTokenizer does, and drop the punctuation tokens pycocoevalcap drops. It agrees with the Java tokenizer on
+    plain caption text; docs/RESULTS.md gives how far scores differ on real captions."""
+    def tokenize(text: str) -> str:
+        tokens = _TOKEN.findall(_CLITIC.sub(r" \1", text.lower().replace("\n", " ")))
+        return " ".join(t for t in tokens if t not in _PUNCTUATION)
+
+    return {k: [tokenize(c) for c in caps] for k, caps in captions.items()}
+
+
+TOKENIZERS = {"ptb": ptb_tokenize, "python": python_tokenize}  # what the evaluator may run before the metrics
+
+
 def _as_lists(
     hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]
 ) -> tuple[list[ImageId], dict[ImageId, list[str]], dict[ImageId, list[str]]]:
@@ -57,6 +80,7 @@ class Bleu:
 
     def __init__(self, n: int = 4):
         self.n = n
+        self.reports = [f"bleu{k + 1}" for k in range(n)]
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
         ids, res, gts = _as_lists(hyps, refs)
@@ -77,6 +101,8 @@ class Meteor:
     """
 
     ptb_tokenized = True
+    needs_java = True
+    reports = ("meteor",)
 
     def __init__(self) -> None:
         self._scorer: _CocoMeteor | None = None
@@ -110,6 +136,7 @@ class RougeL:
     """ROUGE-L F-measure (beta 1.2) against the best-matching reference, averaged over images; key ``rouge_l``."""
 
     ptb_tokenized = True
+    reports = ("rouge_l",)
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
         ids, res, gts = _as_lists(hyps, refs)
@@ -125,6 +152,7 @@ class Cider:
     """
 
     ptb_tokenized = True
+    reports = ("cider",)
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
         ids, res, gts = _as_lists(hyps, refs)
@@ -148,6 +176,8 @@ class Spice:
     """
 
     ptb_tokenized = True
+    needs_java = True
+    reports = ("spice",)
 
     def __init__(self) -> None:
         missing = spice_missing_jars()

@@ -3,13 +3,23 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from capkit.evaluation.coco import ptb_tokenize
-from capkit.evaluation.metric import ImageId, Metric, MetricResult, as_result, build_metric, check_aligned
+from capkit.errors import JavaNotFoundError
+from capkit.evaluation.coco import TOKENIZERS
+from capkit.evaluation.metric import (
+    ImageId,
+    Metric,
+    MetricResult,
+    as_result,
+    build_metric,
+    check_aligned,
+    metric_keys,
+)
 from capkit.evaluation.results import write_coco_results, write_per_image
 from capkit.types import CaptionBatch, Generation
 
@@ -26,19 +36,47 @@ class CaptionEvaluator:
 
     Args:
         metrics: names in ``capkit.registry.METRICS`` (an unknown name raises ``KeyError`` here, with suggestions).
-        ptb_tokenize: run the COCO pipeline's PTB tokenizer (needs Java) once, for every metric that asks for it
-            (``ptb_tokenized = True``); False scores the raw strings, as nlg-eval does.
+        tokenizer: ``ptb``: the COCO pipeline's PTB tokenizer (needs Java), run once for every metric that asks for
+            it (``ptb_tokenized = True``); ``python``: the same without Java (``python_tokenize``); ``none``: the
+            raw strings, as nlg-eval scores them.
 
     After ``evaluate()``, ``hypotheses``, ``references`` and ``result`` (with per-image scores) stay available
     until ``reset()``.
     """
 
-    def __init__(self, metrics: Sequence[str], *, ptb_tokenize: bool = True):
+    def __init__(self, metrics: Sequence[str], *, tokenizer: str = "ptb"):
         if not metrics:
             raise ValueError("CaptionEvaluator needs at least one metric name")
+        if tokenizer not in (*TOKENIZERS, "none"):
+            raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join((*TOKENIZERS, 'none'))}")
         self.metrics: dict[str, Metric] = {name: build_metric(name) for name in dict.fromkeys(metrics)}
-        self.ptb_tokenize = ptb_tokenize
+        self.tokenizer = tokenizer
         self.reset()
+
+    def reports(self, key: str) -> bool:
+        """Whether a metric reports ``key`` (``bleu4``, ``cider``, ...), known before anything is scored: from the
+        metrics' ``reports`` first, running one that declares none on a two-image corpus only if need be."""
+        declared = [set(m.reports) for m in self.metrics.values() if getattr(m, "reports", None) is not None]
+        if any(key in keys for keys in declared):
+            return True
+        return any(key in metric_keys(n, m) for n, m in self.metrics.items() if getattr(m, "reports", None) is None)
+
+    def keys(self) -> set[str]:
+        """Every key the metrics report."""
+        return set().union(*(metric_keys(name, metric) for name, metric in self.metrics.items()))
+
+    def check_runtime(self) -> None:
+        """Raise ``JavaNotFoundError`` now, not at the first evaluation, when a metric or the tokenizer needs
+        Java and there is none."""
+        needs = [f"metric {name!r}" for name, m in self.metrics.items() if getattr(m, "needs_java", False)]
+        if self.tokenizer == "ptb" and any(getattr(m, "ptb_tokenized", False) for m in self.metrics.values()):
+            needs.append("the PTB tokenizer (eval.tokenizer=ptb)")
+        if needs and shutil.which("java") is None:
+            raise JavaNotFoundError(
+                f"{' and '.join(needs)} run a Java program, and no `java` is on PATH. Install a Java 8+ runtime "
+                f"(e.g. `apt-get install default-jre-headless`), or evaluate without Java: eval.tokenizer=python and "
+                f"metrics that need no Java (bleu, rouge_l, cider, sacrebleu)"
+            )
 
     def reset(self) -> None:
         self.hypotheses: dict[ImageId, str] = {}
@@ -78,9 +116,9 @@ class CaptionEvaluator:
         tokenized: tuple[dict[ImageId, str], dict[ImageId, list[str]]] | None = None
         total = MetricResult({}, {i: {} for i in hyps})
         for name, metric in self.metrics.items():
-            if self.ptb_tokenize and getattr(metric, "ptb_tokenized", False):
+            if self.tokenizer != "none" and getattr(metric, "ptb_tokenized", False):
                 if tokenized is None:
-                    tokenized = _ptb_tokenize_pairs(hyps, refs)
+                    tokenized = _tokenize_pairs(TOKENIZERS[self.tokenizer], hyps, refs)
                 result = as_result(name, metric(*tokenized))
             else:
                 result = as_result(name, metric(hyps, refs))
@@ -105,12 +143,12 @@ class CaptionEvaluator:
             write_per_image(per_image_path, self.hypotheses, self.references, self.result.per_image)
 
 
-def _ptb_tokenize_pairs(
-    hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]
+def _tokenize_pairs(
+    tokenize: Callable, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]
 ) -> tuple[dict[ImageId, str], dict[ImageId, list[str]]]:
-    """PTB-tokenize hypotheses and references in one Java call."""
+    """Tokenize hypotheses and references in one call (one Java process for the PTB tokenizer)."""
     captions = {("hyp", i): [h] for i, h in hyps.items()} | {("ref", i): list(r) for i, r in refs.items()}
-    out = ptb_tokenize(captions)
+    out = tokenize(captions)
     return {i: out[("hyp", i)][0] for i in hyps}, {i: out[("ref", i)] for i in refs}
 
 

@@ -12,9 +12,10 @@ and returns a ``MetricResult``, a flat ``{key: float}`` dict (one metric may rep
 ``bleu`` gives ``bleu1`` .. ``bleu4``), or a single float, reported under the registered name. Keys must
 not clash with another selected metric's keys.
 
-An optional attribute ``ptb_tokenized = True`` asks the evaluator for captions that went through the
-COCO pipeline's PTB tokenizer (lower-cased, punctuation removed); without it a metric receives the raw
-captions.
+An optional attribute ``reports`` (the keys it returns) lets a run check its settings before training, and
+``needs_java = True`` says that it runs a Java program. An optional attribute ``ptb_tokenized = True`` asks the
+evaluator for captions that went through the COCO pipeline's PTB tokenizer (lower-cased, punctuation removed);
+without it a metric receives the raw captions.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ __all__ = [
     "as_result",
     "check_aligned",
     "require_java",
+    "metric_keys",
 ]
 
 ImageId = Hashable  # str in capkit's datasets; COCO files may use int
@@ -70,6 +72,15 @@ def require_java(tool: str) -> None:
             f"Without Java, evaluate with Java-free metrics only (bleu, rouge_l, cider, sacrebleu) and "
             f"PTB tokenization off."
         )
+
+
+def metric_keys(name: str, metric: Metric) -> set[str]:
+    """The keys metric ``name`` reports: its ``reports`` attribute, else what it returns on a two-image corpus."""
+    declared = getattr(metric, "reports", None)
+    if declared is not None:
+        return set(declared)
+    probe = as_result(name, metric({"a": "a dog runs", "b": "a cat"}, {"a": ["a dog runs fast"], "b": ["a cat sits"]}))
+    return set(probe.scores)
 
 
 def build_metric(name: str) -> Metric:

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from capkit.errors import CaptionFileError, DatasetNotFoundError
 from capkit.evaluation.metric import ImageId
 
 __all__ = ["load_predictions", "load_references", "write_coco_results", "write_per_image"]
@@ -15,24 +16,24 @@ __all__ = ["load_predictions", "load_references", "write_coco_results", "write_p
 def _read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} not found")
+        raise DatasetNotFoundError(f"{str(path)!r} not found")
     try:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise CaptionFileError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
 
 
 def load_predictions(path: str | os.PathLike) -> dict[str, str]:
     """``{image_id: caption}`` from a COCO results file; image ids become strings."""
     data = _read_json(path)
     if not isinstance(data, list) or not all(isinstance(r, dict) and {"image_id", "caption"} <= r.keys() for r in data):
-        raise ValueError(f'{path}: expected COCO results, a JSON list of {{"image_id": ..., "caption": ...}}')
+        raise CaptionFileError(f'{path}: expected COCO results, a JSON list of {{"image_id": ..., "caption": ...}}')
     hyps: dict[str, str] = {}
     for record in data:
         image_id = str(record["image_id"])
         if image_id in hyps:
-            raise ValueError(f"{path}: image {image_id!r} has more than one caption; keep one per image")
+            raise CaptionFileError(f"{path}: image {image_id!r} has more than one caption; keep one per image")
         hyps[image_id] = record["caption"]
     return hyps
 
@@ -45,14 +46,14 @@ def load_references(path: str | os.PathLike) -> dict[str, list[str]]:
         refs: dict[str, list[str]] = {}
         for ann in data["annotations"]:
             if not isinstance(ann, dict) or not {"image_id", "caption"} <= ann.keys():
-                raise ValueError(f'{path}: every COCO annotation needs "image_id" and "caption", got {ann!r}')
+                raise CaptionFileError(f'{path}: every COCO annotation needs "image_id" and "caption", got {ann!r}')
             refs.setdefault(str(ann["image_id"]), []).append(ann["caption"])
         return refs
     if isinstance(data, dict) and all(
         isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()
     ):
         return {str(k): v for k, v in data.items()}
-    raise ValueError(
+    raise CaptionFileError(
         f'{path}: expected COCO captions ({{"annotations": [{{"image_id", "caption"}}, ...]}}) '
         f"or a mapping {{image_id: [caption, ...]}}"
     )

@@ -19,6 +19,8 @@ class SacreBleu:
             references are not).
     """
 
+    reports = ("sacrebleu",)
+
     def __init__(self, tokenize: str = "13a", lowercase: bool = True):
         self.tokenize = tokenize
         self.lowercase = lowercase

@@ -110,7 +110,7 @@ def _score(run: RunDir, split_name: str, plugins: list[str]) -> dict[str, Any]:
     trained = load_trained(run.find_checkpoint(BEST), plugins=plugins)
     cfg, model = trained.config, trained.model
     split, loader = load_eval_split(trained, split_name)
-    evaluator = CaptionEvaluator(list(cfg.eval.metrics))
+    evaluator = CaptionEvaluator(list(cfg.eval.metrics), tokenizer=cfg.eval.tokenizer)
     captions, started = {}, time.perf_counter()
     # one timed decoding pass gives the speed, the scored captions and the grounding
     for batch, generation in decode_batches(model, loader, **trained.decoding):

@@ -28,6 +28,7 @@ def _source_options(cfg: DictConfig, device: str | torch.device) -> dict[str, An
     d = cfg.data
     return dict(
         cache_features=caches_features(cfg), cache_dir=d.cache_dir, skip_corrupt_images=d.skip_corrupt_images,
+        max_image_pixels=d.max_image_pixels,
         num_workers=d.num_workers, device=device,
     )
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ from capkit.engine import (
 )
 from capkit.engine.distributed import rank_zero_first
 from capkit.engine.run_dir import BEST, LAST
-from capkit.errors import ConfigError, MissingImagesError, RunDirError
+from capkit.errors import ConfigError, DataError, MissingImagesError, RunDirError
 from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
 from capkit.models.captioner import Captioner
 from capkit.recipes.experiment import (
@@ -73,6 +74,7 @@ class Experiment:
         run: the run directory (created by ``train`` on rank 0).
         dist: this process's place in the job.
         train_split, val_split: the loaded splits.
+        evaluator: scores the validation split with ``eval.metrics``.
         vocab: the vocabulary (built from the training captions, or the resumed or initial run's).
         model: the captioner, with ``train.init_from``'s weights when set.
         resumed: the checkpoint ``--resume`` continues from, or None.
@@ -84,6 +86,7 @@ class Experiment:
     dist: DistInfo
     train_split: LoadedSplit
     val_split: LoadedSplit
+    evaluator: CaptionEvaluator
     vocab: Vocabulary
     model: Captioner
     resumed: dict[str, Any] | None = None
@@ -91,16 +94,24 @@ class Experiment:
 
 
 def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = False) -> Experiment:
-    """Seed, load the data, the vocabulary and the model, and check the config against a resumed run: what can
-    fail on the user's input fails here, before anything is written or trained."""
-    t, d = cfg.train, cfg.data
+    """Seed, load the data, the vocabulary and the model, and check the config against the metrics, the
+    machine and a resumed run: what can fail on the user's input fails here, before anything is written or
+    trained."""
+    t, d, e = cfg.train, cfg.data, cfg.eval
     if t.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective is {t.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    evaluator = CaptionEvaluator(list(e.metrics), tokenizer=e.tokenizer)
+    evaluator.check_runtime()
+    if not evaluator.reports(t.early_stop_metric):
+        raise ConfigError(
+            f"train.early_stop_metric is {t.early_stop_metric!r}, but eval.metrics {list(e.metrics)} report only "
+            f"{', '.join(sorted(evaluator.keys()))}; choose one of those, or add the metric that reports it"
+        )
     seed_everything(t.seed)
     run = RunDir(run_dir)
     dataset = to_container(d.dataset)
     train_split = load_split(dataset, "train", skip_missing_images=d.skip_missing_images)
-    val_split = load_split(dataset, "val", skip_missing_images=d.skip_missing_images)
+    val_split = check_eval_split(load_split(dataset, "val", skip_missing_images=d.skip_missing_images), "val")
     resumed = load_checkpoint(run.find_checkpoint(LAST)) if resume else None
     initial = load_checkpoint(t.init_from) if t.init_from and resumed is None else None
     if resumed is not None:
@@ -113,7 +124,22 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
     model = build_captioner(to_container(cfg.model), len(vocab))
     if initial is not None:
         _load_initial_weights(model, initial["model"], t.init_from)
-    return Experiment(cfg, run, dist, train_split, val_split, vocab, model, resumed, initial)
+    return Experiment(cfg, run, dist, train_split, val_split, evaluator, vocab, model, resumed, initial)
+
+
+def check_eval_split(split: LoadedSplit, name: str) -> LoadedSplit:
+    """The split, if it can be scored: not empty, every image once, every image with a reference caption."""
+    records, where = split.records, f"{split.data.name} {name} split"
+    if not records:
+        raise DataError(f"{where}: no images to evaluate on")
+    ids = [r.image_id for r in records]
+    twice = sorted({i for i, n in Counter(ids).items() if n > 1})
+    if twice:
+        raise DataError(f"{where}: {len(twice)} images are listed more than once (e.g. {twice[:3]}); list each once")
+    bare = [r.image_id for r in records if not r.captions]
+    if bare:
+        raise DataError(f"{where}: {len(bare)} images have no reference caption (e.g. {bare[:3]})")
+    return split
 
 
 def build_criterion(cfg: DictConfig, records: list[ImageRecord], vocab: Vocabulary) -> Criterion:
@@ -166,10 +192,9 @@ def train(exp: Experiment) -> Trainer:
     with rank_zero_first():  # rank 0 extracts the feature cache
         train_loader = build_train_loader_for(cfg, exp.train_split, model.encoder, exp.vocab, dist)
         val_loader = build_eval_loader_for(cfg, exp.val_split, model.encoder, dist.device, e.max_images)
-    evaluator = CaptionEvaluator(list(e.metrics))
 
     def evaluate(m: Captioner) -> dict[str, float]:
-        return run_evaluation(m, val_loader, evaluator, decode=exp.vocab.decode, **decoding_settings(e))
+        return run_evaluation(m, val_loader, exp.evaluator, decode=exp.vocab.decode, **decoding_settings(e))
 
     optimizer = build_optimizer(model, lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay)
     if exp.initial is not None and not load_optimizer_moments(optimizer, exp.initial["optimizer"]):
@@ -205,8 +230,8 @@ def test(exp: Experiment, model: Captioner, split: str = "test", samples: int = 
     except MissingImagesError as err:
         log.warning("%s split skipped: %s. Score it later with capkit evaluate --checkpoint %s", split, err, run.best)
         return None
-    loader = build_eval_loader_for(cfg, loaded, model.encoder, exp.dist.device)
-    evaluator = CaptionEvaluator(list(cfg.eval.metrics))
+    loader = build_eval_loader_for(cfg, check_eval_split(loaded, split), model.encoder, exp.dist.device)
+    evaluator = exp.evaluator
     decoding = decoding_settings(cfg.eval)
     metrics = run_evaluation(model, loader, evaluator, decode=exp.vocab.decode, **decoding)
     run.split_metrics(split).write_text(json.dumps(metrics, indent=2) + "\n")

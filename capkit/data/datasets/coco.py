@@ -1,6 +1,7 @@
 """``coco``: COCO captions in the official layout (``annotations/captions_<split><year>.json`` + image folder)."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -10,6 +11,8 @@ from capkit.errors import CaptionFileError
 from capkit.registry import DATASETS
 
 __all__ = ["CocoDataset"]
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD = (
     "Download and unzip into the root: http://images.cocodataset.org/annotations/annotations_trainval2017.zip "
@@ -61,6 +64,10 @@ class CocoDataset(CaptionDataset):
             seen.add(image_id)
             if image_id in captions:
                 self.records.append(ImageRecord(image_id, captions[image_id], path=base / file_name))
+        orphans = len(captions.keys() - seen)
+        if orphans or len(seen) > len(self.records):
+            log.info("coco %s: %d images without captions and the captions of %d unlisted images left out (%s)",
+                     split, len(seen) - len(self.records), orphans, self.annotations)
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "annotations": str(self.annotations.resolve())}

@@ -1,6 +1,7 @@
 """``flickr8k``: the official Flickr8k download (token file, split lists, image folder)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter, defaultdict
@@ -12,6 +13,8 @@ from capkit.errors import CaptionFileError
 from capkit.registry import DATASETS
 
 __all__ = ["Flickr8kDataset"]
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD = (
     "Download and unzip both archives into the root: "
@@ -46,6 +49,7 @@ class Flickr8kDataset(CaptionDataset):
         image_dir = require_file(self.root / "Flicker8k_Dataset", self.name, DOWNLOAD)
 
         captions: dict[str, list[str]] = defaultdict(list)
+        bogus = 0
         for lineno, line in enumerate(read_text(tokens).splitlines(), 1):
             if not line.strip():
                 continue
@@ -53,7 +57,9 @@ class Flickr8kDataset(CaptionDataset):
             name = key.rpartition("#")[0]
             if not sep or not name:
                 raise CaptionFileError(f"{tokens}:{lineno}: expected 'name.jpg#N<TAB>caption', got {line[:80]!r}")
-            if not _BOGUS_NAME.search(name):
+            if _BOGUS_NAME.search(name):
+                bogus += 1
+            else:
                 captions[name].append(caption_text(caption, f"{tokens}:{lineno}"))
 
         names = [n.strip() for n in read_text(names_file).splitlines() if n.strip()]
@@ -66,6 +72,8 @@ class Flickr8kDataset(CaptionDataset):
                 f"{names_file}: {len(no_caption)} images have no caption in {tokens}: {no_caption[:5]}"
             )
         self.records = [ImageRecord(n, captions[n], path=image_dir / n) for n in names]
+        if bogus:
+            log.info("flickr8k: %d captions of names that are no image file (name.jpg.1#N) left out of %s", bogus, tokens)
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "root": str(self.root.resolve())}

@@ -66,9 +66,9 @@ class FolderDataset(CaptionDataset):
             found = f"; the file has the splits {', '.join(sorted(splits_seen))}" if splits_seen - {split} else ""
             raise CaptionFileError(f"{self.annotations}: no captions for the {split} split{found}. {FORMAT_HELP}")
         self.records = [ImageRecord(name, caps, path=self.root / name) for name, caps in captions.items()]
-        log.info("folder %s: %d images, %d captions from %s%s", split, len(self.records),
-                 sum(len(c) for c in captions.values()), self.annotations,
-                 f" ({duplicates} duplicate captions left out)" if duplicates else "")
+        if duplicates:
+            log.info("folder %s: %d captions given twice for one image left out (%s)", split, duplicates,
+                     self.annotations)
 
     def _check(self, where: str, row: dict[str, Any], per_split_file: bool) -> tuple[str, list[str], str]:
         """A row's image, captions and split, or a ``CaptionFileError`` saying what is wrong with it."""

@@ -60,7 +60,7 @@ def test_loaded_by_name_from_the_entry_points():
 
 
 def test_in_the_evaluator_next_to_a_builtin_metric():
-    evaluator = CaptionEvaluator(["distinct_captions", "vocab_usage", "sacrebleu"], ptb_tokenize=False)
+    evaluator = CaptionEvaluator(["distinct_captions", "vocab_usage", "sacrebleu"], tokenizer="none")
     scores = evaluator.score(HYPS, REFS).scores
     assert scores["distinct_captions"] == pytest.approx(0.5)
     assert scores["vocab_usage"] == 5.0

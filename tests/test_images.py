@@ -1,0 +1,102 @@
+"""Images as users have them: EXIF orientation, every PIL mode, decompression bombs; and a feature cache that
+notices a changed image file or a damaged array."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capkit.data import build_transform, cached_features
+from capkit.data.images import open_image
+from capkit.data.loaders import ImageSource
+from capkit.data.records import ImageRecord
+from capkit.errors import CorruptImageError
+from capkit.registry import DATASETS
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    wide = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; show it rotated 90 degrees clockwise
+    wide.save(tmp_path / "turned.jpg", exif=exif)
+    assert open_image(tmp_path / "turned.jpg").size == (20, 40)
+
+
+def test_16_bit_grey_is_scaled_not_clipped_to_white(tmp_path):
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as raw:
+        assert raw.mode.startswith("I")  # what PIL gives a 16-bit PNG, which its convert("RGB") turns white
+    assert np.asarray(open_image(tmp_path / "grey16.png"))[0, 0].tolist() == [128, 128, 128]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_laid_over_white(tmp_path, mode):
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # transparent black
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    (rgba.convert(mode) if mode != "P" else rgba.convert("P", palette=Image.ADAPTIVE)).save(tmp_path / "a.png",
+        **({"transparency": 0} if mode == "P" else {}))
+    pixels = np.asarray(open_image(tmp_path / "a.png"))
+    if mode != "P":
+        assert pixels[3, 3].tolist() == [255, 255, 255]
+    assert pixels.shape == (4, 4, 3)
+
+
+def test_cmyk_becomes_rgb(tmp_path):
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    red = np.asarray(open_image(tmp_path / "cmyk.jpg"))[0, 0]
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+
+
+def test_a_decompression_bomb_is_refused_and_covered_by_the_skip_setting(tmp_path):
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    Image.new("RGB", (10, 10)).save(tmp_path / "small.png")
+    with pytest.raises(CorruptImageError, match=r"big\.png has 100 x 100 pixels, over the limit of 5,000 "
+                       r"\(data\.max_image_pixels\)"):
+        open_image(tmp_path / "big.png", max_pixels=5000)
+    records = [ImageRecord("big", ["x"], path=tmp_path / "big.png"), ImageRecord("small", ["y"], path=tmp_path / "small.png")]
+    source = ImageSource(records, build_transform({"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                                   "interpolation": "bilinear", "crop_pct": 1.0}), True, 5000)
+    with pytest.warns(UserWarning, match=r"big\.png has 100 x 100 pixels.*Skipped \(data\.skip_corrupt_images=true\)"):
+        assert source[0] is None
+    assert source[1].shape == (3, 8, 8)
+
+
+def test_a_non_image_file_names_the_file(tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(CorruptImageError, match=r"cannot decode image .*notes\.jpg"):
+        open_image(tmp_path / "notes.jpg")
+
+
+@pytest.fixture
+def folder_split(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(tmp_path / f"{i}.png")
+    (tmp_path / "captions.csv").write_text("image,caption,split\n" + "".join(f"{i}.png,a thing,train\n" for i in range(3)))
+    return DATASETS.build({"name": "folder", "root": str(tmp_path)}, split="train")
+
+
+def test_the_cache_notices_a_changed_image_and_a_damaged_array(tmp_path, folder_split, tiny_encoder):
+    cache, transform = tmp_path / "cache", build_transform(tiny_encoder.data_config)
+    extract = lambda: cached_features(folder_split.records, tiny_encoder, transform,  # noqa: E731
+                                      identity=folder_split.identity(), cache_dir=cache, batch_size=2)
+    first = extract()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(extract()[1], first[1])  # unchanged: read back, no warning
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "1.png")  # the user fixes or replaces a file
+    os.utime(tmp_path / "1.png", ns=(1, 1))
+    with pytest.warns(UserWarning, match=r"1 images changed since the features .* were extracted \(e\.g\. \['1\.png'\]\)"):
+        again = extract()
+    assert not torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
+    (array,) = cache.glob("*.npy")
+    array.write_bytes(array.read_bytes()[:-100])  # cut short, as a full disk leaves it
+    with pytest.warns(UserWarning, match=r"is damaged \(shape .*its sidecar says \[3, "):
+        repaired = extract()
+    assert torch.equal(repaired[1], again[1])
+    meta = json.loads(next(cache.glob("*.json")).read_text())
+    assert sorted(meta["files"]) == ["0.png", "1.png", "2.png"]
