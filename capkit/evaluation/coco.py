@@ -43,11 +43,15 @@ def ptb_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
     return out
 
 
-# what pycocoevalcap's PTBTokenizer drops after Stanford's tokenizer has split the text
-_PUNCTUATION = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-# Stanford's splits of English contractions and possessives ("don't" -> "do n't", "dog's" -> "dog 's")
-_CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
-_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|\w+(?:[-./]\w+)*|\.\.\.|--|\S")
+# what pycocoevalcap's PTBTokenizer drops after Stanford's tokenizer has split the text (which writes a double
+# quote as `` or ''); brackets become -lrb- .. -rcb-, which it keeps (its list spells them in upper case)
+_PUNCTUATION = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-"}
+# Stanford's splits of English contractions and possessives ("don't" -> "do n't", "dog's" -> "dog 's", "cannot")
+_CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b|(?<=\bcan)(not)\b")
+# an abbreviation keeps its period: initials and acronyms (n., d.c., u.s.), and the common short words
+_ABBREVIATION = r"(?:[a-z](?:\.[a-z])*|st|ave|rd|blvd|mt|ft|dr|mr|mrs|ms|jr|sr|vs|etc|inc|co|ltd|no)\."
+_TOKEN = re.compile(rf"n't|'(?:s|re|ve|ll|d|m)\b|(?<![\w.]){_ABBREVIATION}(?!\w)|\w+(?:[-./:]\w+)*|\.\.\.|--|\S")
 
 
 def python_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
@@ -55,8 +59,8 @@ def python_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
     PTBTokenizer does, and drop the punctuation tokens pycocoevalcap drops. It agrees with the Java tokenizer on
     plain caption text; docs/RESULTS.md gives how far scores differ on real captions."""
     def tokenize(text: str) -> str:
-        tokens = _TOKEN.findall(_CLITIC.sub(r" \1", text.lower().replace("\n", " ")))
-        return " ".join(t for t in tokens if t not in _PUNCTUATION)
+        tokens = _TOKEN.findall(_CLITIC.sub(lambda m: " " + m.group(0), text.lower().replace("\n", " ")))
+        return " ".join(_BRACKETS.get(t, t) for t in tokens if t not in _PUNCTUATION)
 
     return {k: [tokenize(c) for c in caps] for k, caps in captions.items()}
 
