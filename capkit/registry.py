@@ -218,7 +218,8 @@ def import_plugins(modules: list[str]) -> None:
             importlib.import_module(module)
         except ImportError as err:
             raise PluginError(
-                f"plugin module {module!r} (from the config's `plugins:` list) could not be imported: {err}. "
+                f"plugin module {module!r} (from the config's `plugins:` list or --plugin) could not be imported: "
+                f"{err}. "
                 f"Check the module path and that its package is on PYTHONPATH or installed."
             ) from err
 

@@ -120,6 +120,12 @@ KARPATHY_CASES = {
 }
 
 
+def test_a_karpathy_image_listed_twice_is_refused(tmp_path):
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [KARPATHY_IMAGE, KARPATHY_IMAGE]}))
+    with pytest.raises(CaptionFileError, match=r"images\[1\]: image a\.jpg is listed twice \(first at images\[0\]\)"):
+        DATASETS.build({"name": "karpathy", "root": str(tmp_path)}, split="val")
+
+
 @pytest.mark.parametrize("image, message", KARPATHY_CASES.values(), ids=KARPATHY_CASES.keys())
 def test_a_malformed_karpathy_file_is_refused_naming_the_image(tmp_path, image, message):
     (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [image]}))

@@ -114,11 +114,11 @@ def test_encoder_or_transform_change_makes_a_new_cache(split, tiny_encoder, tmp_
 def test_two_processes_extracting_one_cache_at_once_share_one_extraction(tmp_path):
     """The second waits on the entry's lock and reads what the first wrote."""
     script = f"""
-import capkit
+import time, capkit
 from capkit.data import build_transform, cached_features, load_split
 from capkit.registry import ENCODERS
 enc = ENCODERS.build({{"name": "timm", "model_name": "test_efficientnet"}})
-enc.register_forward_hook(lambda *_: print("batch", flush=True))
+enc.register_forward_hook(lambda *_: print("batch", flush=True) or time.sleep(0.5))  # the two runs overlap
 data, records = load_split({SHAPES!r}, "train")
 store = cached_features(records, enc, build_transform(enc.data_config), identity=data.identity(), cache_dir={str(tmp_path)!r}, batch_size=4)
 print("rows", len(store), float(store[3].float().sum()))

@@ -34,16 +34,30 @@ def test_16_bit_grey_is_scaled_not_clipped_to_white(tmp_path):
     assert np.asarray(open_image(tmp_path / "grey16.png"))[0, 0].tolist() == [128, 128, 128]
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
-def test_transparent_pixels_are_laid_over_white(tmp_path, mode):
-    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # transparent black
+def transparent_black_with_a_red_dot(mode: str) -> Image.Image:
+    if mode == "P":  # palette entry 0 black, declared transparent; entry 1 red
+        img = Image.new("P", (4, 4), 0)
+        img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+        img.putpixel((0, 0), 1)
+        img.info["transparency"] = 0
+        return img
+    if mode == "L":  # a transparent grey level (tRNS), no alpha band
+        img = Image.new("L", (4, 4), 0)
+        img.putpixel((0, 0), 200)
+        img.info["transparency"] = 0
+        return img
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     rgba.putpixel((0, 0), (255, 0, 0, 255))
-    (rgba.convert(mode) if mode != "P" else rgba.convert("P", palette=Image.ADAPTIVE)).save(tmp_path / "a.png",
-        **({"transparency": 0} if mode == "P" else {}))
+    return rgba.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L"])
+def test_transparent_pixels_are_laid_over_white(tmp_path, mode):
+    img = transparent_black_with_a_red_dot(mode)
+    img.save(tmp_path / "a.png", **({"transparency": img.info["transparency"]} if "transparency" in img.info else {}))
     pixels = np.asarray(open_image(tmp_path / "a.png"))
-    if mode != "P":
-        assert pixels[3, 3].tolist() == [255, 255, 255]
-    assert pixels.shape == (4, 4, 3)
+    assert pixels.shape == (4, 4, 3) and pixels[3, 3].tolist() == [255, 255, 255]  # transparent: white
+    assert pixels[0, 0].tolist() != [255, 255, 255]  # the opaque dot keeps its colour
 
 
 def test_cmyk_becomes_rgb(tmp_path):
@@ -64,6 +78,14 @@ def test_a_decompression_bomb_is_refused_and_covered_by_the_skip_setting(tmp_pat
     with pytest.warns(UserWarning, match=r"big\.png has 100 x 100 pixels.*Skipped \(data\.skip_corrupt_images=true\)"):
         assert source[0] is None
     assert source[1].shape == (3, 8, 8)
+
+
+def test_the_pixel_limit_is_capkits_own_whatever_pils_is(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # PIL's process-wide bomb limit, lower than the image
+    assert open_image(tmp_path / "big.png", max_pixels=None).size == (100, 100)  # data.max_image_pixels: null
+    assert open_image(tmp_path / "big.png", max_pixels=20_000).size == (100, 100)  # raised
+    assert Image.MAX_IMAGE_PIXELS == 5000  # left as it was
 
 
 def test_a_non_image_file_names_the_file(tmp_path):
@@ -98,5 +120,8 @@ def test_the_cache_notices_a_changed_image_and_a_damaged_array(tmp_path, folder_
     with pytest.warns(UserWarning, match=r"is damaged \(shape .*its sidecar says \[3, "):
         repaired = extract()
     assert torch.equal(repaired[1], again[1])
-    meta = json.loads(next(cache.glob("*.json")).read_text())
-    assert sorted(meta["files"]) == ["0.png", "1.png", "2.png"]
+    (sidecar,) = cache.glob("*.json")
+    assert sorted(json.loads(sidecar.read_text())["files"]) == ["0.png", "1.png", "2.png"]
+    sidecar.write_text('{"key": ')  # cut short
+    with pytest.warns(UserWarning, match=r"\.json is damaged .*extracting the features again"):
+        assert torch.equal(extract()[1], again[1])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -50,17 +51,24 @@ def test_a_second_run_on_a_finished_runs_directory_leaves_every_file_as_it_was(t
     assert snapshot(run) == before
 
 
-def test_overwrite_replaces_the_run(tiny_config, tmp_path):
+def test_overwrite_replaces_the_run_once_its_settings_are_checked(tiny_config, tmp_path):
     assert train_cli.main([str(tiny_config), "train.run_name=again"]) == 0
     run = tmp_path / "runs" / "again"
     (run / "notes.txt").write_text("mine")
-    assert train_cli.main([str(tiny_config), "train.run_name=again", "--overwrite"]) == 0
-    assert not (run / "notes.txt").exists() and (run / "checkpoints" / "best" / "state.json").is_file()
+    (run / "checkpoints" / "old_extra").mkdir()
+    before = snapshot(run)
+    # a setting that fails before training: the old run stays as it was
+    assert train_cli.main([str(tiny_config), "train.run_name=again", "--overwrite", "train.early_stop_metric=cider"]) == 2
+    assert snapshot(run) == before
+    assert train_cli.main([str(tiny_config), "train.run_name=again", "--overwrite", "train.lr=1e-2"]) == 0
+    assert (run / "notes.txt").read_text() == "mine"  # not a file of the run: it stays
+    assert not (run / "checkpoints" / "old_extra").exists() and (run / "checkpoints" / "best" / "state.json").is_file()
+    assert "lr: 0.01" in (run / "config.yaml").read_text()
 
 
-def test_a_refused_run_leaves_no_directory_behind(tiny_config, tmp_path):
-    assert train_cli.main([str(tiny_config), "train.run_name=refused", "train.objective=rl"]) == 2
-    assert not (tmp_path / "runs" / "refused").exists()
+def test_a_run_refused_by_its_checks_leaves_no_directory_behind(tiny_config, tmp_path):
+    assert train_cli.main([str(tiny_config), "train.run_name=refused", "train.early_stop_metric=cider"]) == 2
+    assert not (tmp_path / "runs").exists()
 
 
 def test_one_process_at_a_time_holds_a_run_and_a_dead_holder_is_taken_over(tmp_path):
@@ -106,7 +114,7 @@ def kill_at_second_evaluation(hyps, refs):
 """
 
 
-def test_kill_9_then_resume_with_another_evaluation_setting_trains_exactly_as_uninterrupted(tiny_config, tmp_path):
+def test_kill_9_then_resume_with_another_evaluation_setting_trains_exactly_as_uninterrupted(tiny_config, tmp_path, caplog):
     budget = ["train.epochs=3", "train.batch_size=4", "train.lr=1e-2"]
     assert train_cli.main([str(tiny_config), "train.run_name=whole", *budget]) == 0
     (tmp_path / "killer_metric.py").write_text(KILLER_METRIC)
@@ -120,8 +128,9 @@ def test_kill_9_then_resume_with_another_evaluation_setting_trains_exactly_as_un
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     cut, whole = RunDir(tmp_path / "runs" / "cut"), RunDir(tmp_path / "runs" / "whole")
     assert load_checkpoint(cut.last)["epoch"] == 1  # the first epoch's checkpoint survived
-    with pytest.warns(UserWarning, match="taking over the run from process"):
+    with pytest.warns(UserWarning, match="taking over the run from process"), caplog.at_level(logging.INFO):
         assert train_cli.main([str(tiny_config), "--resume", str(cut.root), "train.run_name=cut", *budget]) == 0
+    assert "resume: eval.metrics is ['sacrebleu'] (the run had ['sacrebleu', 'kill_at_second_evaluation'])" in caplog.text
     resumed, reference = load_checkpoint(cut.last), load_checkpoint(whole.last)
     assert resumed["global_step"] == reference["global_step"] > 0
     for key, value in reference["model"].items():

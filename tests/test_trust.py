@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -92,3 +93,32 @@ def test_a_checkpoint_cannot_enable_remote_code(tmp_path, photo, capsys):
     assert caption_cli.main(["--checkpoint", str(checkpoint), "--beam", "1", "--device", "cpu", str(photo)]) == 0
     assert capsys.readouterr().out.startswith(f"{photo}\t")
     assert not marker.exists()
+
+
+def test_visualize_imports_no_plugin_a_checkpoint_names_either(tmp_path, monkeypatch, photo):
+    from capkit.cli import visualize as visualize_cli
+
+    marker = tmp_path / "plugin_ran"
+    marker_module(tmp_path, "capkit_tampered_plugin2", marker)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = write_checkpoint(tmp_path / "ckpt", MODEL, plugins=["capkit_tampered_plugin2"])
+    assert visualize_cli.main([str(photo), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "f.png"),
+                               "--beam", "1", "--device", "cpu"]) == 0
+    assert (tmp_path / "f.png").is_file() and not marker.exists()
+
+
+def test_a_checkpoints_model_kwargs_reach_no_loader_but_the_safe_ones(tmp_path, caplog):
+    """transformers also fetches and runs code for kernels named in from_pretrained's keyword arguments."""
+    hf_dir = tmp_path / "vit"
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                    image_size=32, patch_size=8)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(hf_dir)
+    encoder = {"name": "hf", "model_name": str(hf_dir)}
+    stored = {**MODEL, "encoder": {**encoder, "model_kwargs": {
+        "attn_implementation": "kernels-community/evil", "use_kernels": True, "revision": "main"}}}
+    checkpoint = write_checkpoint(tmp_path / "ckpt", {**MODEL, "encoder": encoder}, stored)
+    with caplog.at_level(logging.WARNING):
+        trained = load_trained(checkpoint)
+    assert "model_kwargs ['attn_implementation', 'use_kernels'] are not passed on" in caplog.text
+    assert trained.model.encoder.revision == "main"

@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from capkit.data.images import DEFAULT_MAX_PIXELS
 from capkit.data.loaders import EvaluationDataset, ImageSource, build_loader
 from capkit.data.records import ImageRecord
+from capkit.errors import DataError
 
 __all__ = ["FeatureStore", "default_cache_dir", "cached_features"]
 
@@ -99,13 +101,16 @@ def cached_features(
     data_path, meta_path = directory / f"{stem}.npy", directory / f"{stem}.json"
     directory.mkdir(parents=True, exist_ok=True)
     files = _fingerprints(records)
-    with FileLock(directory / f"{stem}.lock"):
+    with _entry_lock(directory / f"{stem}.lock"):
         if meta_path.is_file() and data_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta["key"] == key and _still_valid(meta, files, data_path):
+            meta = _read_sidecar(meta_path)
+            if meta is not None and meta["key"] == key and _still_valid(meta, files, data_path):
                 return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]))
         for stale in directory.glob(f"{stem}.*.partial-*"):  # a killed extraction's (the lock is ours now)
             stale.unlink()
+        if not os.access(directory, os.W_OK):
+            raise DataError(f"the feature cache {directory} is not writable and holds no complete entry for "
+                            f"{stem}; set data.cache_dir (or ${CACHE_ENV}) to a folder you can write")
         source = ImageSource(records, transform, skip_corrupt, max_pixels)
         kept, grid = _extract(source, encoder, data_path, batch_size, num_workers, device)
         shape = list(np.load(data_path, mmap_mode="r").shape)
@@ -114,6 +119,34 @@ def cached_features(
         partial_meta.write_text(json.dumps(meta))
         os.replace(partial_meta, meta_path)  # the sidecar marks the cache complete
     return FeatureStore(data_path, kept, grid)
+
+
+@contextmanager
+def _entry_lock(path: Path) -> Iterator[None]:
+    """Hold a cache entry's lock; a read-only cache (shared by others) is read without one."""
+    lock = FileLock(path)
+    try:
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    """A cache entry's sidecar, or None (with a warning) where it is damaged."""
+    try:
+        meta = json.loads(path.read_text())
+        if isinstance(meta, dict) and {"key", "image_ids", "grid", "shape"} <= meta.keys():
+            return meta
+        problem = "fields are missing"
+    except (OSError, ValueError) as err:
+        problem = str(err)
+    warnings.warn(f"{path} is damaged ({problem}); extracting the features again", stacklevel=3)
+    return None
 
 
 def _fingerprints(records: list[ImageRecord]) -> dict[str, list[int]]:

@@ -96,7 +96,8 @@ class ProgressBarHook(Hook):
     def before_epoch(self, trainer: Trainer) -> None:
         if not trainer.is_main:
             return
-        self._bar = tqdm(total=batches_per_epoch(trainer.train_loader), initial=trainer.batch_in_epoch, desc=f"epoch {trainer.epoch}", dynamic_ncols=True)
+        self._bar = tqdm(total=batches_per_epoch(trainer.train_loader), initial=trainer.batch_in_epoch,
+                         desc=f"epoch {trainer.epoch}", dynamic_ncols=True)
         self._throughput.reset(trainer.captions_seen)
 
     def after_step(self, trainer: Trainer, loss: float) -> None:

@@ -84,7 +84,7 @@ class EpochReplay:
             )
         if getattr(loader, "persistent_workers", False):
             warnings.warn(
-                "the train loader has persistent workers: their random streams are not replayed on resume, so "
-                "random augmentations drawn in the workers (if the dataset makes any) differ from the interrupted run's",
+                "the train loader has persistent workers: their random streams are not replayed on resume, so random "
+                "augmentations drawn in the workers (if the dataset makes any) differ from the interrupted run's",
                 stacklevel=3,
             )

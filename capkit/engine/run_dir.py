@@ -148,21 +148,24 @@ class RunDir:
     def gallery(self, split: str) -> Path:
         return self.root / f"gallery_{split}"
 
-    # A run's artefacts: a directory holding one of these holds a run
+    def artefacts(self) -> list[Path]:
+        """What a run writes, where it exists: everything ``clear`` removes."""
+        fixed = [self.config, self.vocab, self.metrics, self.tensorboard, self.checkpoints, self.summary, self.result]
+        per_split = [p for pattern in ("*_metrics.json", "*_captions.json", "*_per_image.json", "gallery_*")
+                     for p in self.root.glob(pattern)]
+        return [p for p in fixed if p.exists()] + per_split
+
     def holds_run(self) -> bool:
         """Whether the directory holds (part of) a run: its config, logs or checkpoints."""
         return any(p.exists() for p in (self.config, self.metrics, self.checkpoints, self.summary))
 
     def clear(self) -> None:
-        """Remove everything in the directory but its lock (replacing a run: ``--overwrite``)."""
-        keep = {self._lock.name, self._owner.name}
-        for entry in self.root.iterdir():
-            if entry.name in keep:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
+        """Remove the run's files (replacing a run: ``--overwrite``); other files in the directory stay."""
+        for path in self.artefacts():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
             else:
-                entry.unlink()
+                path.unlink()
 
     _lock = property(lambda self: self.root / ".lock")
     _owner = property(lambda self: self.root / ".lock.owner")
@@ -172,10 +175,9 @@ class RunDir:
         """Hold the run directory for the block: a second process that claims it fails at once, naming the holder.
 
         The lock is an OS file lock, so it dies with its process; a process that finds the owner file of one
-        that died without releasing (``kill -9``) takes the run over with a warning. A directory the claim
-        created and nothing was written to (a run refused before it started) is removed again.
+        that died without releasing (``kill -9``) takes the run over with a warning. The lock file itself stays:
+        removing it would let a process that waits on it and one that creates it anew both hold the run.
         """
-        created = [p for p in (self.root, *self.root.parents) if not p.exists()]  # innermost first
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self._lock, timeout=0)
         try:
@@ -195,12 +197,6 @@ class RunDir:
         finally:
             self._owner.unlink(missing_ok=True)
             lock.release()
-            if created and {p.name for p in self.root.iterdir()} <= {self._lock.name}:
-                self._lock.unlink(missing_ok=True)
-                for folder in created:  # the run directory, then the parents made for it
-                    if any(folder.iterdir()):
-                        break
-                    folder.rmdir()
 
     def _owner_text(self) -> str:
         return self._owner.read_text().strip() if self._owner.is_file() else ""

@@ -187,7 +187,8 @@ class Trainer:
             saved = [state["hooks"][n] for n in (hook.name, *hook.aliases) if n in state["hooks"]]
             if saved:
                 hook.load_state_dict(saved[0])
-        self.replay.load_state_dict(self.train_loader, state["rng"], epoch=self.epoch, mid_epoch=self.batch_in_epoch > 0)
+        mid_epoch = self.batch_in_epoch > 0
+        self.replay.load_state_dict(self.train_loader, state["rng"], epoch=self.epoch, mid_epoch=mid_epoch)
 
     def resume(self, path: str | os.PathLike) -> None:
         """Continue from the checkpoint directory ``path`` (e.g. ``RunDir(...).last``)."""

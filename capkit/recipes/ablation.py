@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from capkit.config import load_config
+from capkit.config import check_values, load_config
 from capkit.engine.run_dir import BEST, LAST, RunDir
 from capkit.errors import ConfigError
 from capkit.evaluation import CaptionEvaluator, decode_batches
@@ -102,7 +102,9 @@ def _variant_config(ablation: AblationConfig, variant: VariantConfig, seed: int,
     if variant.decoder is not None:
         cfg.model.decoder = variant.decoder
     run = [f"train.seed={seed}", f"train.output_dir={out / variant.name}", f"train.run_name=seed{seed}"]
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([*variant.overrides, *run]))
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*variant.overrides, *run]))
+    check_values(cfg, f"{ablation.base} with variant {variant.name!r}")
+    return cfg
 
 
 def _score(run: RunDir, split_name: str, plugins: list[str]) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def score_checkpoint(
     )
     if gallery:
         out = Path(gallery_dir) if gallery_dir is not None else RunDir.of_checkpoint(checkpoint).gallery(split)
-        scored.gallery = _write_gallery(out, trained, loaded, scored, gallery, decoding, f"{checkpoint}: {split} split, beam {beam_size}")
+        title = f"{checkpoint}: {split} split, beam {beam_size}"
+        scored.gallery = _write_gallery(out, trained, loaded, scored, gallery, decoding, title)
     return scored
 
 
@@ -93,7 +94,8 @@ def _write_gallery(
         )
         for r, image, caption, hyp in zip(records, images, captions, generation.best)
     ]
-    return write_gallery(out, items, words=trained.vocab.itos, data_config=trained.model.encoder.data_config, title=title)
+    data_config = trained.model.encoder.data_config
+    return write_gallery(out, items, words=trained.vocab.itos, data_config=data_config, title=title)
 
 
 def score_files(evaluator: CaptionEvaluator, predictions: str | os.PathLike, references: str | os.PathLike) -> Scored:

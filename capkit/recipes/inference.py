@@ -1,6 +1,7 @@
 """Load a trained captioner from a checkpoint and caption images with it."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from capkit.recipes.experiment import build_eval_loader_for, decoding_settings
 from capkit.registry import import_plugins
 from capkit.types import Generation
 
-__all__ = ["TrainedCaptioner", "load_trained", "load_eval_split", "caption_images"]
+__all__ = ["TrainedCaptioner", "load_trained", "load_eval_split", "caption_images", "SAFE_MODEL_KWARGS"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,8 +65,10 @@ def load_trained(
         model = build_captioner(_without_remote_code(to_container(config.model)), len(vocab))
     except ComponentNotFoundError as err:
         stored = list(config.plugins)
-        hint = (f" The checkpoint's config lists the plugin modules {stored}; a checkpoint is only data, so capkit "
-                f"imports none of them: install the plugin, or name the module yourself (--plugin MODULE).") if stored else ""
+        hint = "" if not stored else (
+            f" The checkpoint's config lists the plugin modules {stored}; a checkpoint is only data, so capkit "
+            f"imports none of them: install the plugin, or name the module yourself (--plugin MODULE)."
+        )
         raise ComponentNotFoundError(f"{checkpoint}: {err}{hint}") from err
     try:
         model.load_state_dict(state["model"])
@@ -73,13 +78,26 @@ def load_trained(
     return TrainedCaptioner(model.to(device).eval(), vocab, config, device)
 
 
-def _without_remote_code(section: Any) -> Any:
-    """A config section with every ``trust_remote_code`` set to False (a checkpoint must not enable it)."""
-    if isinstance(section, Mapping):
-        return {k: False if k == "trust_remote_code" else _without_remote_code(v) for k, v in section.items()}
-    if isinstance(section, list):
-        return [_without_remote_code(v) for v in section]
-    return section
+# what a checkpoint's encoder section may pass on to ``from_pretrained``: transformers also takes settings that
+# fetch and run code (trust_remote_code, kernels from the hub as attn_implementation, use_kernels, ...)
+SAFE_MODEL_KWARGS = {"revision", "dtype", "torch_dtype", "local_files_only"}
+
+
+def _without_remote_code(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model config with every ``model_kwargs`` cut down to ``SAFE_MODEL_KWARGS`` and ``trust_remote_code``
+    off wherever it stands: what a checkpoint says must not make capkit fetch or run code."""
+    def clean(section: Any) -> Any:
+        if isinstance(section, Mapping):
+            out = {k: False if k == "trust_remote_code" else clean(v) for k, v in section.items()}
+            if isinstance(out.get("model_kwargs"), Mapping):
+                dropped = sorted(set(out["model_kwargs"]) - SAFE_MODEL_KWARGS)
+                if dropped:
+                    log.warning("a checkpoint's model_kwargs %s are not passed on (a checkpoint is only data)", dropped)
+                out["model_kwargs"] = {k: v for k, v in out["model_kwargs"].items() if k in SAFE_MODEL_KWARGS}
+            return out
+        return [clean(v) for v in section] if isinstance(section, list) else section
+
+    return clean(model_cfg)
 
 
 def load_eval_split(

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from capkit.builder import build_captioner
-from capkit.config import save_config, to_container
+from capkit.config import ExperimentConfig, save_config, to_container
 from capkit.data import ImageRecord, LoadedSplit, Vocabulary, load_split, tokenize
 from capkit.engine import (
     BestCheckpointHook,
@@ -46,7 +46,7 @@ from capkit.engine import (
     load_optimizer_moments,
     seed_everything,
 )
-from capkit.engine.distributed import rank_zero_first
+from capkit.engine.distributed import broadcast_object, rank_zero_first
 from capkit.engine.run_dir import BEST, LAST
 from capkit.errors import ConfigError, DataError, MissingImagesError, RunDirError
 from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
@@ -74,6 +74,7 @@ class Experiment:
         run: the run directory (created by ``train`` on rank 0).
         dist: this process's place in the job.
         train_split, val_split: the loaded splits.
+        test_split: the split the best checkpoint is scored on, or None where its images are missing.
         evaluator: scores the validation split with ``eval.metrics``.
         vocab: the vocabulary (built from the training captions, or the resumed or initial run's).
         model: the captioner, with ``train.init_from``'s weights when set.
@@ -86,6 +87,7 @@ class Experiment:
     dist: DistInfo
     train_split: LoadedSplit
     val_split: LoadedSplit
+    test_split: LoadedSplit | None
     evaluator: CaptionEvaluator
     vocab: Vocabulary
     model: Captioner
@@ -112,6 +114,12 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
     dataset = to_container(d.dataset)
     train_split = load_split(dataset, "train", skip_missing_images=d.skip_missing_images)
     val_split = check_eval_split(load_split(dataset, "val", skip_missing_images=d.skip_missing_images), "val")
+    try:
+        test_split = check_eval_split(load_split(dataset, "test", skip_missing_images=d.skip_missing_images), "test")
+    except MissingImagesError as err:
+        log.warning("the test split will not be scored: %s. Score it later with capkit evaluate --checkpoint "
+                    "RUN_DIR/checkpoints/best", err)
+        test_split = None
     resumed = load_checkpoint(run.find_checkpoint(LAST)) if resume else None
     initial = load_checkpoint(t.init_from) if t.init_from and resumed is None else None
     if resumed is not None:
@@ -120,11 +128,12 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
     elif initial is not None:
         vocab = Vocabulary(initial["vocab"])
     else:
-        vocab = Vocabulary.build((c for r in train_split.records for c in r.captions), d.vocab_min_count, d.vocab_max_size)
+        captions = (c for r in train_split.records for c in r.captions)
+        vocab = Vocabulary.build(captions, d.vocab_min_count, d.vocab_max_size)
     model = build_captioner(to_container(cfg.model), len(vocab))
     if initial is not None:
         _load_initial_weights(model, initial["model"], t.init_from)
-    return Experiment(cfg, run, dist, train_split, val_split, evaluator, vocab, model, resumed, initial)
+    return Experiment(cfg, run, dist, train_split, val_split, test_split, evaluator, vocab, model, resumed, initial)
 
 
 def check_eval_split(split: LoadedSplit, name: str) -> LoadedSplit:
@@ -182,7 +191,7 @@ def train(exp: Experiment) -> Trainer:
     """Build the loaders (extracting the feature cache on first use), optimizer and hooks, and train."""
     cfg, model, dist = exp.cfg, exp.model, exp.dist
     t, e = cfg.train, cfg.eval
-    criterion = build_criterion(cfg, exp.train_split.records, exp.vocab)  # before the feature cache: config errors first
+    criterion = build_criterion(cfg, exp.train_split.records, exp.vocab)  # before the feature cache: errors first
     if dist.is_main:
         exp.run.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, exp.run.config)
@@ -199,7 +208,9 @@ def train(exp: Experiment) -> Trainer:
     optimizer = build_optimizer(model, lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay)
     if exp.initial is not None and not load_optimizer_moments(optimizer, exp.initial["optimizer"]):
         log.info("train.init_from: the optimizer state does not fit this run's trainable parameters; fresh state")
-    scheduler = build_scheduler(optimizer, t.scheduler, epochs=t.epochs, factor=t.lr_decay, patience=t.lr_patience, mode="max")
+    scheduler = build_scheduler(
+        optimizer, t.scheduler, epochs=t.epochs, factor=t.lr_decay, patience=t.lr_patience, mode="max"
+    )
     trainer = Trainer(
         model, optimizer, train_loader, epochs=t.epochs, hooks=build_hooks(exp, evaluate, scheduler),
         device=dist.device, grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last,
@@ -217,20 +228,18 @@ def train(exp: Experiment) -> Trainer:
     return trainer
 
 
-def test(exp: Experiment, model: Captioner, split: str = "test", samples: int = 5) -> dict[str, float] | None:
-    """Score the best checkpoint (the last weights when no evaluation ran) on ``split``; write its metrics,
-    captions and per-image scores into the run directory and print them with a few sample captions."""
-    cfg, run = exp.cfg, exp.run
+def test(exp: Experiment, model: Captioner, samples: int = 5) -> dict[str, float] | None:
+    """Score the best checkpoint (the last weights when no evaluation ran) on the test split, where its images
+    are there; write its metrics, captions and per-image scores into the run directory and print them with a few
+    sample captions."""
+    cfg, run, loaded, split = exp.cfg, exp.run, exp.test_split, "test"
+    if loaded is None:
+        return None
     if run.has_checkpoint(BEST):
         model.load_state_dict(load_checkpoint(run.find_checkpoint(BEST))["model"])
     else:
         log.warning("no best checkpoint (no evaluation ran): testing the last weights")
-    try:
-        loaded = load_split(to_container(cfg.data.dataset), split, skip_missing_images=cfg.data.skip_missing_images)
-    except MissingImagesError as err:
-        log.warning("%s split skipped: %s. Score it later with capkit evaluate --checkpoint %s", split, err, run.best)
-        return None
-    loader = build_eval_loader_for(cfg, check_eval_split(loaded, split), model.encoder, exp.dist.device)
+    loader = build_eval_loader_for(cfg, loaded, model.encoder, exp.dist.device)
     evaluator = exp.evaluator
     decoding = decoding_settings(cfg.eval)
     metrics = run_evaluation(model, loader, evaluator, decode=exp.vocab.decode, **decoding)
@@ -258,28 +267,39 @@ def train_experiment(
     """Train ``cfg`` (read from ``config_path``, which names a run without ``train.run_name``), or continue the
     run in ``resume``; test the best checkpoint; return the run directory.
 
-    The run directory is held for the whole run (``RunDir.claim``), and a new run refuses a directory that holds
-    another run unless ``overwrite`` replaces it.
+    A new run refuses a directory that holds another run unless ``overwrite`` replaces it, and that only once
+    everything has been checked (``prepare``: a bad setting leaves the old run as it was); the run directory is
+    held for the whole run (``RunDir.claim``). Rank 0 alone checks, replaces and holds it.
     """
     dist = init_distributed(cfg.train.device)
     try:
         run = RunDir(resume if resume else _new_run_dir(cfg, Path(config_path)))
+        _refuse_a_taken_run(run, dist, resume is None, overwrite)  # before the checks: the quickest refusal
+        exp = prepare(cfg, dist, run_dir=run.root, resume=resume is not None)
         with run.claim() if dist.is_main else nullcontext():
-            if resume is None and run.holds_run():
-                if not overwrite:
-                    raise RunDirError(
-                        f"{run.root} already holds a run; continue it with --resume {run.root}, replace it with "
-                        f"--overwrite, or name another run (train.run_name=...)"
-                    )
-                log.warning("replacing the run in %s (--overwrite)", run.root)
-                run.clear()
-            exp = prepare(cfg, dist, run_dir=run.root, resume=resume is not None)
+            _refuse_a_taken_run(run, dist, resume is None, overwrite, replace=True)  # again, now that it is ours
             trainer = train(exp)
             if dist.is_main:
                 test(exp, trainer.module, samples=samples)
         return run.root
     finally:
         destroy_distributed()
+
+
+def _refuse_a_taken_run(run: RunDir, dist: DistInfo, new: bool, overwrite: bool, replace: bool = False) -> None:
+    """A new run's directory must hold no run, or be replaced (``overwrite``; only when ``replace``, that is
+    while the run directory is held). Rank 0 decides and the other ranks follow."""
+    refusal = None
+    if dist.is_main and new and run.holds_run():
+        if not overwrite:
+            refusal = (f"{run.root} already holds a run; continue it with --resume {run.root}, replace it with "
+                       f"--overwrite, or name another run (train.run_name=...)")
+        elif replace:
+            log.warning("replacing the run in %s (--overwrite)", run.root)
+            run.clear()
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise RunDirError(refusal)
 
 
 def _new_run_dir(cfg: DictConfig, config_path: Path) -> Path:
@@ -312,18 +332,20 @@ def _check_same_config(saved: dict, cfg: DictConfig, run: RunDir) -> None:
     """A resumed run trains as it was configured; it may be extended (epochs, max_steps) and evaluated otherwise
     (the whole ``eval`` section), and says so."""
     changeable = {"train": {"epochs", "max_steps"}, "eval": set(saved["eval"]) | set(cfg.eval)}
-    current = to_container(cfg)
+    current, defaults = to_container(cfg), to_container(OmegaConf.structured(ExperimentConfig))
     for section in ("model", "data", "train", "eval"):
         for key in sorted(set(saved[section]) | set(current[section])):
             was, now = saved[section].get(key), current[section].get(key)
-            if was == now:
-                continue
+            if was == now or (key not in saved[section] and now == defaults[section].get(key)):
+                continue  # the same, or a setting added since the run started, at its default
             if key not in changeable.get(section, ()):
                 raise ConfigError(
                     f"--resume {run.root}: {section}.{key} is {now!r} but the run was trained with {was!r}; resume "
                     f"with the run's own config ({run.config}), changing only train.epochs, train.max_steps or eval.*"
                 )
-            log.info("resume: %s.%s is %r (the run had %r)", section, key, now, was)
+            log.info("resume: %s.%s is %r (the run had %r)%s", section, key, now, was,
+                     "; scores from here on are compared with the earlier ones by early stopping, the LR plateau "
+                     "and the best checkpoint" if section == "eval" else "")
 
 
 def _describe(cfg: DictConfig) -> str:

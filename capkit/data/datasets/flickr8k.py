@@ -73,7 +73,8 @@ class Flickr8kDataset(CaptionDataset):
             )
         self.records = [ImageRecord(n, captions[n], path=image_dir / n) for n in names]
         if bogus:
-            log.info("flickr8k: %d captions of names that are no image file (name.jpg.1#N) left out of %s", bogus, tokens)
+            log.info("flickr8k: %d captions of names that are no image file (name.jpg.1#N) left out of %s",
+                     bogus, tokens)
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "root": str(self.root.resolve())}

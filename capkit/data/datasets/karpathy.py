@@ -50,22 +50,23 @@ class KarpathyDataset(CaptionDataset):
         images = field(read_json(self.annotations), "images", str(self.annotations), list)
         wanted = {split} | ({"restval"} if split == "train" and use_restval else set())
         base = self.root / image_dir
+        seen: dict[str, int] = {}
         for i, img in enumerate(images):
             where = f"{self.annotations}: images[{i}]"
             filename = field(img, "filename", where, str)
             image_split = field(img, "split", where, str)
             if image_split not in KARPATHY_SPLITS:
                 raise CaptionFileError(f"{where}: split {image_split!r} is not one of {', '.join(KARPATHY_SPLITS)}")
-            sentences = field(img, "sentences", where, list)
-            if image_split not in wanted:
-                continue
             raws = [caption_text(field(s, "raw", f"{where}.sentences[{j}]"), f"{where}.sentences[{j}]")
-                    for j, s in enumerate(sentences)]
+                    for j, s in enumerate(field(img, "sentences", where, list))]
             if not raws:
                 raise CaptionFileError(f"{where}: no sentences")
-            self.records.append(ImageRecord(
-                str(img.get("cocoid", filename)), raws, path=base / img.get("filepath", "") / filename
-            ))
+            image_id = str(img.get("cocoid", filename))
+            if image_id in seen:
+                raise CaptionFileError(f"{where}: image {image_id} is listed twice (first at images[{seen[image_id]}])")
+            seen[image_id] = i
+            if image_split in wanted:
+                self.records.append(ImageRecord(image_id, raws, path=base / img.get("filepath", "") / filename))
         self.use_restval = use_restval
 
     def identity(self) -> dict[str, Any]:

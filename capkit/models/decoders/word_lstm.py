@@ -5,8 +5,8 @@ decoding call (``word_gate_cache``, entered by ``LSTMDecoder.generate``) a ``Wor
 it once per word of the call instead of once per hypothesis and step, and then computes only the shares of
 its other input and of h (a fifth less of its largest product at E = 512, X = 2048). The decoder announces each
 step's words and their embedding tensor with ``step_words``; a cell called outside both, with another first
-input, or on another device, runs ``nn.LSTMCell`` on the concatenated input. Elsewhere than on the CPU decoding is bound by kernel launches rather than arithmetic, and
-``nn.LSTMCell``'s fused kernel takes fewer of them.
+input, or on another device, runs ``nn.LSTMCell`` on the concatenated input. Elsewhere than on the CPU decoding
+is bound by kernel launches rather than arithmetic, and ``nn.LSTMCell``'s fused kernel takes fewer of them.
 
 The call's state lives in a context variable, not on the modules, so that concurrent decoding calls (threads of
 a server) never see each other's words.
@@ -37,7 +37,9 @@ class WordLSTMCell(nn.LSTMCell):
         super().__init__(embed_dim + input_dim, hidden_dim)
         self.embed_dim = embed_dim
 
-    def forward(self, emb: Tensor, x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, emb: Tensor, x: Tensor, hx: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
         """emb (B, E), x (B, X), (h, c) each (B, H) -> (h, c)."""
         call = _CALL.get()
         if not (call is not None and call.fits(emb) and self.weight_ih.device.type == "cpu"):

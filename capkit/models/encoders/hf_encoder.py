@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from capkit.errors import WeightsUnavailableError
 from capkit.models.encoders.base import Encoder
 from capkit.registry import ENCODERS
 from capkit.types import EncoderOutput
@@ -259,9 +260,9 @@ def _load(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Modul
         model = _vision_model(config, source if pretrained else None, kwargs)
     except (OSError, ValueError) as err:
         if path.is_dir():
-            raise RuntimeError(f"hf encoder: could not load the model in {path} ({err})") from err
+            raise WeightsUnavailableError(f"hf encoder: could not load the model in {path} ({err})") from err
         offline = " (HF_HUB_OFFLINE is set: only the local cache was searched)" if _offline() else ""
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"hf encoder: could not load {name!r} from the Hugging Face hub{offline}: {err}\n"
             f"Check the name (hub ids look like 'google/vit-base-patch16-224'). Without internet, download it on "
             f"a connected machine (model.save_pretrained(DIR); AutoImageProcessor...save_pretrained(DIR)) and "
