@@ -274,3 +274,11 @@ def test_ablate_refuses_a_config_without_variants(tmp_path, capsys):
     (tmp_path / "ablation.yaml").write_text("base: tiny.yaml\nvariants: []\n")
     err = run_tool(ablate_cli.main, [str(tmp_path / "ablation.yaml")], capsys)
     assert err == f"capkit ablate: error: {tmp_path / 'ablation.yaml'}: no variants listed\n"
+
+
+def test_an_empty_training_split_is_its_own_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_SHAPES_CONFIG)
+    err = run_tool(train_cli.main, [str(config), "data.dataset.num_train=0"], capsys)
+    assert err == "capkit train: error: shapes train split: no images to train on\n"

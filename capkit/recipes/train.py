@@ -113,6 +113,8 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
     run = RunDir(run_dir)
     dataset = to_container(d.dataset)
     train_split = load_split(dataset, "train", skip_missing_images=d.skip_missing_images)
+    if not train_split.records:
+        raise DataError(f"{train_split.data.name} train split: no images to train on")
     val_split = check_eval_split(load_split(dataset, "val", skip_missing_images=d.skip_missing_images), "val")
     try:
         test_split = check_eval_split(load_split(dataset, "test", skip_missing_images=d.skip_missing_images), "test")
