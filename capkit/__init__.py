@@ -6,6 +6,7 @@ from capkit.builder import build_captioner
 from capkit.config import load_config, save_config
 from capkit.errors import CapkitError
 from capkit.models.captioner import Captioner
+from capkit.pretrained import CaptionResult, TrainedCaptioner, from_pretrained
 from capkit.registry import ATTENTIONS, DATASETS, DECODERS, ENCODERS, METRICS, REGISTRIES, Registry
 from capkit.types import DecoderOutput, EncoderOutput, Generation, Hypothesis
 
@@ -19,13 +20,16 @@ __all__ = [
     "METRICS",
     "REGISTRIES",
     "CapkitError",
+    "CaptionResult",
     "Captioner",
     "DecoderOutput",
     "EncoderOutput",
     "Generation",
     "Hypothesis",
     "Registry",
+    "TrainedCaptioner",
     "build_captioner",
+    "from_pretrained",
     "load_config",
     "save_config",
     "__version__",

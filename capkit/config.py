@@ -7,16 +7,20 @@ so plugins can add options without touching a schema.
 """
 from __future__ import annotations
 
+import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capkit.errors import ConfigError
 from capkit.registry import import_plugins
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = [
     "ExperimentConfig",
@@ -26,7 +30,9 @@ __all__ = [
     "EvalConfig",
     "ConfigError",
     "load_config",
+    "bundled_configs",
     "check_values",
+    "decoding_settings",
     "save_config",
     "to_container",
 ]
@@ -95,6 +101,7 @@ class EvalConfig:
     tokenizer: str = "ptb"  # before the COCO metrics: ptb (Java, the COCO pipeline) | python (no Java) | none
     every_epochs: int = 1
     max_images: Optional[int] = None  # evaluate on the first N validation images only
+    tensorboard_samples: int = 4  # first N validation images captioned into TensorBoard at each evaluation; 0: none
 
 
 @dataclass
@@ -109,15 +116,16 @@ class ExperimentConfig:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Merge the schema, the YAML file and ``key=value`` overrides (in that order); import ``plugins``.
 
+    ``path`` is a YAML file, or the name of a config bundled with capkit (``demo`` or ``demo.yaml``, see
+    ``bundled_configs``), so ``capkit train demo`` works from any directory. An existing file wins over a name.
+
     Raises:
         ConfigError: naming the file or override and the offending key, with a suggestion for typos.
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError: neither a file nor a bundled config; the message lists the bundled names.
     """
     cfg = OmegaConf.structured(ExperimentConfig)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} not found")
+        path = _resolve_config(path)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as err:
@@ -133,6 +141,36 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     check_values(cfg, f"{path}" if path is not None else "the config")
     import_plugins(list(cfg.plugins))
     return cfg
+
+
+
+def bundled_configs() -> list[str]:
+    """The names of the configs shipped in the package (``capkit/configs/<name>.yaml``), sorted, without .yaml."""
+    folder = _bundled_folder()
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir()
+                  if entry.name.endswith(".yaml") and entry.is_file())
+
+
+def _bundled_folder() -> Traversable:
+    return importlib.resources.files("capkit") / "configs"
+
+
+def _resolve_config(path: str | os.PathLike) -> Path:
+    """``path`` if it is a file, else the bundled config it names (a bare name, with or without .yaml)."""
+    file = Path(path)
+    if file.is_file():
+        return file
+    name = os.fspath(path)
+    if name and Path(name).name == name:  # no directory part
+        bundled = _bundled_folder() / (name if name.endswith(".yaml") else f"{name}.yaml")
+        if bundled.is_file():
+            return Path(bundled)  # type: ignore[arg-type]  # capkit is installed as files, never zipped
+    raise FileNotFoundError(
+        f"config file {name!r} not found: give a path to a YAML file or the name of a bundled config "
+        f"({', '.join(bundled_configs()) or 'none installed'})"
+    )
 
 
 def _at_least(low: float):
@@ -176,6 +214,7 @@ RULES: dict[str, tuple] = {
     "eval.batch_size": _at_least(1),
     "eval.every_epochs": _at_least(1),
     "eval.max_images": _at_least(1),
+    "eval.tensorboard_samples": _at_least(0),
     "eval.tokenizer": _one_of("ptb", "python", "none"),
 }
 
@@ -206,3 +245,8 @@ def _first_line(err: Exception) -> str:
 
 def _full_key(err: OmegaConfBaseException) -> str:
     return getattr(err, "full_key", None) or "?"
+
+
+def decoding_settings(eval_cfg: DictConfig) -> dict[str, Any]:
+    """The beam search settings of an ``eval`` section: ``beam_size``, ``max_len``, ``length_penalty``."""
+    return dict(beam_size=eval_cfg.beam_size, max_len=eval_cfg.max_len, length_penalty=eval_cfg.length_penalty)

@@ -25,8 +25,10 @@ __all__ = [
     "RunDirError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "ModelNotFoundError",
     "WeightsUnavailableError",
     "JavaNotFoundError",
+    "MissingDependencyError",
 ]
 
 
@@ -97,9 +99,18 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No complete checkpoint at the path given."""
 
 
+class ModelNotFoundError(CapkitError, FileNotFoundError):
+    """A model name that is no local directory, installed pretrained package or reachable Hub repository."""
+
+
 class WeightsUnavailableError(CapkitError, RuntimeError):
     """Pretrained weights could not be had; the message says which offline weights to use instead."""
 
 
 class JavaNotFoundError(CapkitError, RuntimeError):
     """A metric or tokenizer needs Java and there is none on the PATH."""
+
+
+class MissingDependencyError(CapkitError, ImportError):
+    """A package that a command needs, and an install may leave out, is not installed; the message says what to
+    install."""

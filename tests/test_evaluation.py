@@ -283,10 +283,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_help_and_mode_check(capsys):
     with pytest.raises(SystemExit) as exit_info:
         capkit_main(["evaluate", "--help"])
-    assert exit_info.value.code == 0 and "--predictions PRED.json" in capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--predictions PRED" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main([])
-    assert exit_info.value.code == 2 and "give either --checkpoint DIR, or --predictions" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "give either --checkpoint DIR (or --model NAME|DIR), or --predictions PRED" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(["--checkpoint", "runs/x", "--predictions", "p.json", "--references", "r.json"])
     assert exit_info.value.code == 2 and "give either" in capsys.readouterr().err

@@ -1,1 +1,1 @@
-"""Command-line entry points; ``python -m capkit <command>`` and ``tools/*.py`` both call these."""
+"""The commands of ``capkit <command>``; ``python -m capkit`` and the ``tools/*.py`` shims run the same ones."""

@@ -1,55 +1,78 @@
-"""``capkit caption --checkpoint DIR IMAGE [IMAGE ...]``: print one caption per image."""
+"""``capkit caption IMAGE|FOLDER|LIST.txt ... [--model NAME] [--output caps.jsonl]``: caption images.
+
+Without ``--model`` the shipped pretrained model (``sat-flickr8k``) is used. Captions go to stdout (one
+``image<TAB>caption`` line each) or, with ``--output``, to a JSON Lines, CSV or COCO results file that a later
+run with the same output resumes.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from capkit.cli.common import add_debug_flag, add_plugin_flag, command
-from capkit.data.images import open_image
-from capkit.engine.device import resolve_device
-from capkit.errors import DataError
-from capkit.recipes.inference import caption_images, load_trained
-from capkit.visualization import save_caption_figure
+from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flags, command, configure_logging, \
+    load_model_from_args
+from capkit.errors import CorruptImageError
+from capkit.evaluation.results import OUTPUT_FORMATS
+from capkit.recipes.captioning import caption_files, collect_images
+from capkit.recipes.evaluate import describe_decoding
+
+log = logging.getLogger("capkit.caption")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capkit caption", description="Caption images with a trained model.")
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (any format PIL reads)")
-    parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help="e.g. RUN_DIR/checkpoints/best")
-    parser.add_argument("--beam", type=int, default=3, help="beam size (1: greedy; default: %(default)s)")
-    parser.add_argument("--max-len", type=int, default=16, help="most words per caption (default: %(default)s)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, help="default: %(default)s")
+    parser = argparse.ArgumentParser(
+        prog="capkit caption",
+        description="Caption images with a pretrained or trained model (default: the shipped sat-flickr8k).",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE",
+                        help="image files, folders (searched recursively) or .txt files listing image paths")
+    add_model_flags(parser)
+    parser.add_argument("--output", "-o", type=Path, metavar="FILE",
+                        help="write the captions here (resumes: images already in it are skipped); default: stdout")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS,
+                        help="output format (default: by the file's suffix: .csv, .json COCO results, else jsonl)")
+    add_decoding_flags(parser)
+    parser.add_argument("--batch-size", type=int, metavar="N", help="images per batch (default: the model's)")
     parser.add_argument("--attention-out", type=Path, metavar="DIR", help="save a per-word attention figure per image")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    add_plugin_flag(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_debug_flag(parser)
     return parser
 
 
 @command("capkit caption", FileNotFoundError)
 def run(args: argparse.Namespace) -> int:
-    missing = [str(p) for p in args.images if not p.is_file()]
-    if missing:
-        raise DataError(f"no such image file: {', '.join(missing)}")
-    trained = load_trained(args.checkpoint, resolve_device(args.device), plugins=args.plugin)
-    pictures = [open_image(path) for path in args.images]
-    captions, generation = caption_images(
-        trained, pictures, beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty
+    files = collect_images(args.inputs)
+    model = load_model_from_args(args)
+    decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+    log.info("decoding: %s (%s)", describe_decoding(decoding),
+             "the model's settings" if decoding == model.decoding else "flags over the model's settings")
+
+    def show(image, result) -> None:
+        print(f"{image.path}\t{result.caption}", flush=True)
+
+    def skipped(image, why: str) -> None:
+        if len(files) > 1:  # one image that cannot be read is the error below, in one line
+            log.warning("skipped %s: %s", image.path, why)
+
+    summary = caption_files(
+        model, files, output=args.output, output_format=args.format, decoding=decoding, batch_size=args.batch_size,
+        attention_out=args.attention_out, on_result=None if args.output else show, on_unreadable=skipped,
+        progress=not args.no_progress and args.output is not None,
     )
-    if args.attention_out:
-        args.attention_out.mkdir(parents=True, exist_ok=True)
-    for path, picture, caption, hyp in zip(args.images, pictures, captions, generation.best):
-        print(f"{path}\t{caption}")
-        if args.attention_out:
-            save_caption_figure(
-                args.attention_out / f"{path.stem}_attention.png", picture, hyp, generation.grid,
-                words=trained.vocab.itos, data_config=trained.model.encoder.data_config, title=caption,
-            )
+    if summary.unreadable and not summary.captioned and not summary.already_done:
+        path, why = summary.unreadable[0]
+        raise CorruptImageError(why if len(files) == 1 else f"none of the {len(files)} images could be read "
+                                f"(first: {path}: {why})")
+    where = f" into {args.output}" if args.output else ""
+    log.info("captioned %d images%s; %d already there; %d unreadable%s", summary.captioned, where,
+             summary.already_done, len(summary.unreadable), " (listed above)" if summary.unreadable else "")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging(verbose_format=False)
     return run(build_parser().parse_args(argv))
 
 

@@ -7,11 +7,25 @@ import logging
 import sys
 from collections.abc import Callable
 
-from capkit.errors import CapkitError
+from capkit.errors import CapkitError, ConfigError
 
-__all__ = ["USER_ERROR", "add_debug_flag", "add_plugin_flag", "command", "configure_logging", "message"]
+__all__ = [
+    "USER_ERROR",
+    "DEFAULT_MODEL",
+    "add_debug_flag",
+    "add_plugin_flag",
+    "add_model_flags",
+    "add_decoding_flags",
+    "load_model_from_args",
+    "parse_overrides",
+    "print_scores",
+    "command",
+    "configure_logging",
+    "message",
+]
 
 USER_ERROR = 2  # the exit status of a user error, as argparse uses for a bad command line
+DEFAULT_MODEL = "sat-flickr8k"  # the pretrained package capkit ships (plugins/capkit-sat-flickr8k)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +38,71 @@ def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
         help="import this module for the model's components (repeatable); a checkpoint's own plugin list is "
         "never imported",
     )
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL) -> None:
+    """``--model NAME|DIR`` (or ``--checkpoint DIR``), ``--revision``, ``--device`` and ``--plugin``."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model", metavar="NAME|DIR", help="a saved model directory, an installed pretrained model or a Hugging Face "
+        "Hub repo id" + (f" (default: {default})" if default else ""),
+    )
+    which.add_argument("--checkpoint", metavar="DIR", help="a training checkpoint, e.g. RUN_DIR/checkpoints/best")
+    parser.add_argument("--revision", help="the Hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    add_plugin_flag(parser)
+    parser.set_defaults(default_model=default)
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """``--beam``, ``--max-len``, ``--length-penalty``: each defaults to the model's own setting."""
+    parser.add_argument("--beam", type=int, metavar="K", help="beam size, 1: greedy (default: the model's)")
+    parser.add_argument("--max-len", type=int, metavar="N", help="most words per caption (default: the model's)")
+    parser.add_argument("--length-penalty", type=float, metavar="A", help="default: the model's")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """The model that ``add_model_flags``' flags name, on the device they ask for."""
+    # imported here: every command imports this module, and ``capkit train`` needs none of these
+    from capkit.engine.device import resolve_device
+    from capkit.errors import ModelNotFoundError
+    from capkit.pretrained.model import TrainedCaptioner
+    from capkit.recipes.inference import load_trained
+
+    device = resolve_device(args.device)
+    if args.checkpoint is not None:
+        return load_trained(args.checkpoint, device, plugins=args.plugin)
+    name = args.model or args.default_model
+    if name is None:
+        raise ModelNotFoundError("give a model: --model NAME|DIR or --checkpoint DIR")
+    try:
+        return TrainedCaptioner.from_pretrained(name, device=device, revision=args.revision, plugins=args.plugin)
+    except ModelNotFoundError as err:
+        if args.model is None:  # the default is missing: say how to get it
+            raise ModelNotFoundError(
+                f"{err}. The default model {name!r} ships as a package: pip install plugins/capkit-{name} (from a "
+                f"capkit checkout), or give --model NAME|DIR or --checkpoint DIR"
+            ) from err
+        raise
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """``--data KEY=VALUE ...`` as a dict (values typed as YAML)."""
+    from omegaconf import OmegaConf
+
+    from capkit.config import to_container
+
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ConfigError(f"--data takes KEY=VALUE pairs, got {bad}")
+    return to_container(OmegaConf.from_dotlist(pairs))
+
+
+def print_scores(scores: dict[str, float]) -> None:
+    width = max((len(k) for k in scores), default=6)
+    print(f"{'metric':<{width}}  score")
+    for key, value in scores.items():
+        print(f"{key:<{width}}  {value:.4f}")
 
 
 def message(err: BaseException) -> str:

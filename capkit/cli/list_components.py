@@ -1,4 +1,4 @@
-"""``python -m capkit list``: every registered component as ``<kind>\\t<name>\\t<origin>``."""
+"""``capkit list``: every registered component as ``<kind>\\t<name>\\t<origin>``."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
-"""``capkit <command> [args]`` (also ``python -m capkit``): list, train, evaluate, caption, visualize, ablate."""
+"""``capkit <command> [args]`` (also ``python -m capkit``): list, train, evaluate, convert, caption, visualize,
+ablate."""
 from __future__ import annotations
 
 import importlib
@@ -12,14 +13,23 @@ COMMANDS = {
     "caption": "capkit.cli.caption",
     "visualize": "capkit.cli.visualize",
     "evaluate": "capkit.cli.evaluate",
+    "convert": "capkit.cli.convert",
     "ablate": "capkit.cli.ablate",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-V", "--version"):
+        from capkit import __version__
+
+        print(f"capkit-captioning {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = f"usage: capkit {{{','.join(COMMANDS)}}} [args]  (each command has --help)"
+        usage = (
+            f"usage: capkit {{{','.join(COMMANDS)}}} [args]  (each command has --help)\n"
+            f"       capkit --version"
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"capkit: error: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
             return USER_ERROR

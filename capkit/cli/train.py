@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capkit train",
         description="Train a captioner from a YAML config, evaluate the best checkpoint on the test split.",
     )
-    parser.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+    parser.add_argument("config", help="experiment YAML or a bundled config's name, e.g. configs/demo.yaml or demo")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.lr=1e-4 model.attention.name=none")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")

@@ -2,38 +2,77 @@
 
 The evaluator feeds them PTB-tokenized captions (``ptb_tokenize``), the standard COCO pipeline; called
 directly they score the strings they are given. Every metric is corpus-level and also gives per-image scores.
+pycocoevalcap (the ``train`` extra) is imported when a metric first runs: the metrics register without it, and
+using one without it raises ``MissingDependencyError``.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pycocoevalcap.bleu.bleu import Bleu as _CocoBleu
-from pycocoevalcap.cider.cider import Cider as _CocoCider
-from pycocoevalcap.meteor.meteor import Meteor as _CocoMeteor
-from pycocoevalcap.rouge.rouge import Rouge as _CocoRouge
-from pycocoevalcap.spice import get_stanford_models as _spice_models
-from pycocoevalcap.spice.spice import Spice as _CocoSpice
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
+from capkit.errors import MissingDependencyError
 from capkit.evaluation.metric import ImageId, MetricResult, check_aligned, require_java
 from capkit.registry import METRICS
 
 __all__ = ["ptb_tokenize", "python_tokenize", "TOKENIZERS", "Bleu", "Meteor", "RougeL", "Cider", "Spice",
-           "spice_missing_jars"]
+           "spice_missing_jars", "install_hint"]
 
 logger = logging.getLogger(__name__)
 K = TypeVar("K")
 
+# pycocoevalcap is imported on first use (it comes with the `train` extra; captioning needs none of it). These
+# module attributes are looked up through ``_coco``: name here -> (pycocoevalcap module, its attribute or None)
+_PYCOCOEVALCAP = {
+    "_CocoBleu": ("pycocoevalcap.bleu.bleu", "Bleu"),
+    "_CocoCider": ("pycocoevalcap.cider.cider", "Cider"),
+    "_CocoMeteor": ("pycocoevalcap.meteor.meteor", "Meteor"),
+    "_CocoRouge": ("pycocoevalcap.rouge.rouge", "Rouge"),
+    "_CocoSpice": ("pycocoevalcap.spice.spice", "Spice"),
+    "_spice_models": ("pycocoevalcap.spice.get_stanford_models", None),
+    "PTBTokenizer": ("pycocoevalcap.tokenizer.ptbtokenizer", "PTBTokenizer"),
+}
+
+
+def install_hint(what: str) -> str:
+    """The message of the ``MissingDependencyError`` raised when ``what`` runs without pycocoevalcap."""
+    return f"{what} needs pycocoevalcap: pip install 'capkit-captioning[train]'"
+
+
+def _coco(name: str, what: str) -> Any:
+    """The pycocoevalcap class or module bound to ``name`` in this module, imported (and bound) on first use.
+
+    Raises:
+        MissingDependencyError: pycocoevalcap is not installed; the message says ``what`` needs it.
+    """
+    if name in globals():  # imported already, or replaced (tests)
+        return globals()[name]
+    module, attribute = _PYCOCOEVALCAP[name]
+    try:
+        value = importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(install_hint(what)) from err
+    if attribute is not None:
+        value = getattr(value, attribute)
+    globals()[name] = value
+    return value
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PYCOCOEVALCAP:
+        return _coco(name, f"capkit.evaluation.coco.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def ptb_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
     """Tokenize with Stanford's PTBTokenizer, lower-case and drop punctuation (pycocoevalcap's tokenizer)."""
+    tokenizer = _coco("PTBTokenizer", "the PTB tokenizer (eval.tokenizer ptb)")  # said before a missing Java
     require_java("The PTB tokenizer")
-    out = PTBTokenizer().tokenize({k: [{"caption": c} for c in caps] for k, caps in captions.items()})
+    out = tokenizer().tokenize({k: [{"caption": c} for c in caps] for k, caps in captions.items()})
     short = [k for k, caps in captions.items() if len(out.get(k, ())) != len(caps)]
     if short:
         raise RuntimeError(
@@ -88,7 +127,7 @@ class Bleu:
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
         ids, res, gts = _as_lists(hyps, refs)
-        corpus, per_image = _CocoBleu(self.n).compute_score(gts, res, verbose=0)
+        corpus, per_image = _coco("_CocoBleu", "the bleu metric")(self.n).compute_score(gts, res, verbose=0)
         keys = [f"bleu{k + 1}" for k in range(self.n)]
         return MetricResult(
             {key: float(s) for key, s in zip(keys, corpus)},
@@ -109,16 +148,17 @@ class Meteor:
     reports = ("meteor",)
 
     def __init__(self) -> None:
-        self._scorer: _CocoMeteor | None = None
+        self._scorer: Any = None  # pycocoevalcap's Meteor, started by the first call
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
         ids, res, gts = _as_lists(hyps, refs)
         # Lines are the jar's protocol: a newline inside a caption would desynchronise it.
         res = {i: [h.replace("\n", " ") for h in hs] for i, hs in res.items()}
         gts = {i: [r.replace("\n", " ") for r in rs] for i, rs in gts.items()}
+        meteor = _coco("_CocoMeteor", "the meteor metric")  # a missing pycocoevalcap is said before a missing Java
         require_java("METEOR")
         if self._scorer is None:
-            self._scorer = _CocoMeteor()
+            self._scorer = meteor()
         scorer = self._scorer
         try:
             corpus, per_image = scorer.compute_score(gts, res)
@@ -144,7 +184,7 @@ class RougeL:
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
         ids, res, gts = _as_lists(hyps, refs)
-        corpus, per_image = _CocoRouge().compute_score(gts, res)
+        corpus, per_image = _coco("_CocoRouge", "the rouge_l metric")().compute_score(gts, res)
         return MetricResult({"rouge_l": float(corpus)}, {i: {"rouge_l": float(s)} for i, s in zip(ids, per_image)})
 
 
@@ -160,14 +200,15 @@ class Cider:
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
         ids, res, gts = _as_lists(hyps, refs)
-        corpus, per_image = _CocoCider().compute_score(gts, res)
+        corpus, per_image = _coco("_CocoCider", "the cider metric")().compute_score(gts, res)
         return MetricResult({"cider": float(corpus)}, {i: {"cider": float(s)} for i, s in zip(ids, per_image)})
 
 
 def spice_missing_jars() -> list[Path]:
     """The Stanford CoreNLP jars SPICE needs that are not installed (pycocoevalcap downloads them on first use)."""
-    lib = Path(_spice_models.SPICEDIR) / _spice_models.SPICELIB
-    jars = [lib / f"{_spice_models.JAR}.jar", lib / f"{_spice_models.JAR}-models.jar"]
+    models = _coco("_spice_models", "the spice metric")
+    lib = Path(models.SPICEDIR) / models.SPICELIB
+    jars = [lib / f"{models.JAR}.jar", lib / f"{models.JAR}-models.jar"]
     return [jar for jar in jars if not jar.is_file()]
 
 
@@ -198,7 +239,8 @@ class Spice:
             return MetricResult({})
         ids, res, gts = _as_lists(hyps, refs)
         require_java("SPICE")
-        corpus, per_image = _CocoSpice().compute_score(gts, res)  # per_image follows sorted(ids)
+        scorer = _coco("_CocoSpice", "the spice metric")()
+        corpus, per_image = scorer.compute_score(gts, res)  # per_image follows sorted(ids)
         return MetricResult(
             {"spice": float(corpus)},
             {i: {"spice": float(s["All"]["f"])} for i, s in zip(sorted(ids), per_image)},

@@ -1,6 +1,9 @@
-"""Caption files: COCO results (``[{"image_id", "caption"}]``), references, per-image scores."""
+"""Caption files: COCO results (``[{"image_id", "caption"}]``), ``capkit caption``'s JSON Lines and CSV,
+references, per-image scores."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -10,7 +13,118 @@ from typing import Any
 from capkit.errors import CaptionFileError, DatasetNotFoundError
 from capkit.evaluation.metric import ImageId
 
-__all__ = ["load_predictions", "load_references", "write_coco_results", "write_per_image"]
+__all__ = [
+    "OUTPUT_FORMATS",
+    "CAPTION_FIELDS",
+    "output_format",
+    "read_caption_rows",
+    "CaptionFileWriter",
+    "load_predictions",
+    "load_references",
+    "write_coco_results",
+    "write_per_image",
+]
+
+OUTPUT_FORMATS = ("jsonl", "csv", "coco")
+CAPTION_FIELDS = ("image_id", "file", "caption", "score")  # a row of capkit caption's JSON Lines and CSV
+
+
+def output_format(path: str | os.PathLike, given: str | None = None) -> str:
+    """``given``, or the format a captions file's name says: ``.csv`` CSV, ``.json`` COCO results, else JSON Lines."""
+    if given is not None:
+        if given not in OUTPUT_FORMATS:
+            raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {given!r}")
+        return given
+    suffix = Path(path).suffix.lower()
+    return {".csv": "csv", ".json": "coco"}.get(suffix, "jsonl")
+
+
+def read_caption_rows(path: str | os.PathLike, fmt: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a captions file (``output_format``): dicts with at least ``image_id`` and ``caption``.
+
+    A JSON Lines or CSV file cut short by an interruption loses only its unfinished last line.
+
+    Raises:
+        CaptionFileError: a malformed line or row, named by its number.
+    """
+    fmt = output_format(path, fmt)
+    path = Path(path)
+    if fmt == "coco":
+        data = _read_json(path)
+        rows = data if isinstance(data, list) else None
+    elif fmt == "csv":
+        text = path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):  # the row a killed run did not finish
+            text = text[: text.rfind("\n") + 1]
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    else:
+        rows, lines = [], path.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number == len(lines):  # no newline after it: the line a killed run did not finish
+                    break
+                raise CaptionFileError(f"{path}:{number}: not a JSON object ({err.msg})") from err
+    if rows is None:
+        raise CaptionFileError(f'{path}: expected COCO results, a JSON list of {{"image_id": ..., "caption": ...}}')
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not {"image_id", "caption"} <= row.keys():
+            raise CaptionFileError(f'{path}: row {number} needs "image_id" and "caption", got {row!r}')
+    return rows
+
+
+class CaptionFileWriter:
+    """Appends captions to a JSON Lines or CSV file as they come (each row flushed, so an interrupted run keeps
+    what it wrote), or keeps a COCO results file complete (rewritten atomically after each ``write``)."""
+
+    def __init__(self, path: str | os.PathLike, fmt: str | None = None, *, existing: Sequence[Mapping] = ()):
+        self.path, self.fmt = Path(path), output_format(path, fmt)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._coco = [{"image_id": r["image_id"], "caption": r["caption"]} for r in existing]
+        self._file = None
+        if self.fmt != "coco":
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            if not new:
+                self._drop_cut_line()
+            self._file = self.path.open("a", encoding="utf-8", newline="")
+            self._csv = csv.DictWriter(self._file, CAPTION_FIELDS) if self.fmt == "csv" else None
+            if self._csv is not None and new:
+                self._csv.writeheader()
+
+    def _drop_cut_line(self) -> None:
+        """An interrupted run may have left half a line (``read_caption_rows`` ignores it): cut it off."""
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            with self.path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self.fmt == "coco":
+            self._coco += [{"image_id": r["image_id"], "caption": r["caption"]} for r in rows]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps(self._coco, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, self.path)
+            return
+        for row in rows:
+            if self._csv is not None:
+                self._csv.writerow({k: row.get(k) for k in CAPTION_FIELDS})
+            else:
+                self._file.write(json.dumps({k: row.get(k) for k in CAPTION_FIELDS}, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> CaptionFileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _read_json(path: str | os.PathLike) -> Any:
@@ -25,10 +139,11 @@ def _read_json(path: str | os.PathLike) -> Any:
 
 
 def load_predictions(path: str | os.PathLike) -> dict[str, str]:
-    """``{image_id: caption}`` from a COCO results file; image ids become strings."""
-    data = _read_json(path)
-    if not isinstance(data, list) or not all(isinstance(r, dict) and {"image_id", "caption"} <= r.keys() for r in data):
-        raise CaptionFileError(f'{path}: expected COCO results, a JSON list of {{"image_id": ..., "caption": ...}}')
+    """``{image_id: caption}`` from a COCO results file, or ``capkit caption``'s JSON Lines or CSV (by the file's
+    suffix, ``output_format``); image ids become strings."""
+    if not Path(path).is_file():
+        raise DatasetNotFoundError(f"{str(path)!r} not found")
+    data = read_caption_rows(path)
     hyps: dict[str, str] = {}
     for record in data:
         image_id = str(record["image_id"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from pycocoevalcap.bleu.bleu_scorer import BleuScorer
-from pycocoevalcap.cider.cider_scorer import precook
+from capkit.errors import MissingDependencyError
 
 __all__ = ["CiderD", "SentenceBleu", "REWARDS", "build_reward"]
 
@@ -15,6 +15,27 @@ __all__ = ["CiderD", "SentenceBleu", "REWARDS", "build_reward"]
 CaptionReward = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 _NgramVectors = tuple[list[dict[tuple[str, ...], float]], list[float], int]  # tf-idf per order, norms, length
+
+
+def _precook(caption: str, n: int) -> dict[tuple[str, ...], int]:
+    """pycocoevalcap's n-gram counts of a caption (imported now: pycocoevalcap comes with the ``train`` extra)."""
+    try:
+        from pycocoevalcap.cider.cider_scorer import precook
+    except ImportError as err:
+        raise MissingDependencyError(_INSTALL) from err
+    return precook(caption, n)
+
+
+def _bleu_scorer(n: int) -> Any:
+    """pycocoevalcap's ``BleuScorer(n=n)``, imported now."""
+    try:
+        from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+    except ImportError as err:
+        raise MissingDependencyError(_INSTALL) from err
+    return BleuScorer(n=n)
+
+
+_INSTALL = "self-critical training rewards need pycocoevalcap: pip install 'capkit-captioning[train]'"
 
 
 class CiderD:
@@ -36,7 +57,7 @@ class CiderD:
         if not references:
             raise ValueError("CiderD needs a reference corpus; got no images")
         self.n, self.sigma = n, sigma
-        cooked = {image_id: [precook(r, n) for r in refs] for image_id, refs in references.items()}
+        cooked = {image_id: [_precook(r, n) for r in refs] for image_id, refs in references.items()}
         document_frequency: Counter = Counter()
         for refs in cooked.values():
             document_frequency.update({ngram for ref in refs for ngram in ref})
@@ -49,7 +70,7 @@ class CiderD:
         _check_candidates(self, image_ids, candidates)
         scores = []
         for image_id, candidate in zip(image_ids, candidates):
-            vec, norm, length = self._vectors(precook(candidate, self.n))
+            vec, norm, length = self._vectors(_precook(candidate, self.n))
             refs = self.references[image_id]
             total = sum(self._similarity(vec, norm, length, *ref) for ref in refs)
             scores.append(total / len(refs) * 10.0)
@@ -97,7 +118,7 @@ class SentenceBleu:
 
     def __call__(self, image_ids: Sequence[str], candidates: Sequence[str]) -> list[float]:
         _check_candidates(self, image_ids, candidates)
-        scorer = BleuScorer(n=self.n)
+        scorer = _bleu_scorer(self.n)
         for image_id, candidate in zip(image_ids, candidates):
             scorer += (candidate, self.references[image_id])
         _, per_caption = scorer.compute_score(option="closest")

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from capkit.errors import MissingDependencyError
 from capkit.evaluation.metric import ImageId, MetricResult, check_aligned
 from capkit.registry import METRICS
 
 __all__ = ["SacreBleu"]
+
+INSTALL_SACREBLEU = "the sacrebleu metric needs sacrebleu: pip install 'capkit-captioning[train]'"
 
 
 @METRICS.register("sacrebleu")
@@ -26,7 +29,10 @@ class SacreBleu:
         self.lowercase = lowercase
 
     def __call__(self, hyps: Mapping[ImageId, str], refs: Mapping[ImageId, Sequence[str]]) -> MetricResult:
-        from sacrebleu.metrics import BLEU  # imported here: ~0.1 s that `import capkit` need not pay
+        try:  # imported here: ~0.1 s that `import capkit` need not pay, and the `train` extra brings it
+            from sacrebleu.metrics import BLEU
+        except ImportError as err:
+            raise MissingDependencyError(INSTALL_SACREBLEU) from err
 
         ids = check_aligned(hyps, refs)
         n_refs = max(len(refs[i]) for i in ids)

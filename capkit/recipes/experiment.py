@@ -1,4 +1,4 @@
-"""What every recipe reads from an experiment config: the loaders' settings and the decoding settings.
+"""What every recipe reads from an experiment config: the loaders' settings.
 
 The components take typed keyword arguments; these functions are where a config's sections become them, so
 that training, testing, evaluation and the ablation build their loaders and decode the same way.
@@ -16,7 +16,7 @@ from capkit.data.build import LoadedSplit, build_eval_loader, build_train_loader
 from capkit.data.vocab import Vocabulary
 from capkit.engine.distributed import DistInfo
 
-__all__ = ["caches_features", "build_train_loader_for", "build_eval_loader_for", "decoding_settings"]
+__all__ = ["caches_features", "build_train_loader_for", "build_eval_loader_for"]
 
 
 def caches_features(cfg: DictConfig) -> bool:
@@ -52,8 +52,3 @@ def build_eval_loader_for(
     return build_eval_loader(
         split, encoder, batch_size=cfg.eval.batch_size, max_images=max_images, **_source_options(cfg, device)
     )
-
-
-def decoding_settings(eval_cfg: DictConfig) -> dict[str, Any]:
-    """The beam search settings of an ``eval`` section: ``beam_size``, ``max_len``, ``length_penalty``."""
-    return dict(beam_size=eval_cfg.beam_size, max_len=eval_cfg.max_len, length_penalty=eval_cfg.length_penalty)

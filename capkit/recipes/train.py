@@ -19,8 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from capkit.builder import build_captioner
-from capkit.config import ExperimentConfig, save_config, to_container
+from capkit.config import ExperimentConfig, decoding_settings, save_config, to_container
 from capkit.data import ImageRecord, LoadedSplit, Vocabulary, load_split, tokenize
+from capkit.data.transforms import build_transform
 from capkit.engine import (
     BestCheckpointHook,
     Criterion,
@@ -47,17 +48,25 @@ from capkit.engine import (
     seed_everything,
 )
 from capkit.engine.distributed import broadcast_object, rank_zero_first
+from capkit.engine.monitor import CaptionSample, CaptionSamplesHook, HParamsHook, TensorBoard, flatten_hparams
 from capkit.engine.run_dir import BEST, LAST
-from capkit.errors import ConfigError, DataError, MissingImagesError, RunDirError
+from capkit.errors import ConfigError, CorruptImageError, DataError, MissingImagesError, RunDirError
 from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
 from capkit.models.captioner import Captioner
-from capkit.recipes.experiment import (
-    build_eval_loader_for,
-    build_train_loader_for,
-    decoding_settings,
-)
+from capkit.recipes.experiment import build_eval_loader_for, build_train_loader_for
 
-__all__ = ["OBJECTIVES", "Experiment", "prepare", "build_criterion", "build_hooks", "train", "test", "train_experiment"]
+__all__ = [
+    "OBJECTIVES",
+    "Experiment",
+    "prepare",
+    "build_criterion",
+    "build_hooks",
+    "build_hparams_hook",
+    "caption_samples",
+    "train",
+    "test",
+    "train_experiment",
+]
 
 log = logging.getLogger("capkit.train")
 
@@ -180,13 +189,52 @@ def build_hooks(exp: Experiment, evaluate_fn, scheduler) -> list[Hook]:
     hooks += [DistributedDataParallelHook(), EvalHook(evaluate_fn, every_epochs=e.every_epochs)]
     if scheduler is not None:
         hooks.append(LRSchedulerHook(scheduler, metric=t.early_stop_metric))
+    hooks.append(EarlyStoppingHook(t.early_stop_metric, t.patience))
+    tensorboard = TensorBoard(exp.run)  # one writer for the hooks that show the run
+    hooks += [LoggingHook(exp.run, tensorboard=tensorboard), build_hparams_hook(exp, tensorboard)]
+    if e.tensorboard_samples:
+        hooks.append(CaptionSamplesHook(
+            tensorboard, caption_samples(exp, e.tensorboard_samples) if exp.dist.is_main else [],
+            decode=exp.vocab.decode, words=exp.vocab.itos, data_config=exp.model.encoder.data_config,
+            decoding=decoding_settings(e),
+        ))
     contents = dict(config=to_container(exp.cfg), vocab=exp.vocab.itos)
     return hooks + [
-        EarlyStoppingHook(t.early_stop_metric, t.patience),
-        LoggingHook(exp.run),
         PeriodicCheckpointHook(exp.run, every_steps=CHECKPOINT_EVERY_STEPS, **contents),
         BestCheckpointHook(exp.run, metric=t.early_stop_metric, **contents),
     ]
+
+
+def build_hparams_hook(exp: Experiment, tensorboard: TensorBoard) -> HParamsHook:
+    """The run's settings for TensorBoard's HParams dashboard: the ``model``, ``data``, ``train`` and ``eval``
+    sections flattened (``train.lr``, ``eval.metrics`` as JSON text), with the validation metrics and the best
+    value of the selection metric; and the whole config as the ``config`` text entry."""
+    config = to_container(exp.cfg)
+    hparams = flatten_hparams({section: config[section] for section in ("model", "data", "train", "eval")})
+    # the keys a metric declares, else its name: probing a metric (``evaluator.keys()``) would run its code once more
+    declared = {key for name, metric in exp.evaluator.metrics.items() for key in getattr(metric, "reports", None) or [name]}
+    metrics = [f"val/{key}" for key in sorted(declared)]
+    text = "```yaml\n" + OmegaConf.to_yaml(exp.cfg) + "```"
+    return HParamsHook(tensorboard, hparams, metrics=metrics, best=exp.cfg.train.early_stop_metric, text=text)
+
+
+def caption_samples(exp: Experiment, count: int) -> list[CaptionSample]:
+    """The first ``count`` images of the validation split (the first that open, with ``data.skip_corrupt_images``),
+    as the encoder's evaluation transform gives them: what ``CaptionSamplesHook`` captions at every evaluation."""
+    d = exp.cfg.data
+    transform = build_transform(exp.model.encoder.data_config)
+    samples = []
+    for record in exp.val_split.records:
+        if len(samples) == count:
+            break
+        try:
+            image = record.open(max_pixels=d.max_image_pixels)
+        except CorruptImageError:
+            if not d.skip_corrupt_images:
+                raise
+            continue
+        samples.append(CaptionSample(record.image_id, image, transform(image), list(record.captions)))
+    return samples
 
 
 def train(exp: Experiment) -> Trainer:

@@ -20,7 +20,16 @@ from PIL import Image
 from capkit.data.transforms import visible_region
 from capkit.types import EOS, Hypothesis
 
-__all__ = ["upsample_attention", "overlay", "attention_figure", "save_attention_figure", "save_caption_figure"]
+__all__ = [
+    "upsample_attention",
+    "overlay",
+    "attention_figure",
+    "figure_array",
+    "save_attention_figure",
+    "caption_figure",
+    "caption_figure_array",
+    "save_caption_figure",
+]
 
 
 def upsample_attention(alpha: torch.Tensor | np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -107,11 +116,51 @@ def _heat(alpha: np.ndarray, grid: tuple[int, int], size: tuple[int, int], regio
     return heat
 
 
+def figure_array(fig: Figure, dpi: int = 100) -> np.ndarray:
+    """``fig`` rendered by its Agg canvas at ``dpi``: a (height, width, 3) uint8 array (HWC, e.g. for TensorBoard's
+    ``add_image``)."""
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    return np.array(fig.canvas.buffer_rgba())[..., :3]
+
+
 def save_attention_figure(path: str | os.PathLike, *args, dpi: int = 100, **kwargs) -> str:
     """``attention_figure(*args, **kwargs)`` written to ``path`` (PNG); returns the path."""
     fig = attention_figure(*args, **kwargs)
     fig.savefig(path, dpi=dpi, format="png")
     return os.fspath(path)
+
+
+def caption_figure(
+    image: Image.Image,
+    hypothesis: Hypothesis,
+    grid: tuple[int, int],
+    *,
+    words: Sequence[str],
+    data_config: dict,
+    **kwargs,
+) -> Figure:
+    """The per-word attention figure of a generated caption: a panel per word and one for ``<end>``, each map
+    laid over the part of ``image`` the encoder saw.
+
+    Args:
+        image: the picture as given to the model (any size).
+        hypothesis: the caption (``Generation.best[i]``), its ``alphas`` (len(tokens) + 1, N).
+        grid: (H, W) of the generation (``Generation.grid``).
+        words: the vocabulary's id -> word list (``Vocabulary.itos``).
+        data_config: the encoder's preprocessing (``model.encoder.data_config``), which decides what it saw.
+        kwargs: ``attention_figure``'s options (``columns``, ``panel_size``, ``title``).
+    """
+    labels = [words[t] for t in hypothesis.tokens] + [EOS]
+    region = visible_region(*image.size, data_config)
+    return attention_figure(image, labels, hypothesis.alphas, grid, region=region, **kwargs)
+
+
+def caption_figure_array(
+    image: Image.Image, hypothesis: Hypothesis, grid: tuple[int, int], *, dpi: int = 100, **kwargs
+) -> np.ndarray:
+    """``caption_figure`` rendered as a (height, width, 3) uint8 array; ``kwargs``: ``caption_figure``'s."""
+    return figure_array(caption_figure(image, hypothesis, grid, **kwargs), dpi=dpi)
 
 
 def save_caption_figure(
@@ -120,21 +169,10 @@ def save_caption_figure(
     hypothesis: Hypothesis,
     grid: tuple[int, int],
     *,
-    words: Sequence[str],
-    data_config: dict,
+    dpi: int = 100,
     **kwargs,
 ) -> str:
-    """The per-word attention figure of a generated caption, written to ``path`` (PNG): a panel per word and
-    one for ``<end>``, each map laid over the part of ``image`` the encoder saw.
-
-    Args:
-        image: the picture as given to the model (any size).
-        hypothesis: the caption (``Generation.best[i]``), its ``alphas`` (len(tokens) + 1, N).
-        grid: (H, W) of the generation (``Generation.grid``).
-        words: the vocabulary's id -> word list (``Vocabulary.itos``).
-        data_config: the encoder's preprocessing (``model.encoder.data_config``), which decides what it saw.
-        kwargs: ``attention_figure``'s options (``columns``, ``panel_size``, ``title``) and ``dpi``.
-    """
-    labels = [words[t] for t in hypothesis.tokens] + [EOS]
-    region = visible_region(*image.size, data_config)
-    return save_attention_figure(path, image, labels, hypothesis.alphas, grid, region=region, **kwargs)
+    """``caption_figure`` written to ``path`` (PNG); returns the path. ``kwargs``: ``caption_figure``'s
+    (``words`` and ``data_config`` among them)."""
+    caption_figure(image, hypothesis, grid, **kwargs).savefig(path, dpi=dpi, format="png")
+    return os.fspath(path)

@@ -47,6 +47,13 @@ class Encoder(nn.Module, ABC):
     def forward(self, images: Tensor) -> EncoderOutput:
         """images (B, 3, H, W), preprocessed as ``data_config`` says -> features (B, N, C) on an (h, w) grid."""
 
+    @classmethod
+    def architecture_config(cls, section: dict[str, Any]) -> dict[str, Any]:
+        """The config ``section`` of this encoder that builds its architecture without fetching or loading
+        pretrained weights, for a model whose file holds them (``save_pretrained``). Subclasses with weight
+        options override it; the base returns the section as it is (the weights are then loaded and replaced)."""
+        return dict(section)
+
     @property
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from capkit.errors import WeightsUnavailableError
+from capkit.errors import MissingDependencyError, WeightsUnavailableError
 from capkit.models.encoders.base import Encoder
 from capkit.registry import ENCODERS
 from capkit.types import EncoderOutput
@@ -30,6 +30,7 @@ _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # where the transformer blocks (or the stages of hierarchical models) live, first match wins
 _LAYER_LISTS = ("encoder.layer", "encoder.layers", "encoder.stages", "layers", "stages", "blocks")
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+INSTALL_HF = "the hf encoder needs transformers: pip install 'capkit-captioning[hf]'"
 
 
 @ENCODERS.register("hf")
@@ -83,6 +84,7 @@ class HFEncoder(Encoder):
                 "hf encoder: set exactly one of model_name (a hub id or a save_pretrained directory) "
                 "or config (a dict with model_type, for a randomly initialised model)"
             )
+        _require_transformers()
         kwargs = dict(model_kwargs or {})
         self.model_name = model_name if model_name is not None else f"random-{dict(config).get('model_type')}"
         self.config_dict = None if config is None else _plain(config)
@@ -141,6 +143,10 @@ class HFEncoder(Encoder):
         param = next(self.model.parameters())
         return torch.zeros(1, 3, h, w, dtype=param.dtype, device=param.device)
 
+    @classmethod
+    def architecture_config(cls, section: dict[str, Any]) -> dict[str, Any]:
+        return {**section, "pretrained": False}  # the model's config and processor are still read by name
+
     @property
     def out_channels(self) -> int:
         return self._out_channels
@@ -186,6 +192,14 @@ class HFEncoder(Encoder):
 # ---------------------------------------------------------------------------------------------- loading
 def _offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_ENV)
+
+
+def _require_transformers() -> None:
+    """Import transformers (the ``hf`` extra); ``MissingDependencyError`` without it."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise MissingDependencyError(INSTALL_HF) from err
 
 
 def _plain(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -73,6 +73,10 @@ class TimmEncoder(Encoder):
             for name, param in self.model.named_parameters():
                 param.requires_grad_(name in trainable)
 
+    @classmethod
+    def architecture_config(cls, section: dict[str, Any]) -> dict[str, Any]:
+        return {**section, "pretrained": False, "weights": None}
+
     @property
     def out_channels(self) -> int:
         return int(self.model.num_features)

