@@ -22,6 +22,7 @@ __all__ = [
     "CaptionFileError",
     "MissingImagesError",
     "CorruptImageError",
+    "OutputPathError",
     "RunDirError",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -85,6 +86,10 @@ class MissingImagesError(DataError, FileNotFoundError):
 
 class CorruptImageError(DataError, OSError):
     """An image file exists but cannot be decoded."""
+
+
+class OutputPathError(CapkitError, OSError):
+    """An output file cannot be written where it was asked for (a folder, or a place that cannot be written)."""
 
 
 class RunDirError(CapkitError):

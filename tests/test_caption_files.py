@@ -150,7 +150,7 @@ def test_caption_visualize_and_evaluate_give_the_same_caption(run, folder, tmp_p
     assert "decoding: beam 2, max_len 8, length_penalty 0.0 (the model's settings)" in caplog.text
     per_image = json.loads((tmp_path / "per.json").read_text())
     evaluated = next(v for k, v in _items(per_image) if k == "shapes_val_00000")
-    assert captioned == visualized == evaluated
+    assert captioned == visualized == evaluated == TrainedCaptioner.from_checkpoint(run.best).caption(image).caption
 
 
 def _items(per_image):
@@ -166,6 +166,7 @@ def test_flags_override_the_models_decoding_and_say_so(run, folder, caplog, caps
         assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", "--beam", "1",
                                  str(folder / "shapes_val_00000.png")]) == 0
     assert "decoding: beam 1, max_len 8, length_penalty 0.0 (flags over the model's settings)" in caplog.text
+    assert f"model: {run.best} (test_efficientnet + bahdanau + show_attend_tell)" in caplog.text
 
 
 def test_predictions_from_caption_are_scored_against_a_dataset_split(run, folder, tmp_path, capsys):
@@ -209,3 +210,64 @@ def test_the_readmes_folder_example_config_and_caption_file_work_together(tmp_pa
     assert sizes == {"train": 3, "val": 1, "test": 1}
     assert load_split(dict(cfg.data.dataset), "train").records[1].captions == [
         "two children build a sandcastle", "a boy and a girl play in the sand, a bucket beside them"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "under a file", "figures under a file"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_image_is_captioned(run, folder, tmp_path, capsys,
+                                                                                 monkeypatch, kind):
+    from capkit.pretrained.model import TrainedCaptioner as Model
+
+    captioned = []
+    monkeypatch.setattr(Model, "caption_pictures", lambda self, *a, **k: captioned.append(a) or [])
+    (tmp_path / "a_file").write_text("x")
+    output, extra = {
+        "folder": (tmp_path, []),
+        "under a file": (tmp_path / "a_file" / "caps.jsonl", []),
+        "figures under a file": (tmp_path / "caps.jsonl", ["--attention-out", str(tmp_path / "a_file" / "figs")]),
+    }[kind]
+    assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", str(folder), "--output", str(output),
+                             *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capkit caption: error: ") and err.count("\n") == 1, err
+    assert {"folder": "is a folder: give a file for the captions",
+            "under a file": "caps.jsonl: cannot write the captions there (",
+            "figures under a file": "figs: cannot hold the attention figures ("}[kind] in err
+    assert captioned == [] and not (tmp_path / "caps.jsonl").exists()
+
+
+KILLED_RUN = """
+import os, signal, sys
+from capkit.pretrained import TrainedCaptioner
+from capkit.recipes.captioning import caption_files, collect_images
+
+done = []
+def kill_after(n):
+    def on_result(image, result):
+        done.append(image)
+        if len(done) == n:  # as a kill -9 would: no clean-up, no flush beyond what was written
+            os.kill(os.getpid(), signal.SIGKILL)
+    return on_result
+
+model = TrainedCaptioner.from_checkpoint(sys.argv[1])
+caption_files(model, collect_images([sys.argv[2]]), output=sys.argv[3], batch_size=int(sys.argv[4]),
+              on_result=kill_after(int(sys.argv[5])), progress=False)
+"""
+
+
+@pytest.mark.parametrize("name", ["caps.jsonl", "caps.csv", "caps.json"])
+def test_a_run_killed_after_some_images_resumes_with_each_image_exactly_once(run, folder, tmp_path, name):
+    import subprocess
+    import sys
+
+    out = tmp_path / name
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(run.best), str(folder), str(out), "1", "3"],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # batches of one are written before their images are reported: the killed run kept 3 of the 4
+    assert len(rows(out)) == 3
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    summary = caption_files(model, collect_images([folder]), output=out, progress=False)
+    assert (summary.already_done, summary.captioned, len(summary.unreadable)) == (3, 1, 1)
+    ids = [r["image_id"] for r in rows(out)]
+    assert sorted(ids) == ["shapes_val_00000.png", "shapes_val_00001.png", "sub/shapes_val_00002.png",
+                           "sub/shapes_val_00003.png"]

@@ -184,3 +184,10 @@ def test_the_wheel_holds_the_bundled_configs(tmp_path):
     assert "capkit/configs/demo.yaml" in names
     assert {f"capkit/configs/{name}.yaml" for name in bundled_configs()} <= names
     assert not any("__pycache__" in n for n in names)
+    [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[console_scripts]\ncapkit = capkit.cli.main:main" in text
+    [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]
+    extras = {line.split(": ", 1)[1] for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+              if line.startswith("Provides-Extra: ")}
+    assert {"train", "hf", "weights", "all"} <= extras

@@ -254,3 +254,111 @@ def test_the_model_card_has_hub_metadata_licence_scores_and_command(trained, tmp
         ("val", "bleu4", 0.2254), ("val", "cider", 0.5117)}
     assert "| val | 0.2254 | 0.5117 |" in loaded.text and "research use only" in loaded.text
     assert "Hodosh, P. Young and J. Hockenmaier" in loaded.text and "capkit train demo" in loaded.text
+
+
+def test_float16_weights_caption_as_float32_within_the_stated_tolerance(trained, images, tmp_path):
+    """float16 rounds each weight by at most 2^-11 of itself: on the tiny model the captions are the same and each
+    caption's log-probability moves by less than 0.01 (the tolerance the README's fp16 promise states)."""
+    half = TrainedCaptioner.from_pretrained(trained.save_pretrained(tmp_path / "fp16", dtype="float16"))
+    full, halved = trained.caption(images), half.caption(images)
+    assert [r.caption for r in halved] == [r.caption for r in full]
+    assert max(abs(a.score - b.score) for a, b in zip(full, halved)) < 1e-2
+
+
+def test_caption_takes_paths_pil_images_tensors_and_lists_of_each(trained, images, tmp_path):
+    from torchvision.transforms.functional import pil_to_tensor
+
+    paths = []
+    for i, image in enumerate(images[:2]):
+        paths.append(tmp_path / f"{i}.png")
+        image.save(paths[-1])
+    expected = [r.caption for r in trained.caption(images[:2])]
+    single = trained.caption(paths[0])
+    assert isinstance(single, capkit.pretrained.CaptionResult) and single.caption == expected[0]
+    assert single.source == str(paths[0])
+    assert trained.caption(str(paths[1])).caption == expected[1]
+    uint8 = [pil_to_tensor(image) for image in images[:2]]  # (3, H, W) uint8
+    assert trained.caption(uint8[0]).caption == expected[0]
+    assert trained.caption(uint8[0].float() / 255).caption == expected[0]  # float in [0, 1]
+    for many in (paths, [str(p) for p in paths], images[:2], uint8, torch.stack(uint8)):
+        results = trained.caption(many, batch_size=1)
+        assert isinstance(results, list) and [r.caption for r in results] == expected
+    result = trained.caption(images[0])
+    assert len(result.words) == len(result.caption.split())
+    assert result.attention.shape == (len(result.words) + 1, *result.grid)
+    torch.testing.assert_close(result.attention.sum(dim=(1, 2)), torch.ones(len(result.words) + 1))
+    assert result.save_figure(tmp_path / "fig" / "a.png").stat().st_size > 1000
+    with pytest.raises(TypeError, match="cannot caption a int: give file paths, PIL images or image tensors"):
+        trained.caption([1])
+
+
+def test_a_tampered_config_json_imports_nothing_and_enables_no_remote_code(trained, images, tmp_path, monkeypatch):
+    from test_trust import hf_model_dir_with_remote_code, marker_module
+
+    from capkit.errors import ComponentNotFoundError
+
+    saved = trained.save_pretrained(tmp_path / "m")
+    config = json.loads((saved / "config.json").read_text())
+    marker = tmp_path / "plugin_ran"
+    marker_module(tmp_path, "capkit_tampered_saved", marker)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # a plugin list: never imported; the model still loads from its data
+    config["training"]["plugins"] = ["capkit_tampered_saved"]
+    (saved / "config.json").write_text(json.dumps(config))
+    assert capkit.from_pretrained(saved).vocab == trained.vocab
+    # a component only that plugin provides: one error naming the component and how to provide it
+    config["model"]["decoder"]["name"] = "tampered_decoder"
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ComponentNotFoundError, match=r"unknown decoder 'tampered_decoder'.*\['capkit_tampered_saved'\]"
+                       r".*imports none of them: install the plugin, or name the module yourself"):
+        capkit.from_pretrained(saved)
+    assert not marker.exists()
+    # an hf encoder whose stored settings ask for remote code: the code never runs
+    remote_marker = tmp_path / "remote_code_ran"
+    hf_dir = hf_model_dir_with_remote_code(tmp_path / "vit", remote_marker)
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    encoder = {"name": "hf", "model_name": str(hf_dir),
+               "model_kwargs": {"trust_remote_code": True, "use_kernels": True}}
+    model_cfg = {**{k: dict(v) for k, v in trained.config.model.items()}, "encoder": encoder}
+    safe = {**model_cfg, "encoder": {"name": "hf", "model_name": str(hf_dir)}}
+    hf_model = capkit.build_captioner(safe, len(trained.vocab)).eval()
+    hf_trained = TrainedCaptioner(hf_model, trained.vocab, trained.config, torch.device("cpu"),
+                                  dict(hf_model.encoder.data_config))
+    hf_saved = hf_trained.save_pretrained(tmp_path / "hf_saved")
+    doc = json.loads((hf_saved / "config.json").read_text())
+    doc["model"]["encoder"] = encoder
+    (hf_saved / "config.json").write_text(json.dumps(doc))
+    loaded = capkit.from_pretrained(hf_saved)
+    assert loaded.caption(images[0]).caption == hf_trained.caption(images[0]).caption
+    assert not remote_marker.exists()
+
+
+def test_bad_models_and_images_are_one_line_and_exit_code_2(trained, images, tmp_path, capsys):
+    from capkit.cli import caption as caption_cli
+
+    photo = tmp_path / "photo.png"
+    images[0].save(photo)
+    saved = trained.save_pretrained(tmp_path / "m")
+
+    def refused(*argv: str) -> str:
+        assert caption_cli.main([*argv, "--device", "cpu", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("capkit caption: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    (tmp_path / "empty").mkdir()
+    assert str(tmp_path / "empty") in refused("--model", str(tmp_path / "empty"), str(photo))
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "capkit_format": 2}))
+    assert "model format 2; this capkit reads format 1: upgrade capkit-captioning" in refused(
+        "--model", str(saved), str(photo))
+    (saved / "config.json").write_text(json.dumps(config))
+    state = load_file(saved / "model.safetensors")
+    key = next(k for k in state if k.startswith("decoder.") and state[k].dim() == 2)
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_file(state, saved / "model.safetensors")
+    assert "weights do not fit the model its config describes" in refused("--model", str(saved), str(photo))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"no jpeg")
+    assert str(broken) in refused("--model", str(trained.save_pretrained(tmp_path / "ok")), str(broken))
+    assert "no model 'nobody-knows-this'" in refused("--model", "nobody-knows-this", str(photo))

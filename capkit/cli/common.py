@@ -71,12 +71,17 @@ def load_model_from_args(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     if args.checkpoint is not None:
-        return load_trained(args.checkpoint, device, plugins=args.plugin)
+        model = load_trained(args.checkpoint, device, plugins=args.plugin)
+        logging.getLogger("capkit").info("model: %s (%s)", args.checkpoint, model.architecture)
+        return model
     name = args.model or args.default_model
     if name is None:
         raise ModelNotFoundError("give a model: --model NAME|DIR or --checkpoint DIR")
     try:
-        return TrainedCaptioner.from_pretrained(name, device=device, revision=args.revision, plugins=args.plugin)
+        model = TrainedCaptioner.from_pretrained(name, device=device, revision=args.revision, plugins=args.plugin)
+        logging.getLogger("capkit").info("model: %s%s (%s)", name, "" if args.model else " (the default)",
+                                         model.architecture)
+        return model
     except ModelNotFoundError as err:
         if args.model is None:  # the default is missing: say how to get it
             raise ModelNotFoundError(
@@ -106,8 +111,10 @@ def print_scores(scores: dict[str, float]) -> None:
 
 
 def message(err: BaseException) -> str:
-    """The error's text; a plain ``KeyError`` would quote it."""
-    return str(err.args[0]) if type(err) is KeyError and err.args else str(err)
+    """The error's text on one line (a wrapped library message can span several); a plain ``KeyError`` would
+    quote it."""
+    text = str(err.args[0]) if type(err) is KeyError and err.args else str(err)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def command(

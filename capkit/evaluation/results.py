@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from capkit.errors import CaptionFileError, DatasetNotFoundError
+from capkit.errors import CaptionFileError, DatasetNotFoundError, OutputPathError
 from capkit.evaluation.metric import ImageId
 
 __all__ = [
@@ -81,18 +81,33 @@ class CaptionFileWriter:
     what it wrote), or keeps a COCO results file complete (rewritten atomically after each ``write``)."""
 
     def __init__(self, path: str | os.PathLike, fmt: str | None = None, *, existing: Sequence[Mapping] = ()):
+        """Opens (or, for COCO, writes) the file at once, so that a path that cannot be written fails before
+        any image is captioned.
+
+        Raises:
+            OutputPathError: ``path`` is a folder, or it cannot be created or written.
+        """
         self.path, self.fmt = Path(path), output_format(path, fmt)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise OutputPathError(f"{self.path} is a folder: give a file for the captions, e.g. "
+                                  f"{self.path / ('captions.' + {'coco': 'json'}.get(self.fmt, self.fmt))}")
         self._coco = [{"image_id": r["image_id"], "caption": r["caption"]} for r in existing]
         self._file = None
-        if self.fmt != "coco":
-            new = not self.path.exists() or self.path.stat().st_size == 0
-            if not new:
-                self._drop_cut_line()
-            self._file = self.path.open("a", encoding="utf-8", newline="")
-            self._csv = csv.DictWriter(self._file, CAPTION_FIELDS) if self.fmt == "csv" else None
-            if self._csv is not None and new:
-                self._csv.writeheader()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.fmt == "coco":
+                self._write_coco()
+            else:
+                new = not self.path.exists() or self.path.stat().st_size == 0
+                if not new:
+                    self._drop_cut_line()
+                self._file = self.path.open("a", encoding="utf-8", newline="")
+                self._csv = csv.DictWriter(self._file, CAPTION_FIELDS) if self.fmt == "csv" else None
+                if self._csv is not None and new:
+                    self._csv.writeheader()
+        except OSError as err:
+            raise OutputPathError(f"{self.path}: cannot write the captions there ({err.strerror or err}); give "
+                                  f"another output file") from err
 
     def _drop_cut_line(self) -> None:
         """An interrupted run may have left half a line (``read_caption_rows`` ignores it): cut it off."""
@@ -104,9 +119,7 @@ class CaptionFileWriter:
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if self.fmt == "coco":
             self._coco += [{"image_id": r["image_id"], "caption": r["caption"]} for r in rows]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(json.dumps(self._coco, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(tmp, self.path)
+            self._write_coco()
             return
         for row in rows:
             if self._csv is not None:
@@ -114,6 +127,12 @@ class CaptionFileWriter:
             else:
                 self._file.write(json.dumps({k: row.get(k) for k in CAPTION_FIELDS}, ensure_ascii=False) + "\n")
         self._file.flush()
+
+    def _write_coco(self) -> None:
+        """The whole results list, replacing the file atomically: it is always complete JSON."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self._coco, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self._file is not None:

@@ -179,7 +179,11 @@ class TrainedCaptioner:
         encoder_keys = {k for k in model.state_dict() if k.startswith(fmt.ENCODER_PREFIX)}
         if source and encoder_keys & set(weights):
             raise CheckpointError(f"{directory}: encoder_weights is 'source' but the file holds encoder weights too")
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as err:  # a tensor of another shape
+            raise CheckpointError(f"{directory}: its weights do not fit the model its config describes "
+                                  f"({' '.join(str(err).split())})") from err
         wrong = sorted(set(missing) - (encoder_keys if source else set())) + sorted(unexpected)
         if wrong:
             raise CheckpointError(f"{directory}: its weights do not fit the model its config describes "

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from capkit.data.images import open_image
-from capkit.errors import CorruptImageError, DataError
+from capkit.errors import CorruptImageError, DataError, OutputPathError
 from capkit.evaluation.results import CaptionFileWriter, read_caption_rows
 from capkit.pretrained.model import CaptionResult, TrainedCaptioner
 
@@ -137,8 +137,8 @@ def caption_files(
                  len(files), len(todo))
     decoding = decoding or model.decoding
     size = batch_size or model.config.eval.batch_size
+    figures = _figure_folder(attention_out) if attention_out is not None else None
     writer = CaptionFileWriter(output, output_format, existing=rows) if output is not None else None
-    figures = Path(attention_out) if attention_out is not None else None
     try:
         with tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress) as bar, \
                 ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
@@ -161,6 +161,17 @@ def caption_files(
         if writer is not None:
             writer.close()
     return summary
+
+
+def _figure_folder(path: str | os.PathLike) -> Path:
+    """``--attention-out``, created now: a path that cannot be a folder fails before any image is captioned."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"{folder}: cannot hold the attention figures ({err.strerror or err}); give a "
+                              f"folder") from err
+    return folder
 
 
 def _figure_name(image_id: str) -> str:

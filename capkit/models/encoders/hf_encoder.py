@@ -246,10 +246,17 @@ def _vision_model(config: Any, source: str | None, kwargs: dict[str, Any]) -> nn
         return _instantiate(cls, config, source, kwargs)
 
 
+# ``from_pretrained``'s own keyword arguments: where to find the weights and in which dtype to load them
+LOADING_KWARGS = ("revision", "local_files_only", "trust_remote_code", "token", "dtype", "torch_dtype")
+
+
 def _instantiate(cls: type, config: Any, source: str | None, kwargs: dict[str, Any]) -> nn.Module:
-    if source is None:
-        return cls(config, **kwargs)
-    return cls.from_pretrained(source, config=config, **kwargs)
+    if source is not None:
+        return cls.from_pretrained(source, config=config, **kwargs)
+    # a random model (its weights come from a saved capkit model) takes no loading arguments
+    model = cls(config, **{k: v for k, v in kwargs.items() if k not in LOADING_KWARGS})
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    return model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype) if dtype not in (None, "auto") else model
 
 
 def _load(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
