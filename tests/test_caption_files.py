@@ -121,14 +121,14 @@ def _jsonl(model, files, tmp_path) -> Path:
     return out
 
 
-def test_batches_of_any_size_give_the_same_captions_and_figures_are_written(run, folder, tmp_path):
+def test_batches_of_any_size_and_any_workers_give_the_same_captions_and_figures_are_written(run, folder, tmp_path):
     model = TrainedCaptioner.from_checkpoint(run.best)
     files = [f for f in collect_images([folder]) if f.image_id != "broken.jpg"]
     by_size = {}
-    for size in (1, 4):
+    for size, workers in ((1, 0), (4, 2)):  # in this process, and read by two worker processes
         seen = []
         caption_files(model, files, batch_size=size, on_result=lambda f, r: seen.append(r.caption), progress=False,
-                      attention_out=tmp_path / f"figures{size}")
+                      attention_out=tmp_path / f"figures{size}", workers=workers)
         by_size[size] = seen
     assert by_size[1] == by_size[4]
     assert sorted(p.name for p in (tmp_path / "figures1").iterdir()) == [

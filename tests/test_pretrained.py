@@ -362,3 +362,36 @@ def test_bad_models_and_images_are_one_line_and_exit_code_2(trained, images, tmp
     broken.write_bytes(b"no jpeg")
     assert str(broken) in refused("--model", str(trained.save_pretrained(tmp_path / "ok")), str(broken))
     assert "no model 'nobody-knows-this'" in refused("--model", "nobody-knows-this", str(photo))
+
+
+def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, trained, images, tmp_path, capsys):
+    from capkit.cli import convert as convert_cli
+
+    out = tmp_path / "converted"
+    assert convert_cli.main([str(run.best), str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: config.json, model.safetensors (")
+    same_results(trained.caption(images), capkit.from_pretrained(out).caption(images))
+    step = json.loads((run.best / "state.json").read_text())["state"]["global_step"]
+    evaluations = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    [at_step] = [r for r in evaluations if r["step"] == step and "val/sacrebleu" in r]
+    card = ModelCard.load(out / "README.md")
+    assert {(r.dataset_split, r.metric_type, r.metric_value) for r in card.data.eval_results} == {
+        ("val", k.split("/", 1)[1], round(v, 4)) for k, v in at_step.items() if k.startswith("val/")}
+    assert "Scored during training, on the float32 weights of the checkpoint" in card.text
+    [recorded] = json.loads(run.summary.read_text())["commands"]
+    assert recorded.startswith("capkit train ") and recorded.endswith("eval.tensorboard_samples=0")
+    assert recorded in card.text
+    # scored again on the written weights: those scores, and the commands given instead of the run's
+    assert convert_cli.main([str(run.best), str(out), "--overwrite", "--dtype", "float16", "--score-split", "val",
+                             "--trained-with", "make demo"]) == 0
+    assert "4 images: " in capsys.readouterr().out
+    card = ModelCard.load(out / "README.md")
+    assert "Measured on these weights" in card.text and "make demo" in card.text and recorded not in card.text
+    # an existing model is replaced only with --overwrite; a folder of other files never
+    assert convert_cli.main([str(run.best), str(out)]) == 2
+    assert "already holds a model: choose another folder, or pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert convert_cli.main([str(run.best), str(tmp_path / "mine"), "--overwrite"]) == 2
+    assert "already holds other files (notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

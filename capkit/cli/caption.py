@@ -15,10 +15,17 @@ from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flag
     load_model_from_args
 from capkit.errors import CorruptImageError
 from capkit.evaluation.results import OUTPUT_FORMATS
-from capkit.recipes.captioning import caption_files, collect_images
+from capkit.recipes.captioning import caption_files, collect_images, default_workers
 from capkit.recipes.evaluate import describe_decoding
 
 log = logging.getLogger("capkit.caption")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=OUTPUT_FORMATS,
                         help="output format (default: by the file's suffix: .csv, .json COCO results, else jsonl)")
     add_decoding_flags(parser)
-    parser.add_argument("--batch-size", type=int, metavar="N", help="images per batch (default: the model's)")
+    parser.add_argument("--batch-size", type=positive, metavar="N", help="images per batch (default: the model's)")
+    parser.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
+                        help=f"processes reading the images (0: none; default: {default_workers()})")
     parser.add_argument("--attention-out", type=Path, metavar="DIR", help="save a per-word attention figure per image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_debug_flag(parser)
@@ -59,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     summary = caption_files(
         model, files, output=args.output, output_format=args.format, decoding=decoding, batch_size=args.batch_size,
         attention_out=args.attention_out, on_result=None if args.output else show, on_unreadable=skipped,
-        progress=not args.no_progress and args.output is not None,
+        progress=not args.no_progress and args.output is not None, workers=args.workers,
     )
     if summary.unreadable and not summary.captioned and not summary.already_done:
         path, why = summary.unreadable[0]

@@ -6,6 +6,7 @@ training on CIDEr-D (the usual second stage). The recipe is ``capkit.recipes.tra
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from capkit.cli.common import add_debug_flag, command, configure_logging
@@ -31,13 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
 @command("capkit train", FileNotFoundError)
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    train_experiment(cfg, config_path=args.config, resume=args.resume, overwrite=args.overwrite, samples=args.samples)
+    train_experiment(cfg, config_path=args.config, resume=args.resume, overwrite=args.overwrite, samples=args.samples,
+                     command=args.command_line)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
-    return run(build_parser().parse_intermixed_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_intermixed_args(argv)
+    args.command_line = shlex.join(["capkit", "train", *argv])  # for the run's summary and a model card
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def render_card(
     scores: Mapping[str, Mapping[str, float]] | None = None,
     command: Sequence[str] | str | None = None,
     parameters: int | None = None,
+    scores_note: str | None = None,
 ) -> ModelCard:
     """The card of a model saved with ``config`` (its ``config.json``).
 
@@ -67,6 +68,7 @@ def render_card(
         scores: split -> metric -> value, as measured on the saved weights (``capkit convert --score-split``).
         command: the command(s) that trained it, one per line.
         parameters: the number of weights in ``model.safetensors``.
+        scores_note: how the scores were measured (default: on these weights, decoding as the card says).
     """
     dataset = str(config.get("training", {}).get("data", {}).get("dataset", {}).get("name", "unknown"))
     licence = DATA_LICENCES.get(dataset, UNKNOWN_LICENCE)
@@ -110,7 +112,8 @@ def render_card(
                   "|---" * (len(metrics) + 1) + "|"]
         lines += [f"| {split} | " + " | ".join(f"{values[m]:.4f}" if m in values else "" for m in metrics) + " |"
                   for split, values in scores.items()]
-        lines += ["", f"Measured on these weights, decoding as above (beam {decoding['beam_size']}).", ""]
+        lines += ["", scores_note or f"Measured on these weights, decoding as above (beam {decoding['beam_size']}).",
+                  ""]
     if commands:
         lines += ["## How it was trained", "", "```bash", commands, "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

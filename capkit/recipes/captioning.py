@@ -1,23 +1,28 @@
-"""Caption many image files: collect them (files, folders, list files), decode them in batches, write each batch
-to a captions file as it is done (resumable), report the files that cannot be read and go on."""
+"""Caption many image files: collect them (files, folders, list files), read them in worker processes, decode
+them in batches, write each batch to a captions file as it is done (resumable), report the files that cannot be
+read and go on."""
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from capkit.data.images import open_image
+from capkit.data.transforms import build_transform
 from capkit.errors import CorruptImageError, DataError, OutputPathError
 from capkit.evaluation.results import CaptionFileWriter, read_caption_rows
 from capkit.pretrained.model import CaptionResult, TrainedCaptioner
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFile", "CaptionSummary", "collect_images", "caption_files", "done_ids"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFile", "CaptionSummary", "collect_images", "caption_files", "done_ids",
+           "default_workers"]
 
 log = logging.getLogger("capkit.caption")
 
@@ -36,6 +41,11 @@ class CaptionSummary:
     captioned: int = 0
     already_done: int = 0  # in the output file before this run
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+
+
+def default_workers() -> int:
+    """Image-reading processes beside the one running the model: one per spare core, at most 4."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageFile]:
@@ -114,6 +124,7 @@ def caption_files(
     on_result: Callable[[ImageFile, CaptionResult], None] | None = None,
     on_unreadable: Callable[[ImageFile, str], None] | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> CaptionSummary:
     """Caption ``files`` ``batch_size`` at a time (default: the model's ``eval.batch_size``), so memory does not
     grow with their number.
@@ -127,6 +138,8 @@ def caption_files(
         on_result: called with each file's result as it is done (e.g. to print it).
         on_unreadable: called with each file that cannot be read and why (default: a logged warning); it is
             left out and counted in the summary.
+        workers: processes that read and preprocess the images ahead of the model (0: in this process; default:
+            ``default_workers()``).
     """
     summary = CaptionSummary()
     done, rows = done_ids(output, output_format) if output is not None else (set(), [])
@@ -139,12 +152,13 @@ def caption_files(
     size = batch_size or model.config.eval.batch_size
     figures = _figure_folder(attention_out) if attention_out is not None else None
     writer = CaptionFileWriter(output, output_format, existing=rows) if output is not None else None
+    workers = default_workers() if workers is None else workers
     try:
-        with tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress) as bar, \
-                ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        with tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress) as bar:
             report = on_unreadable or (lambda f, why: log.warning("skipped %s: %s", f.path, why))
-            for batch in _opened_batches(todo, size, model.config.data.max_image_pixels, pool, summary, report):
-                results = model.caption_pictures([(image, str(f.path)) for f, image in batch], **decoding)
+            for batch, inputs in _opened_batches(model, todo, size, workers if todo else 0, summary, report):
+                results = model.caption_pictures([(image, str(f.path)) for f, image in batch], inputs=inputs,
+                                                 **decoding)
                 if writer is not None:
                     writer.write([
                         {"image_id": f.image_id, "file": str(f.path), "caption": r.caption, "score": round(r.score, 4)}
@@ -179,25 +193,42 @@ def _figure_name(image_id: str) -> str:
     return f"{Path(image_id).with_suffix('').as_posix().replace('/', '__')}_attention.png"
 
 
-def _opened_batches(
-    files: Sequence[ImageFile], size: int, max_pixels: int | None, pool: ThreadPoolExecutor, summary: CaptionSummary,
-    report: Callable[[ImageFile, str], None],
-) -> Iterator[list[tuple[ImageFile, Any]]]:
-    """Batches of (file, RGB image), decoded by ``pool``; an unreadable file is reported, counted and left out."""
-    def load(f: ImageFile):
-        try:
-            return open_image(f.path, max_pixels=max_pixels)
-        except (CorruptImageError, OSError) as err:
-            return err
+class _ImageFiles(Dataset):
+    """Opens and preprocesses the image files in the loader's worker processes: item i is
+    (i, RGB picture, (3, H, W) input) or (i, None, why it cannot be read)."""
 
-    for start in range(0, len(files), size):
-        chunk = files[start : start + size]
-        batch = []
-        for f, image in zip(chunk, pool.map(load, chunk)):
-            if isinstance(image, BaseException):
-                report(f, str(image))
-                summary.unreadable.append((f.path, str(image)))
+    def __init__(self, files: Sequence[ImageFile], model: TrainedCaptioner):
+        self.files, self.max_pixels = files, model.config.data.max_image_pixels
+        self.transform = build_transform(model.preprocessing)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, Image.Image | None, torch.Tensor | str]:
+        try:
+            picture = open_image(self.files[index].path, max_pixels=self.max_pixels)
+        except (CorruptImageError, OSError) as err:
+            return index, None, str(err)  # the text: an exception object need not survive the trip between processes
+        return index, picture, self.transform(picture)
+
+
+def _opened_batches(
+    model: TrainedCaptioner, files: Sequence[ImageFile], size: int, workers: int, summary: CaptionSummary,
+    report: Callable[[ImageFile, str], None],
+) -> Iterator[tuple[list[tuple[ImageFile, Image.Image]], torch.Tensor]]:
+    """Batches of ((file, picture) pairs, (B, 3, H, W) inputs), read ahead by ``workers`` processes (at most two
+    batches each: memory does not grow with the number of files); an unreadable file is reported, counted and
+    left out."""
+    loader = DataLoader(_ImageFiles(files, model), batch_size=size, num_workers=workers, collate_fn=list,
+                        prefetch_factor=2 if workers else None)
+    for items in loader:
+        batch, inputs = [], []
+        for index, picture, value in items:
+            if picture is None:
+                report(files[index], value)
+                summary.unreadable.append((files[index].path, value))
             else:
-                batch.append((f, image))
+                batch.append((files[index], picture))
+                inputs.append(value)
         if batch:
-            yield batch
+            yield batch, torch.stack(inputs)

@@ -1,11 +1,15 @@
 """Turn a training checkpoint into a shareable model directory, scored on the weights it holds."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from capkit.engine.checkpoint import load_checkpoint
+from capkit.engine.run_dir import RunDir
 from capkit.errors import RunDirError
 from capkit.evaluation import CaptionEvaluator
 from capkit.pretrained.card import render_card
@@ -13,7 +17,9 @@ from capkit.pretrained.format import CARD_FILE, FILES, read_config, read_weights
 from capkit.pretrained.model import TrainedCaptioner
 from capkit.recipes.evaluate import Scored, score_checkpoint
 
-__all__ = ["convert_checkpoint"]
+__all__ = ["convert_checkpoint", "recorded_in_run"]
+
+log = logging.getLogger(__name__)
 
 
 def convert_checkpoint(
@@ -31,8 +37,10 @@ def convert_checkpoint(
     overwrite: bool = False,
     plugins: Sequence[str] = (),
 ) -> tuple[Path, Scored | None]:
-    """``save_pretrained`` of ``checkpoint`` into ``out``; with ``score_split``, the written model (its ``dtype``
-    weights, as a user loads them) captions that split of its dataset and the scores go into its model card.
+    """``save_pretrained`` of ``checkpoint`` into ``out``, its card filled from the run (``recorded_in_run``: the
+    validation scores and training commands, unless ``command`` names them); with ``score_split``, the written
+    model (its ``dtype`` weights, as a user loads them) captions that split of its dataset and these scores go
+    into its model card instead.
 
     Raises:
         RunDirError: ``out`` holds files other than a model's, or a model and ``overwrite`` is not set.
@@ -45,7 +53,11 @@ def convert_checkpoint(
                           + (", or pass --overwrite to replace the model" if what == "a model" else ""))
     trained = TrainedCaptioner.from_checkpoint(checkpoint, plugins=plugins)
     name = name or out.name
-    trained.save_pretrained(out, dtype=dtype, encoder_weights=encoder_weights, name=name, command=command)
+    recorded_scores, recorded_commands = recorded_in_run(checkpoint)
+    command = list(command) or recorded_commands
+    note = "Scored during training, on the float32 weights of the checkpoint, decoding as above."
+    trained.save_pretrained(out, dtype=dtype, encoder_weights=encoder_weights, name=name, command=command,
+                            scores=recorded_scores, scores_note=note)
     if score_split is None:
         return out, None
     written = TrainedCaptioner.from_pretrained(out, plugins=plugins)
@@ -58,3 +70,28 @@ def convert_checkpoint(
                        parameters=sum(t.numel() for t in read_weights(out).values()))
     card.save(out / CARD_FILE)
     return out, scored
+
+
+def recorded_in_run(checkpoint: str | os.PathLike) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """What the run of a training checkpoint (``RUN_DIR/checkpoints/NAME``) recorded about it: the validation
+    scores of the evaluation at its step (``metrics.jsonl``, as ``{"val": {metric: value}}``) and the command of
+    each training session (``train_summary.json``); empty where the run kept none."""
+    run = RunDir.of_checkpoint(checkpoint)
+    step = load_checkpoint(checkpoint).get("global_step")
+    scores: dict[str, dict[str, float]] = {}
+    if run.metrics.is_file():
+        for line in run.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            values = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("val/")}
+            if values and record.get("step") == step:
+                scores = {"val": values}  # the last evaluation at that step (a resumed run may repeat one)
+    commands: list[str] = []
+    if run.summary.is_file():
+        try:
+            commands = list(json.loads(run.summary.read_text(encoding="utf-8")).get("commands", []))
+        except ValueError:
+            log.warning("%s: not JSON; the model card names no training command", run.summary)
+    return scores, commands

@@ -237,8 +237,9 @@ def caption_samples(exp: Experiment, count: int) -> list[CaptionSample]:
     return samples
 
 
-def train(exp: Experiment) -> Trainer:
-    """Build the loaders (extracting the feature cache on first use), optimizer and hooks, and train."""
+def train(exp: Experiment, command: str | None = None) -> Trainer:
+    """Build the loaders (extracting the feature cache on first use), optimizer and hooks, and train;
+    ``command`` (the command line that started this session) is recorded in the run's summary."""
     cfg, model, dist = exp.cfg, exp.model, exp.dist
     t, e = cfg.train, cfg.eval
     criterion = build_criterion(cfg, exp.train_split.records, exp.vocab)  # before the feature cache: errors first
@@ -274,7 +275,7 @@ def train(exp: Experiment) -> Trainer:
     if dist.is_main:
         seconds = time.perf_counter() - started
         log.info("training took %.1f s%s", seconds, f" ({trainer.stop_reason})" if trainer.stop_reason else "")
-        _write_summary(exp.run, seconds, trainer)
+        _write_summary(exp.run, seconds, trainer, command)
     return trainer
 
 
@@ -313,6 +314,7 @@ def train_experiment(
     resume: str | os.PathLike | None = None,
     overwrite: bool = False,
     samples: int = 5,
+    command: str | None = None,
 ) -> Path:
     """Train ``cfg`` (read from ``config_path``, which names a run without ``train.run_name``), or continue the
     run in ``resume``; test the best checkpoint; return the run directory.
@@ -328,7 +330,7 @@ def train_experiment(
         exp = prepare(cfg, dist, run_dir=run.root, resume=resume is not None)
         with run.claim() if dist.is_main else nullcontext():
             _refuse_a_taken_run(run, dist, resume is None, overwrite, replace=True)  # again, now that it is ours
-            trainer = train(exp)
+            trainer = train(exp, command)
             if dist.is_main:
                 test(exp, trainer.module, samples=samples)
         return run.root
@@ -368,12 +370,14 @@ def _load_initial_weights(model: Captioner, weights: dict, path: str) -> None:
         ) from err
 
 
-def _write_summary(run: RunDir, seconds: float, trainer: Trainer) -> None:
-    """The run's summary: training wall time (summed over resumed sessions), position, stop reason."""
-    before = json.loads(run.summary.read_text())["train_seconds"] if run.summary.is_file() else 0.0
+def _write_summary(run: RunDir, seconds: float, trainer: Trainer, command: str | None) -> None:
+    """The run's summary: training wall time (summed over resumed sessions), position, stop reason, and the
+    command of each session (a model card quotes them)."""
+    before = json.loads(run.summary.read_text()) if run.summary.is_file() else {}
     summary = {
-        "train_seconds": before + seconds, "epochs_done": trainer.epoch, "global_step": trainer.global_step,
-        "stop_reason": trainer.stop_reason,
+        "train_seconds": before.get("train_seconds", 0.0) + seconds, "epochs_done": trainer.epoch,
+        "global_step": trainer.global_step, "stop_reason": trainer.stop_reason,
+        "commands": before.get("commands", []) + ([command] if command else []),
     }
     run.summary.write_text(json.dumps(summary, indent=2) + "\n")
 
