@@ -271,3 +271,24 @@ def test_a_run_killed_after_some_images_resumes_with_each_image_exactly_once(run
     ids = [r["image_id"] for r in rows(out)]
     assert sorted(ids) == ["shapes_val_00000.png", "shapes_val_00001.png", "sub/shapes_val_00002.png",
                            "sub/shapes_val_00003.png"]
+
+
+def test_chunks_read_by_the_workers_are_joined_into_full_batches(run, folder, monkeypatch):
+    """Workers send small chunks (LOADER_CHUNK); the model still gets batches of batch_size readable images."""
+    from capkit.recipes import captioning
+
+    monkeypatch.setattr(captioning, "LOADER_CHUNK", 2)
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    sizes, original = [], model.caption_pictures
+
+    def recording(pictures, **kwargs):
+        sizes.append(len(pictures))
+        return original(pictures, **kwargs)
+
+    monkeypatch.setattr(model, "caption_pictures", recording)
+    seen = []
+    summary = caption_files(model, collect_images([folder]), batch_size=3, workers=1, progress=False,
+                            on_result=lambda f, r: seen.append(f.image_id), on_unreadable=lambda f, why: None)
+    assert sizes == [3, 1] and len(summary.unreadable) == 1  # broken.jpg, first in the folder, left out
+    assert seen == ["shapes_val_00000.png", "shapes_val_00001.png", "sub/shapes_val_00002.png",
+                    "sub/shapes_val_00003.png"]

@@ -387,6 +387,13 @@ def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, tr
     assert "4 images: " in capsys.readouterr().out
     card = ModelCard.load(out / "README.md")
     assert "Measured on these weights" in card.text and "make demo" in card.text and recorded not in card.text
+    distinct = {r.metric_value for r in card.data.eval_results if r.metric_type == "distinct_captions"}
+    captions = [r.caption for r in capkit.from_pretrained(out).caption(images)]
+    assert distinct == {round(len(set(captions)) / len(captions), 4)}
+    assert "## Known limits" in card.text and f"It knows {len(trained.vocab) - 4:,} words" in card.text
+    # a saved model converts too (here back to float32), keeping its captions
+    assert convert_cli.main([str(out), str(tmp_path / "again"), "--dtype", "float32"]) == 0
+    assert [r.caption for r in capkit.from_pretrained(tmp_path / "again").caption(images)] == captions
     # an existing model is replaced only with --overwrite; a folder of other files never
     assert convert_cli.main([str(run.best), str(out)]) == 2
     assert "already holds a model: choose another folder, or pass --overwrite" in capsys.readouterr().err

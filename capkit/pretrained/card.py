@@ -46,8 +46,9 @@ UNKNOWN_LICENCE = DataLicence(
     license_name="unknown-training-data",
 )
 
-METRIC_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider": "CIDEr", "meteor": "METEOR",
-                "rouge_l": "ROUGE-L"}
+METRIC_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider": "CIDEr",
+                "meteor": "METEOR", "rouge_l": "ROUGE-L", "spice": "SPICE", "sacrebleu": "sacreBLEU",
+                "distinct_captions": "distinct captions"}
 
 
 def render_card(
@@ -116,4 +117,22 @@ def render_card(
                   ""]
     if commands:
         lines += ["## How it was trained", "", "```bash", commands, "```", ""]
+    lines += ["## Known limits", "", *_limits(config), ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _limits(config: Mapping[str, Any]) -> list[str]:
+    """What the config says the model cannot do, as list items."""
+    _, height, width = config["preprocessing"]["input_size"]
+    vocabulary = config["vocabulary"]
+    dataset = config.get("training", {}).get("data", {}).get("dataset", {}).get("name", "its training data")
+    return [
+        f"- It sees every photo at {height} x {width} pixels (a centre crop of the resized photo): small details "
+        "and the photo's borders are lost.",
+        f"- It knows {len(vocabulary) - 4:,} words (those seen often enough in its training captions); any other "
+        "word is out of its reach, and rare objects get the nearest common word.",
+        f"- Its captions have at most {config['decoding']['max_len']} words, in the style of `{dataset}`'s "
+        "captions: short, literal, in English.",
+        "- It repeats the biases of its training photos and captions (who and what is pictured, how people are "
+        "described); check its captions before you publish them.",
+    ]

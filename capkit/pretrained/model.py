@@ -34,7 +34,7 @@ from capkit.pretrained import format as fmt
 from capkit.pretrained.card import render_card
 from capkit.pretrained.hub import resolve_model, upload
 from capkit.registry import ENCODERS, import_plugins
-from capkit.types import EOS, Hypothesis
+from capkit.types import EOS, EncoderOutput, Hypothesis
 from capkit.visualization.attention import attention_figure
 
 __all__ = ["ImageInput", "CaptionResult", "TrainedCaptioner", "from_pretrained", "SAFE_MODEL_KWARGS"]
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 DECODING_KEYS = ("beam_size", "max_len", "length_penalty")
+# images per encoder forward when captioning: the encoder's activations, not the beam search, set the peak memory
+# of a batch, and they grow with the images in one forward (a batch of 128 in one forward needs about 2 GB more)
+ENCODER_CHUNK = 16
 # what a stored encoder section may pass on to ``from_pretrained``: transformers also takes settings that fetch
 # and run code (trust_remote_code, kernels from the hub as attn_implementation, use_kernels, ...)
 SAFE_MODEL_KWARGS = {"revision", "dtype", "torch_dtype", "local_files_only"}
@@ -313,9 +316,10 @@ class TrainedCaptioner:
         if inputs is None:
             transform = build_transform(self.preprocessing)
             inputs = torch.stack([transform(picture) for picture, _ in pictures])
-        batch = inputs.to(self.device)
         with torch.no_grad():
-            generation = self.model.generate(batch, beam_size=beam_size, max_len=max_len,
+            parts = [self.model.encode(chunk.to(self.device)) for chunk in inputs.split(ENCODER_CHUNK)]
+            features = EncoderOutput(torch.cat([part.feats for part in parts]), parts[0].grid)  # (B, N, C)
+            generation = self.model.generate(features=features, beam_size=beam_size, max_len=max_len,
                                              length_penalty=length_penalty)
         h, w = generation.grid
         return [

@@ -26,6 +26,7 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFile", "CaptionSummary", "collect_images", 
 
 log = logging.getLogger("capkit.caption")
 
+LOADER_CHUNK = 16  # images a worker reads and sends at once
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
 
@@ -216,19 +217,26 @@ def _opened_batches(
     model: TrainedCaptioner, files: Sequence[ImageFile], size: int, workers: int, summary: CaptionSummary,
     report: Callable[[ImageFile, str], None],
 ) -> Iterator[tuple[list[tuple[ImageFile, Image.Image]], torch.Tensor]]:
-    """Batches of ((file, picture) pairs, (B, 3, H, W) inputs), read ahead by ``workers`` processes (at most two
-    batches each: memory does not grow with the number of files); an unreadable file is reported, counted and
-    left out."""
-    loader = DataLoader(_ImageFiles(files, model), batch_size=size, num_workers=workers, collate_fn=list,
-                        prefetch_factor=2 if workers else None)
-    for items in loader:
-        batch, inputs = [], []
-        for index, picture, value in items:
+    """Batches of ((file, picture) pairs, (B, 3, H, W) inputs) of ``size`` readable images; an unreadable file
+    is reported, counted and left out.
+
+    ``workers`` processes read the files ahead of the model in chunks of at most ``LOADER_CHUNK`` images, two
+    chunks each, so that what waits in the queue is small and memory does not grow with the number of files or
+    the batch size; the chunks are joined into batches here."""
+    loader = DataLoader(_ImageFiles(files, model), batch_size=min(size, LOADER_CHUNK), num_workers=workers,
+                        collate_fn=list, prefetch_factor=2 if workers else None)
+    batch: list[tuple[ImageFile, Image.Image]] = []
+    inputs: list[torch.Tensor] = []
+    for chunk in loader:
+        for index, picture, value in chunk:
             if picture is None:
                 report(files[index], value)
                 summary.unreadable.append((files[index].path, value))
-            else:
-                batch.append((files[index], picture))
-                inputs.append(value)
-        if batch:
-            yield batch, torch.stack(inputs)
+                continue
+            batch.append((files[index], picture))
+            inputs.append(value)
+            if len(batch) == size:
+                yield batch, torch.stack(inputs)
+                batch, inputs = [], []
+    if batch:
+        yield batch, torch.stack(inputs)

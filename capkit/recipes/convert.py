@@ -13,8 +13,9 @@ from capkit.engine.run_dir import RunDir
 from capkit.errors import RunDirError
 from capkit.evaluation import CaptionEvaluator
 from capkit.pretrained.card import render_card
-from capkit.pretrained.format import CARD_FILE, FILES, read_config, read_weights
+from capkit.pretrained.format import CARD_FILE, FILES, is_pretrained_dir, read_config, read_weights
 from capkit.pretrained.model import TrainedCaptioner
+from capkit.recipes.inference import load_trained
 from capkit.recipes.evaluate import Scored, score_checkpoint
 
 __all__ = ["convert_checkpoint", "recorded_in_run"]
@@ -37,10 +38,11 @@ def convert_checkpoint(
     overwrite: bool = False,
     plugins: Sequence[str] = (),
 ) -> tuple[Path, Scored | None]:
-    """``save_pretrained`` of ``checkpoint`` into ``out``, its card filled from the run (``recorded_in_run``: the
+    """``save_pretrained`` of ``checkpoint`` (a training checkpoint, or a saved model to store again, e.g. in
+    another dtype) into ``out``, its card filled from the run (``recorded_in_run``: the
     validation scores and training commands, unless ``command`` names them); with ``score_split``, the written
     model (its ``dtype`` weights, as a user loads them) captions that split of its dataset and these scores go
-    into its model card instead.
+    into its model card instead, with the share of distinct captions among them.
 
     Raises:
         RunDirError: ``out`` holds files other than a model's, or a model and ``overwrite`` is not set.
@@ -51,9 +53,11 @@ def convert_checkpoint(
         what = "a model" if not set(present) - set(FILES) else f"other files ({', '.join(present[:5])})"
         raise RunDirError(f"{out} already holds {what}: choose another folder"
                           + (", or pass --overwrite to replace the model" if what == "a model" else ""))
-    trained = TrainedCaptioner.from_checkpoint(checkpoint, plugins=plugins)
+    trained = load_trained(checkpoint, plugins=plugins)
     name = name or out.name
-    recorded_scores, recorded_commands = recorded_in_run(checkpoint)
+    recorded_scores, recorded_commands = {}, []
+    if not is_pretrained_dir(checkpoint):  # a training checkpoint: its run says how it was trained and scored
+        recorded_scores, recorded_commands = recorded_in_run(checkpoint)
     command = list(command) or recorded_commands
     note = "Scored during training, on the float32 weights of the checkpoint, decoding as above."
     trained.save_pretrained(out, dtype=dtype, encoder_weights=encoder_weights, name=name, command=command,
@@ -65,8 +69,9 @@ def convert_checkpoint(
     evaluator = CaptionEvaluator(list(metrics or e.metrics), tokenizer=tokenizer or e.tokenizer)
     evaluator.check_runtime()
     scored = score_checkpoint(evaluator, written, score_split, dataset_overrides=dataset_overrides, name=str(out))
+    distinct = len(set(scored.hypotheses.values())) / max(1, len(scored.hypotheses))
     card = render_card(name=name, architecture=written.architecture, config=read_config(out),
-                       scores={score_split: scored.scores}, command=command,
+                       scores={score_split: {**scored.scores, "distinct_captions": distinct}}, command=command,
                        parameters=sum(t.numel() for t in read_weights(out).values()))
     card.save(out / CARD_FILE)
     return out, scored
