@@ -381,12 +381,15 @@ def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, tr
     [recorded] = json.loads(run.summary.read_text())["commands"]
     assert recorded.startswith("capkit train ") and recorded.endswith("eval.tensorboard_samples=0")
     assert recorded in card.text
+    minutes = json.loads(run.summary.read_text())["train_seconds"] / 60
+    assert f"Training took {minutes:.1f} minutes in 1 session(s)" in card.text
     # scored again on the written weights: those scores, and the commands given instead of the run's
     assert convert_cli.main([str(run.best), str(out), "--overwrite", "--dtype", "float16", "--score-split", "val",
-                             "--trained-with", "make demo"]) == 0
+                             "--trained-with", "make demo", "--note", "Trained on a toaster."]) == 0
     assert "4 images: " in capsys.readouterr().out
     card = ModelCard.load(out / "README.md")
     assert "Measured on these weights" in card.text and "make demo" in card.text and recorded not in card.text
+    assert "## Notes\n\nTraining took" in card.text and "Trained on a toaster." in card.text
     distinct = {r.metric_value for r in card.data.eval_results if r.metric_type == "distinct_captions"}
     captions = [r.caption for r in capkit.from_pretrained(out).caption(images)]
     assert distinct == {round(len(set(captions)) / len(captions), 4)}

@@ -140,3 +140,39 @@ def test_kill_9_then_resume_with_another_evaluation_setting_trains_exactly_as_un
         return [json.loads(line)["loss"] for line in run.metrics.read_text().splitlines() if '"loss"' in line]
 
     assert losses(cut) == losses(whole)
+
+
+def test_overwrite_removes_only_what_the_run_wrote_never_a_users_look_alike_files(tiny_config, tmp_path):
+    from capkit.cli import evaluate as evaluate_cli
+
+    assert train_cli.main([str(tiny_config), "train.run_name=mine"]) == 0
+    run = RunDir(tmp_path / "runs" / "mine")
+    assert evaluate_cli.main(["--checkpoint", str(run.best), "--split", "val", "--metrics", "sacrebleu",
+                              "--tokenizer", "none", "--gallery", "2", "--device", "cpu"]) == 0
+    assert (run.root / "test_metrics.json").is_file() and (run.root / "gallery_val").is_dir()
+    # files a user keeps there whose names look like a run's
+    for name in ("holiday_metrics.json", "my_captions.json", "best_per_image.json", "notes.txt"):
+        (run.root / name).write_text(f"the user's {name}")
+    (run.root / "gallery_mine").mkdir()
+    (run.root / "gallery_mine" / "photo.txt").write_text("kept")
+    users = {k: v for k, v in snapshot(run.root).items()
+             if k.startswith(("holiday", "my_", "best_", "notes", "gallery_mine"))}
+    assert len(users) == 5
+    assert train_cli.main([str(tiny_config), "train.run_name=mine", "--overwrite", "train.lr=1e-2"]) == 0
+    after = snapshot(run.root)
+    assert {k: after.get(k) for k in users} == users  # byte-identical
+    assert not (run.root / "gallery_val").exists()  # the run's own gallery went with it
+    assert (run.root / "test_metrics.json").is_file() and "lr: 0.01" in run.config.read_text()
+    assert json.loads(run.written.read_text()) == ["test_captions.json", "test_metrics.json", "test_per_image.json"]
+
+
+def test_the_list_of_written_files_cannot_name_anything_outside_the_run(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    (tmp_path / "outside.txt").write_text("keep")
+    run.written.write_text(json.dumps(["../outside.txt", "/etc/hostname", "", "..", "sub/x"]))
+    (run.root / "metrics.jsonl").write_text("{}\n")
+    run.clear()
+    assert (tmp_path / "outside.txt").read_text() == "keep" and not (run.root / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="is not directly in the run directory"):
+        run.record(tmp_path / "outside.txt")

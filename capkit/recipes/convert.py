@@ -5,6 +5,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from capkit.pretrained.model import TrainedCaptioner
 from capkit.recipes.inference import load_trained
 from capkit.recipes.evaluate import Scored, score_checkpoint
 
-__all__ = ["convert_checkpoint", "recorded_in_run"]
+__all__ = ["convert_checkpoint", "recorded_in_run", "RunRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def convert_checkpoint(
     tokenizer: str | None = None,
     overwrite: bool = False,
     plugins: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> tuple[Path, Scored | None]:
     """``save_pretrained`` of ``checkpoint`` (a training checkpoint, or a saved model to store again, e.g. in
     another dtype) into ``out``, its card filled from the run (``recorded_in_run``: the
@@ -55,13 +57,17 @@ def convert_checkpoint(
                           + (", or pass --overwrite to replace the model" if what == "a model" else ""))
     trained = load_trained(checkpoint, plugins=plugins)
     name = name or out.name
-    recorded_scores, recorded_commands = {}, []
+    recorded = RunRecord()
     if not is_pretrained_dir(checkpoint):  # a training checkpoint: its run says how it was trained and scored
-        recorded_scores, recorded_commands = recorded_in_run(checkpoint)
-    command = list(command) or recorded_commands
+        recorded = recorded_in_run(checkpoint)
+    command = list(command) or recorded.commands
+    notes = list(notes)
+    if recorded.train_seconds is not None:
+        notes.insert(0, f"Training took {recorded.train_seconds / 60:.1f} minutes in "
+                        f"{max(1, len(recorded.commands))} session(s) (the run's train_summary.json).")
     note = "Scored during training, on the float32 weights of the checkpoint, decoding as above."
     trained.save_pretrained(out, dtype=dtype, encoder_weights=encoder_weights, name=name, command=command,
-                            scores=recorded_scores, scores_note=note)
+                            scores=recorded.scores, scores_note=note, notes=notes)
     if score_split is None:
         return out, None
     written = TrainedCaptioner.from_pretrained(out, plugins=plugins)
@@ -72,31 +78,42 @@ def convert_checkpoint(
     distinct = len(set(scored.hypotheses.values())) / max(1, len(scored.hypotheses))
     card = render_card(name=name, architecture=written.architecture, config=read_config(out),
                        scores={score_split: {**scored.scores, "distinct_captions": distinct}}, command=command,
-                       parameters=sum(t.numel() for t in read_weights(out).values()))
+                       parameters=sum(t.numel() for t in read_weights(out).values()), notes=notes)
     card.save(out / CARD_FILE)
     return out, scored
 
 
-def recorded_in_run(checkpoint: str | os.PathLike) -> tuple[dict[str, dict[str, float]], list[str]]:
+@dataclass
+class RunRecord:
+    """What a training run recorded about one of its checkpoints."""
+
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # {"val": {metric: value}}
+    commands: list[str] = field(default_factory=list)  # the command of each training session
+    train_seconds: float | None = None
+
+
+def recorded_in_run(checkpoint: str | os.PathLike) -> RunRecord:
     """What the run of a training checkpoint (``RUN_DIR/checkpoints/NAME``) recorded about it: the validation
-    scores of the evaluation at its step (``metrics.jsonl``, as ``{"val": {metric: value}}``) and the command of
-    each training session (``train_summary.json``); empty where the run kept none."""
+    scores of the evaluation at its step (``metrics.jsonl``) and, from ``train_summary.json``, the command of
+    each training session and the training time; empty where the run kept none."""
     run = RunDir.of_checkpoint(checkpoint)
     step = load_checkpoint(checkpoint).get("global_step")
-    scores: dict[str, dict[str, float]] = {}
+    record = RunRecord()
     if run.metrics.is_file():
         for line in run.metrics.read_text(encoding="utf-8").splitlines():
             try:
-                record = json.loads(line)
+                logged = json.loads(line)
             except ValueError:  # a line cut short by a kill
                 continue
-            values = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("val/")}
-            if values and record.get("step") == step:
-                scores = {"val": values}  # the last evaluation at that step (a resumed run may repeat one)
-    commands: list[str] = []
+            values = {k.split("/", 1)[1]: v for k, v in logged.items() if k.startswith("val/")}
+            if values and logged.get("step") == step:
+                record.scores = {"val": values}  # the last evaluation at that step (a resumed run may repeat one)
     if run.summary.is_file():
         try:
-            commands = list(json.loads(run.summary.read_text(encoding="utf-8")).get("commands", []))
+            summary = json.loads(run.summary.read_text(encoding="utf-8"))
         except ValueError:
-            log.warning("%s: not JSON; the model card names no training command", run.summary)
-    return scores, commands
+            log.warning("%s: not JSON; the model card names no training command or time", run.summary)
+        else:
+            record.commands = list(summary.get("commands", []))
+            record.train_seconds = summary.get("train_seconds")
+    return record

@@ -77,6 +77,9 @@ def score_checkpoint(
         if gallery_dir is None and isinstance(checkpoint, TrainedCaptioner):
             raise ValueError("give gallery_dir for the gallery of a loaded model")
         out = Path(gallery_dir) if gallery_dir is not None else RunDir.of_checkpoint(checkpoint).gallery(split)
+        beside = RunDir(out.parent)
+        if beside.holds_run() and out == beside.gallery(split):
+            beside.record(out)  # the run's own gallery: replacing the run (--overwrite) removes it
         title = f"{name}: {split} split, {describe_decoding(decoding)}"
         scored.gallery = _write_gallery(out, trained, loaded, scored, gallery, decoding, title)
     return scored

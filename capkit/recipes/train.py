@@ -294,7 +294,8 @@ def test(exp: Experiment, model: Captioner, samples: int = 5) -> dict[str, float
     evaluator = exp.evaluator
     decoding = decoding_settings(cfg.eval)
     metrics = run_evaluation(model, loader, evaluator, decode=exp.vocab.decode, **decoding)
-    run.split_metrics(split).write_text(json.dumps(metrics, indent=2) + "\n")
+    run.record(run.split_metrics(split), run.split_captions(split), run.split_per_image(split))  # before: a kill
+    run.split_metrics(split).write_text(json.dumps(metrics, indent=2) + "\n")                 # leaves none unlisted
     evaluator.save(run.split_captions(split), run.split_per_image(split))
     print(f"\n{split} split ({len(loaded.records)} images), beam {decoding['beam_size']}:")
     for key, value in metrics.items():

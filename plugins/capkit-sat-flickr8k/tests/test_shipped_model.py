@@ -44,6 +44,19 @@ def test_the_card_states_the_dev_scores_the_licence_and_the_commands():
     assert set(scores) >= {"bleu4", "cider", "meteor", "rouge_l"} and scores["bleu4"] > 0.2
     assert card.data.license_name == "flickr8k-research-only" and "research use only" in card.text
     assert "train.objective=scst" in card.text and "train.run_name=sat_flickr8k_ce" in card.text
+    assert 0.5 < scores["distinct_captions"] <= 1 and "not in a product" in card.text
+    assert "## Known limits" in card.text and "It knows 2,534 words" in card.text
+
+
+def test_the_card_lists_exactly_the_commands_and_note_of_reproduce_sh():
+    import subprocess
+
+    script = MODEL.parents[1] / "reproduce.sh"
+    definitions = "\n".join(line for line in script.read_text().splitlines() if not line.startswith(("eval ", "set ")))
+    printed = subprocess.run(["bash", "-c", definitions + '\nprintf "%s\\n" "$STAGE1" "$STAGE2" "$CONVERT" "$PACKAGE" '
+                              '"$NOTE"'], capture_output=True, text=True, check=True).stdout.splitlines()
+    text = ModelCard.load(MODEL / "README.md").text
+    assert len(printed) == 5 and all(line in text for line in printed), [l for l in printed if l not in text]
 
 
 def test_it_loads_offline_by_name_and_captions_a_dev_photo(flickr8k_root, monkeypatch):
