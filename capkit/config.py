@@ -60,6 +60,7 @@ class DataConfig:
     skip_corrupt_images: bool = False  # also leaves out images over max_image_pixels
     max_image_pixels: Optional[int] = 178_956_970  # larger images are refused (decompression bombs); null: no limit
     augment: bool = False
+    allow_split_overlap: bool = False  # an image in two splits (train and test, ...) is an error unless set
 
 
 @dataclass

@@ -176,3 +176,48 @@ def test_the_list_of_written_files_cannot_name_anything_outside_the_run(tmp_path
     assert (tmp_path / "outside.txt").read_text() == "keep" and not (run.root / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match="is not directly in the run directory"):
         run.record(tmp_path / "outside.txt")
+
+
+def test_a_run_that_fails_while_its_data_is_prepared_leaves_nothing_and_the_retry_runs(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+    from capkit.errors import CorruptImageError
+    from capkit.recipes import train as train_recipe
+
+    def failing(*args, **kwargs):
+        raise CorruptImageError("shapes_train_00003.png: cannot decode (as a damaged image in the cache extraction)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_recipe, "build_train_loader_for", failing)
+        assert train_cli.main([str(tiny_config), "train.run_name=retry"]) == 2
+    assert not (tmp_path / "runs" / "retry").exists()
+    assert train_cli.main([str(tiny_config), "train.run_name=retry"]) == 0  # not refused as "already holds a run"
+
+
+@pytest.mark.parametrize("damage", ["vocabulary", "weights"])
+def test_resume_from_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_written(tiny_config, tmp_path,
+                                                                                        capsys, monkeypatch, damage):
+    from safetensors.torch import load_file, save_file
+
+    from capkit.recipes import train as train_recipe
+
+    assert train_cli.main([str(tiny_config), "train.run_name=fit"]) == 0
+    run = RunDir(tmp_path / "runs" / "fit")
+    if damage == "vocabulary":  # two words swapped: every id after them would mean another word
+        doc = json.loads(run.vocab.read_text())
+        doc["itos"][5], doc["itos"][6] = doc["itos"][6], doc["itos"][5]
+        run.vocab.write_text(json.dumps(doc))
+    else:
+        weights = load_file(run.last / "model.safetensors")
+        key = next(k for k in weights if k.startswith("decoder.") and weights[k].dim() == 2)
+        weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])
+        save_file(weights, run.last / "model.safetensors")
+    before = snapshot(run.root)
+    built = []
+    monkeypatch.setattr(train_recipe, "build_train_loader_for", lambda *a, **k: built.append(1))
+    capsys.readouterr()
+    assert train_cli.main([str(tiny_config), "--resume", str(run.root), "train.run_name=fit", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"capkit train: error: --resume {run.root}: ") and err.count("\n") == 1, err
+    assert {"vocabulary": "its vocabulary differs from the run's vocab.json",
+            "weights": "its weights do not fit the model of the run's config"}[damage] in err
+    assert built == [] and snapshot(run.root) == before

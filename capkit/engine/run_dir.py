@@ -199,8 +199,11 @@ class RunDir:
 
         The lock is an OS file lock, so it dies with its process; a process that finds the owner file of one
         that died without releasing (``kill -9``) takes the run over with a warning. The lock file itself stays:
-        removing it would let a process that waits on it and one that creates it anew both hold the run.
+        removing it would let a process that waits on it and one that creates it anew both hold the run; only a
+        directory this claim created and nothing but the lock was written to goes again (a run that failed before
+        it wrote anything leaves no directory, so a retry is no "already holds a run").
         """
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self._lock, timeout=0)
         try:
@@ -219,6 +222,9 @@ class RunDir:
             yield self
         finally:
             self._owner.unlink(missing_ok=True)
+            if created and {p.name for p in self.root.iterdir()} == {self._lock.name}:
+                self._lock.unlink()  # still held: no other process can have claimed the run meanwhile
+                self.root.rmdir()
             lock.release()
 
     def _owner_text(self) -> str:

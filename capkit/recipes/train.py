@@ -50,7 +50,7 @@ from capkit.engine import (
 from capkit.engine.distributed import broadcast_object, rank_zero_first
 from capkit.engine.monitor import CaptionSample, CaptionSamplesHook, HParamsHook, TensorBoard, flatten_hparams
 from capkit.engine.run_dir import BEST, LAST
-from capkit.errors import ConfigError, CorruptImageError, DataError, MissingImagesError, RunDirError
+from capkit.errors import CheckpointError, ConfigError, CorruptImageError, DataError, MissingImagesError, RunDirError
 from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
 from capkit.models.captioner import Captioner
 from capkit.recipes.experiment import build_eval_loader_for, build_train_loader_for
@@ -131,6 +131,7 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
         log.warning("the test split will not be scored: %s. Score it later with capkit evaluate --checkpoint "
                     "RUN_DIR/checkpoints/best", err)
         test_split = None
+    check_disjoint_splits({"train": train_split, "val": val_split, "test": test_split}, d.allow_split_overlap)
     resumed = load_checkpoint(run.find_checkpoint(LAST)) if resume else None
     initial = load_checkpoint(t.init_from) if t.init_from and resumed is None else None
     if resumed is not None:
@@ -144,7 +145,32 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
     model = build_captioner(to_container(cfg.model), len(vocab))
     if initial is not None:
         _load_initial_weights(model, initial["model"], t.init_from)
+    if resumed is not None:
+        _check_resumed(model, resumed, run)
     return Experiment(cfg, run, dist, train_split, val_split, test_split, evaluator, vocab, model, resumed, initial)
+
+
+def check_disjoint_splits(splits: dict[str, LoadedSplit | None], allowed: bool = False) -> None:
+    """No image in two splits (an image is its file, or its id where it has none): otherwise validation and test
+    scores are measured on training images. ``allowed`` (``data.allow_split_overlap``) turns the error into a
+    warning."""
+    first_split: dict[object, str] = {}
+    shared: list[tuple[str, str, str]] = []  # (image, first split, second split)
+    for name, split in splits.items():
+        for record in split.records if split is not None else ():
+            key = record.path.resolve() if record.path is not None else record.image_id
+            seen = first_split.setdefault(key, name)
+            if seen != name:
+                shared.append((str(record.path or record.image_id), seen, name))
+    if not shared:
+        return
+    image, one, other = shared[0]
+    message = (f"{len(shared)} images are in two splits, e.g. {image} in the {one} and the {other} split: its "
+               f"{other} scores would be measured on an image the model {'trained on' if one == 'train' else 'saw'}")
+    if allowed:
+        log.warning("%s (allowed: data.allow_split_overlap=true)", message)
+        return
+    raise DataError(f"{message}; remove it from one split, or set data.allow_split_overlap=true")
 
 
 def check_eval_split(split: LoadedSplit, name: str) -> LoadedSplit:
@@ -244,9 +270,6 @@ def train(exp: Experiment, command: str | None = None) -> Trainer:
     t, e = cfg.train, cfg.eval
     criterion = build_criterion(cfg, exp.train_split.records, exp.vocab)  # before the feature cache: errors first
     if dist.is_main:
-        exp.run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, exp.run.config)
-        exp.vocab.save(exp.run.vocab)
         log.info("run %s: %s, vocabulary %d words, %d trainable parameters", exp.run.root, _describe(cfg),
                  len(exp.vocab), sum(p.numel() for p in model.parameters() if p.requires_grad))
     with rank_zero_first():  # rank 0 extracts the feature cache
@@ -270,6 +293,10 @@ def train(exp: Experiment, command: str | None = None) -> Trainer:
     if exp.resumed is not None:
         trainer.load_state_dict(exp.resumed)
         log.info("resumed at epoch %d, step %d", trainer.epoch, trainer.global_step)
+    if dist.is_main:  # only now: a run that fails while its data and feature cache are prepared writes nothing
+        exp.run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, exp.run.config)
+        exp.vocab.save(exp.run.vocab)
     started = time.perf_counter()
     trainer.fit()
     if dist.is_main:
@@ -358,6 +385,26 @@ def _refuse_a_taken_run(run: RunDir, dist: DistInfo, new: bool, overwrite: bool,
 def _new_run_dir(cfg: DictConfig, config_path: Path) -> Path:
     t = cfg.train
     return Path(t.output_dir) / (t.run_name or f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _check_resumed(model: Captioner, resumed: dict, run: RunDir) -> None:
+    """The last checkpoint fits the run: its vocabulary is the run's ``vocab.json`` and its weights fit the model
+    of the run's config. Checked before anything is written or loaded."""
+    where = f"--resume {run.root}: {run.find_checkpoint(LAST)}"
+    if run.vocab.is_file():
+        try:
+            words = Vocabulary.load(run.vocab).itos
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"--resume {run.root}: {run.vocab} cannot be read ({err!r})") from err
+        if words != Vocabulary(resumed["vocab"]).itos:
+            raise CheckpointError(f"{where}: its vocabulary differs from the run's {run.vocab.name}; the checkpoint "
+                                  f"belongs to another run, or one of the two was edited")
+    try:
+        model.load_state_dict(resumed["model"])
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise CheckpointError(f"{where}: its weights do not fit the model of the run's config ({detail[:300]})") \
+            from err
 
 
 def _load_initial_weights(model: Captioner, weights: dict, path: str) -> None:
