@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -128,7 +129,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if path is not None:
         path = _resolve_config(path)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+        except yaml.MarkedYAMLError as err:  # a syntax error: where it is, as YAML found it
+            mark = err.problem_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({err.problem or err.context}); fix the file") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({_first_line(err)}); fix the file") from err
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: a config is a YAML mapping (model:, data:, train:, eval:), not a "
+                              f"{type(loaded).__name__}")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {_first_line(err)} (key: {_full_key(err)})") from err
     if overrides:

@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ModelNotFoundError",
     "WeightsUnavailableError",
+    "DeviceUnavailableError",
     "JavaNotFoundError",
     "MissingDependencyError",
 ]
@@ -110,6 +111,10 @@ class ModelNotFoundError(CapkitError, FileNotFoundError):
 
 class WeightsUnavailableError(CapkitError, RuntimeError):
     """Pretrained weights could not be had; the message says which offline weights to use instead."""
+
+
+class DeviceUnavailableError(CapkitError, RuntimeError):
+    """A device was asked for that this machine does not have (``cuda`` without CUDA)."""
 
 
 class JavaNotFoundError(CapkitError, RuntimeError):

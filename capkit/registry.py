@@ -14,6 +14,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from capkit.errors import (
+    CapkitError,
     ComponentArgumentError,
     ComponentNotFoundError,
     ConfigError,
@@ -183,7 +184,30 @@ class Registry:
                 f"{self.kind} {name!r} does not accept {hints}. "
                 f"Accepted keys: {', '.join(a for a in accepted if a not in derived) or '(none)'}"
             )
-        return target(**kwargs, **derived)
+        if self.kind in SIZED_KINDS:
+            for key, value in {**kwargs, **derived}.items():
+                if SIZE_NAME.search(key) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                    origin = " (set by the builder from the other components' sizes)" if key in derived else ""
+                    raise ComponentArgumentError(
+                        f"{self.kind} {name!r}: {key}{origin} must be a positive size, got {value}")
+        try:
+            return target(**kwargs, **derived)
+        except CapkitError:
+            raise
+        except (ValueError, TypeError, RuntimeError, ArithmeticError, AssertionError, KeyError) as err:
+            # the constructor refused the config's values (a negative size, a dropout over 1, an unknown timm
+            # model, heads that do not divide the width): the user's to fix, so one line naming the settings
+            sizes = {k: v for k, v in derived.items() if isinstance(v, (int, float, str))}  # not the factories
+            settings = ", ".join(f"{k}={v!r}" for k, v in {**kwargs, **sizes}.items()) or "no settings"
+            detail = " ".join(str(err).split()) or type(err).__name__
+            raise ComponentArgumentError(
+                f"{self.kind} {name!r} cannot be built with {settings}: {detail[:300]}; check these settings"
+            ) from err
+
+
+# the model's components: a setting named like a size (``attn_dim``, ``hidden_dim``, ``num_heads``, ...) must be >= 1
+SIZED_KINDS = ("encoder", "attention", "decoder")
+SIZE_NAME = re.compile(r"(_dim|_size|heads|layers)$")
 
 
 def _keyword_parameters(target: Any) -> tuple[list[str], bool]:

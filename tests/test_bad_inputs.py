@@ -8,6 +8,7 @@ import re
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from capkit.cli import ablate as ablate_cli
@@ -174,7 +175,17 @@ SETTING_CASES = {
     "unknown metric": (["eval.metrics=[blue]"], r"unknown metric 'blue'"),
     "wrong decoder keyword": (["model.decoder.hiden_dim=8"], r"decoder 'show_attend_tell' does not accept 'hiden_dim' \(did you mean 'hidden_dim'\?\)"),
     "unknown attention": (["model.attention.name=bahdanu"], r"unknown attention 'bahdanu'\. Did you mean 'bahdanau'"),
+    "negative hidden size": (["model.decoder.hidden_dim=-4"],
+                             r"decoder 'show_attend_tell': hidden_dim must be a positive size, got -4"),
+    "zero attention size": (["model.attention.attn_dim=0"], r"attention 'bahdanau': attn_dim must be a positive size"),
+    "dropout over 1": (["model.decoder.dropout=1.5"], r"decoder 'show_attend_tell' cannot be built with .*dropout=1\.5"
+                       r".*: dropout probability has to be between 0 and 1, but got 1\.5; check these settings"),
+    "unknown timm model": (["model.encoder.model_name=nonexistent_net"],
+                           r"encoder 'timm' cannot be built with model_name='nonexistent_net': Unknown model"),
 }
+if not torch.cuda.is_available():
+    SETTING_CASES["cuda without CUDA"] = (["train.device=cuda"],
+                                          r"device 'cuda' was asked for but CUDA is not available; use device=auto")
 
 
 @pytest.mark.parametrize("overrides, message", SETTING_CASES.values(), ids=SETTING_CASES.keys())
@@ -282,3 +293,32 @@ def test_an_empty_training_split_is_its_own_error(tmp_path, monkeypatch, capsys)
     config.write_text(TINY_SHAPES_CONFIG)
     err = run_tool(train_cli.main, [str(config), "data.dataset.num_train=0"], capsys)
     assert err == "capkit train: error: shapes train split: no images to train on\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {encoder: [unclosed\n", r"tiny\.yaml:2:1: not valid YAML \(.*\); fix the file"),
+    ("data:\n  dataset: {name: shapes}\n\tbad: tab\n", r"tiny\.yaml:3:1: not valid YAML"),
+    ("- a list\n- not a mapping\n", r"tiny\.yaml: a config is a YAML mapping \(model:, data:, train:, eval:\), not a "
+                                    r"ListConfig"),
+])
+def test_a_config_that_is_not_valid_yaml_names_the_file_line_and_column(tmp_path, monkeypatch, capsys, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(text)
+    assert train_cli.main(["tiny.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capkit train: error: ") and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_heads_that_do_not_divide_the_width_are_one_line_naming_the_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    sat = ("  attention: {name: bahdanau, attn_dim: 8}\n"
+           "  decoder: {name: show_attend_tell, embed_dim: 8, hidden_dim: 16, feature_dim: 16}\n")
+    assert sat in TINY_SHAPES_CONFIG
+    (tmp_path / "tr.yaml").write_text(TINY_SHAPES_CONFIG.replace(
+        sat, "  attention: {name: none}\n  decoder: {name: transformer, d_model: 10, num_heads: 3}\n"))
+    assert train_cli.main(["tr.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capkit train: error: decoder 'transformer' cannot be built with d_model=10, num_heads=3, "
+                          "encoder_dim=") and "not divisible by num_heads 3; check these settings" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()

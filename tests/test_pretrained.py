@@ -405,3 +405,18 @@ def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, tr
     assert convert_cli.main([str(run.best), str(tmp_path / "mine"), "--overwrite"]) == 2
     assert "already holds other files (notes.txt)" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_decoding_settings_out_of_range_are_refused(trained, images, capsys):
+    from capkit.cli import caption as caption_cli
+
+    for bad, message in (({"max_len": 0}, "max_len must be a whole number of at least 1, got 0"),
+                         ({"beam_size": -1}, "beam_size must be a whole number of at least 1, got -1"),
+                         ({"length_penalty": float("nan")}, "length_penalty must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            trained.caption(images[0], **bad)
+    for flag in ("--max-len", "--beam"):
+        with pytest.raises(SystemExit) as exit_:
+            caption_cli.build_parser().parse_args([flag, "0", "x.jpg"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err

@@ -12,20 +12,13 @@ import sys
 from pathlib import Path
 
 from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flags, command, configure_logging, \
-    load_model_from_args
+    load_model_from_args, positive_int
 from capkit.errors import CorruptImageError
 from capkit.evaluation.results import OUTPUT_FORMATS
 from capkit.recipes.captioning import caption_files, collect_images, default_workers
 from capkit.recipes.evaluate import describe_decoding
 
 log = logging.getLogger("capkit.caption")
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=OUTPUT_FORMATS,
                         help="output format (default: by the file's suffix: .csv, .json COCO results, else jsonl)")
     add_decoding_flags(parser)
-    parser.add_argument("--batch-size", type=positive, metavar="N", help="images per batch (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the model's)")
     parser.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
                         help=f"processes reading the images (0: none; default: {default_workers()})")
     parser.add_argument("--attention-out", type=Path, metavar="DIR", help="save a per-word attention figure per image")

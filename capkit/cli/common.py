@@ -16,6 +16,7 @@ __all__ = [
     "add_plugin_flag",
     "add_model_flags",
     "add_decoding_flags",
+    "positive_int",
     "load_model_from_args",
     "parse_overrides",
     "print_scores",
@@ -54,10 +55,22 @@ def add_model_flags(parser: argparse.ArgumentParser, *, default: str | None = DE
     parser.set_defaults(default_model=default)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     """``--beam``, ``--max-len``, ``--length-penalty``: each defaults to the model's own setting."""
-    parser.add_argument("--beam", type=int, metavar="K", help="beam size, 1: greedy (default: the model's)")
-    parser.add_argument("--max-len", type=int, metavar="N", help="most words per caption (default: the model's)")
+    parser.add_argument("--beam", type=positive_int, metavar="K", help="beam size, 1: greedy (default: the model's)")
+    parser.add_argument("--max-len", type=positive_int, metavar="N",
+                        help="most words per caption (default: the model's)")
     parser.add_argument("--length-penalty", type=float, metavar="A", help="default: the model's")
 
 

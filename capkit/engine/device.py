@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from capkit.errors import DeviceUnavailableError
+
 __all__ = ["resolve_device", "resolve_amp_dtype", "AMP_MODES"]
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -18,7 +20,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} was asked for but CUDA is not available; use device=auto or cpu")
+        raise DeviceUnavailableError(
+            f"device {str(device)!r} was asked for but CUDA is not available; use device=auto or cpu"
+        )
     return dev
 
 

@@ -8,6 +8,7 @@ caption images with it, save and share it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -107,7 +108,13 @@ class TrainedCaptioner:
         unknown = set(overrides) - set(DECODING_KEYS)
         if unknown:
             raise TypeError(f"unknown decoding settings {sorted(unknown)}; the settings are {', '.join(DECODING_KEYS)}")
-        return {**self.decoding, **{k: v for k, v in overrides.items() if v is not None}}
+        settings = {**self.decoding, **{k: v for k, v in overrides.items() if v is not None}}
+        for key in ("beam_size", "max_len"):
+            if not isinstance(settings[key], int) or settings[key] < 1:
+                raise ValueError(f"{key} must be a whole number of at least 1, got {settings[key]!r}")
+        if not math.isfinite(settings["length_penalty"]):
+            raise ValueError(f"length_penalty must be a finite number, got {settings['length_penalty']!r}")
+        return settings
 
     @property
     def architecture(self) -> str:
