@@ -57,6 +57,10 @@ def test_ablation_writes_one_row_per_variant_and_skips_finished_runs(tiny_ablati
     monkeypatch.setattr(ablation_module, "train_experiment", must_not_train)
     again = run_ablation(load_ablation(tiny_ablation))
     assert json.dumps(again) == json.dumps(results)  # read back from result.json (NaN != NaN, hence the dump)
+    # the shared budget changed: the finished runs no longer stand for their variants
+    with pytest.raises(ConfigError, match=r"variant 'sat-bahdanau': the finished run .*sat-bahdanau/seed0 was trained "
+                       r"with other settings \(train\.lr\); its result would not be this variant's"):
+        run_ablation(load_ablation(tiny_ablation, ["overrides=[train.lr=0.01]"]))
 
 
 def test_variant_attention_replaces_the_base_section(tiny_ablation, tmp_path):
@@ -71,4 +75,23 @@ def test_duplicate_variant_names_are_an_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("base: x.yaml\nvariants: [{name: a}, {name: a}]\n")
     with pytest.raises(ConfigError, match="variant names must be unique"):
+        load_ablation(path)
+
+
+def test_every_variant_is_checked_before_the_first_trains(tiny_ablation, monkeypatch):
+    text = tiny_ablation.read_text().replace("window: 1}}", "window: 1, heads: 2}}")  # a typo in the last variant
+    tiny_ablation.write_text(text)
+    trained = []
+    monkeypatch.setattr(ablation_module, "train_experiment", lambda *a, **k: trained.append(a))
+    with pytest.raises(ConfigError, match=r"base\.yaml with variant 'luong-local': attention 'luong_local' does not "
+                       r"accept 'heads'"):
+        run_ablation(load_ablation(tiny_ablation))
+    assert trained == []
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", ".hidden", ""])
+def test_a_variant_name_must_be_a_plain_directory_name(tmp_path, name):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"base: x.yaml\nvariants: [{{name: '{name}'}}]\n")
+    with pytest.raises(ConfigError, match="is no plain directory name"):
         load_ablation(path)

@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,22 +19,24 @@ from typing import Any, Optional
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from capkit.config import check_values, load_config
+from capkit.builder import build_captioner
+from capkit.config import check_values, load_config, to_container
 from capkit.engine.run_dir import BEST, LAST, RunDir
-from capkit.errors import ConfigError
+from capkit.errors import CapkitError, ConfigError
 from capkit.evaluation import CaptionEvaluator, decode_batches
 from capkit.evaluation.grounding import measure_grounding
 from capkit.recipes.inference import load_eval_split, load_trained
-from capkit.recipes.train import train_experiment
+from capkit.recipes.train import check_settings, train_experiment
 
 __all__ = ["VariantConfig", "AblationConfig", "load_ablation", "run_ablation", "summarise"]
 
 log = logging.getLogger("capkit.ablate")
 
 HEADLINE = ("bleu4", "cider", "grounding")  # plotted, when present
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -68,23 +71,31 @@ def load_ablation(path: str | Path, overrides: list[str] = ()) -> AblationConfig
     names = [v.name for v in cfg.variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: variant names must be unique, got {names}")
+    for name in names:  # each is a directory under output_dir: nothing that leads out of it
+        if not VARIANT_NAME.fullmatch(name):
+            raise ConfigError(f"{path}: variant name {name!r} is no plain directory name; use letters, digits, '-', "
+                              f"'_' and '.', starting with a letter or digit")
     beside = path.parent / cfg.base
     cfg.base = str(beside if beside.is_file() else Path(cfg.base))
     return OmegaConf.to_object(cfg)
 
 
 def run_ablation(ablation: AblationConfig) -> list[dict[str, Any]]:
-    """Train and score every (variant, seed) not finished yet; return every run's result."""
+    """Train and score every (variant, seed) not finished yet; return every run's result.
+
+    Every variant's config is built and checked, and its model built, before the first one trains; a finished
+    run is reused only when it was trained with the config its variant has now."""
     out = Path(ablation.output_dir)
+    configs = check_variants(ablation)
     results = []
     for variant in ablation.variants:
         for seed in ablation.seeds:
             run = RunDir(out / variant.name / f"seed{seed}")
+            cfg = configs[variant.name, seed]
             if run.result.is_file():
                 log.info("skip %s seed %d: finished (%s)", variant.name, seed, run.result)
                 results.append(json.loads(run.result.read_text()))
                 continue
-            cfg = _variant_config(ablation, variant, seed, out)
             resume = run.root if run.has_checkpoint(LAST) else None
             log.info("run %s seed %d%s", variant.name, seed, " (resuming)" if resume else "")
             # the ablation owns its runs: one without a checkpoint died before its first and starts again
@@ -93,6 +104,42 @@ def run_ablation(ablation: AblationConfig) -> list[dict[str, Any]]:
             run.result.write_text(json.dumps(result, indent=2) + "\n")
             results.append(result)
     return results
+
+
+def check_variants(ablation: AblationConfig) -> dict[tuple[str, int], DictConfig]:
+    """Every (variant, seed)'s config, each checked as training would check it (settings, metrics, the model's
+    components built), and each finished run's config compared with it: one error before anything trains."""
+    out = Path(ablation.output_dir)
+    configs = {}
+    for variant in ablation.variants:
+        cfg = None
+        for seed in ablation.seeds:
+            cfg = configs[variant.name, seed] = _variant_config(ablation, variant, seed, out)
+            _check_finished(RunDir(out / variant.name / f"seed{seed}"), cfg, variant.name)
+        try:
+            check_settings(cfg)
+            build_captioner(to_container(cfg.model), vocab_size=8)  # the seed changes no component
+        except CapkitError as err:
+            raise type(err)(f"{ablation.base} with variant {variant.name!r}: {err}") from err
+    return configs
+
+
+def _check_finished(run: RunDir, cfg: DictConfig, variant: str) -> None:
+    """A finished run (its ``result.json``) was trained with ``cfg``; otherwise its result would stand for
+    settings it never had."""
+    if not run.result.is_file():
+        return
+    trained = to_container(OmegaConf.load(run.config)) if run.config.is_file() else {}
+    wanted = to_container(cfg)
+    changed = [f"{section}.{key}" for section in ("model", "data", "train", "eval")
+               for key in sorted(set(trained.get(section, {})) | set(wanted.get(section, {})))
+               if trained.get(section, {}).get(key) != wanted[section].get(key)]
+    if changed:
+        raise ConfigError(
+            f"variant {variant!r}: the finished run {run.root} was trained with other settings ({', '.join(changed[:4])}"
+            f"{', ...' if len(changed) > 4 else ''}); its result would not be this variant's. Choose another "
+            f"output_dir, or remove that run to train it again"
+        )
 
 
 def _variant_config(ablation: AblationConfig, variant: VariantConfig, seed: int, out: Path):

@@ -104,11 +104,10 @@ class Experiment:
     initial: dict[str, Any] | None = None
 
 
-def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = False) -> Experiment:
-    """Seed, load the data, the vocabulary and the model, and check the config against the metrics, the
-    machine and a resumed run: what can fail on the user's input fails here, before anything is written or
-    trained."""
-    t, d, e = cfg.train, cfg.data, cfg.eval
+def check_settings(cfg: DictConfig) -> CaptionEvaluator:
+    """What a config can get wrong without data: the objective, the metrics and what they need at run time (Java,
+    their libraries), and a selection metric they report. Returns the validation evaluator."""
+    t, e = cfg.train, cfg.eval
     if t.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective is {t.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     evaluator = CaptionEvaluator(list(e.metrics), tokenizer=e.tokenizer)
@@ -118,6 +117,15 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
             f"train.early_stop_metric is {t.early_stop_metric!r}, but eval.metrics {list(e.metrics)} report only "
             f"{', '.join(sorted(evaluator.keys()))}; choose one of those, or add the metric that reports it"
         )
+    return evaluator
+
+
+def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = False) -> Experiment:
+    """Seed, load the data, the vocabulary and the model, and check the config against the metrics, the
+    machine and a resumed run: what can fail on the user's input fails here, before anything is written or
+    trained."""
+    t, d = cfg.train, cfg.data
+    evaluator = check_settings(cfg)
     seed_everything(t.seed)
     run = RunDir(run_dir)
     dataset = to_container(d.dataset)
