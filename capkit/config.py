@@ -8,6 +8,7 @@ so plugins can add options without touching a schema.
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from capkit.errors import ConfigError
 from capkit.registry import import_plugins
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -152,6 +155,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         except OmegaConfBaseException as err:
             raise ConfigError(f"command-line override: {_first_line(err)} (key: {_full_key(err)})") from err
     check_values(cfg, f"{path}" if path is not None else "the config")
+    if cfg.plugins:  # code runs: say whose and why (a config, unlike a checkpoint, is trusted as the user's own)
+        log.info("importing the plugin modules %s that %s names (plugins:)", list(cfg.plugins),
+                 path if path is not None else "the config")
     import_plugins(list(cfg.plugins))
     return cfg
 

@@ -175,6 +175,10 @@ SETTING_CASES = {
     "unknown metric": (["eval.metrics=[blue]"], r"unknown metric 'blue'"),
     "wrong decoder keyword": (["model.decoder.hiden_dim=8"], r"decoder 'show_attend_tell' does not accept 'hiden_dim' \(did you mean 'hidden_dim'\?\)"),
     "unknown attention": (["model.attention.name=bahdanu"], r"unknown attention 'bahdanu'\. Did you mean 'bahdanau'"),
+    "a vocabulary of almost no words": (["data.vocab_min_count=1000"],
+                                        r"the vocabulary \(data\.vocab_min_count=1000, data\.vocab_max_size=5000\) "
+                                        r"has 0 words: 100% of the training captions' words would be <unk>; lower "
+                                        r"vocab_min_count or raise vocab_max_size"),
     "negative hidden size": (["model.decoder.hidden_dim=-4"],
                              r"decoder 'show_attend_tell': hidden_dim must be a positive size, got -4"),
     "zero attention size": (["model.attention.attn_dim=0"], r"attention 'bahdanau': attn_dim must be a positive size"),
@@ -322,3 +326,39 @@ def test_heads_that_do_not_divide_the_width_are_one_line_naming_the_settings(tmp
     assert err.startswith("capkit train: error: decoder 'transformer' cannot be built with d_model=10, num_heads=3, "
                           "encoder_dim=") and "not divisible by num_heads 3; check these settings" in err, err
     assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
+def test_init_from_a_model_of_other_captions_is_refused_naming_the_share_of_unknown_words(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from PIL import Image
+
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    assert train_cli.main(["tiny.yaml", "train.run_name=shapes"]) == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rows = [("a.png", "zebras graze beside giraffes", "train"), ("b.png", "elephants bathe in mud", "train"),
+            ("c.png", "zebras near water", "val"), ("d.png", "giraffes eat leaves", "test")]
+    for i, (name, _, _) in enumerate(rows):
+        Image.new("RGB", (40, 40), (50 * i, 90, 160)).save(photos / name)
+    (photos / "captions.csv").write_text("image,caption,split\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    shapes = "  dataset: {name: shapes, num_train: 12, num_val: 4, num_test: 4, image_size: 64}\n"
+    (tmp_path / "zoo.yaml").write_text(TINY_SHAPES_CONFIG.replace(shapes, f"  dataset: {{name: folder, root: {photos}}}\n"))
+    capsys.readouterr()
+    assert train_cli.main(["zoo.yaml", "train.run_name=zoo", "train.init_from=runs/shapes/checkpoints/best"]) == 2
+    err = capsys.readouterr().err
+    # 7 of the 8 training words are unknown (only "in" is a shapes word)
+    assert re.fullmatch(r"capkit train: error: train\.init_from=runs/shapes/checkpoints/best's vocabulary has \d+ "
+                        r"words: 88% of the training captions' words would be <unk>; it was trained on other "
+                        r"captions; start without train\.init_from\n", err), err
+    assert not (tmp_path / "runs" / "zoo").exists()
+
+
+def test_a_config_that_imports_plugin_modules_says_so(tmp_path, caplog):
+    from capkit.config import load_config
+
+    (tmp_path / "with_plugin.yaml").write_text("plugins: [capkit_adaptive]\n")
+    with caplog.at_level(logging.INFO, logger="capkit.config"):
+        load_config(tmp_path / "with_plugin.yaml")
+    assert f"importing the plugin modules ['capkit_adaptive'] that {tmp_path / 'with_plugin.yaml'} names" in caplog.text

@@ -125,3 +125,34 @@ def test_the_cache_notices_a_changed_image_and_a_damaged_array(tmp_path, folder_
     sidecar.write_text('{"key": ')  # cut short
     with pytest.warns(UserWarning, match=r"\.json is damaged .*extracting the features again"):
         assert torch.equal(extract()[1], again[1])
+
+
+def test_an_image_rewritten_with_the_same_size_and_time_is_noticed(tmp_path, folder_split, tiny_encoder):
+    cache, transform = tmp_path / "cache", build_transform(tiny_encoder.data_config)
+    extract = lambda: cached_features(folder_split.records, tiny_encoder, transform,  # noqa: E731
+                                      identity=folder_split.identity(), cache_dir=cache, batch_size=2)
+    path = tmp_path / "1.png"
+    Image.new("RGB", (32, 32), (40, 80, 120)).save(path, compress_level=0)  # stored: its size is the pixels'
+    first = extract()[1]  # read now: the store maps its file when first read
+    before = path.stat()
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(path, compress_level=0)  # white now, the same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and its old modification time
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.warns(UserWarning, match=r"1 images changed since the features .* \(e\.g\. \['1\.png'\]\)"):
+        again = extract()
+    assert not torch.equal(again[1], first)
+
+
+def test_a_cache_made_by_skipping_unreadable_images_does_not_serve_a_run_that_does_not_skip(tmp_path, folder_split,
+                                                                                             tiny_encoder):
+    (tmp_path / "2.png").write_bytes(b"damaged")
+    cache, transform = tmp_path / "cache", build_transform(tiny_encoder.data_config)
+
+    def extract(skip):
+        return cached_features(folder_split.records, tiny_encoder, transform, identity=folder_split.identity(),
+                               cache_dir=cache, batch_size=2, skip_corrupt=skip)
+
+    with pytest.warns(UserWarning, match=r"2\.png"):
+        assert len(extract(True).image_ids) == 2
+    with pytest.raises(CorruptImageError, match=r"2\.png"):
+        extract(False)

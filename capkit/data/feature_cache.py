@@ -94,6 +94,10 @@ def cached_features(
         "decoding": IMAGE_DECODING,
         "data": identity,
         "image_ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        # which images an entry holds: one made by skipping unreadable images must not serve a run that does not
+        # skip them (it would train without them, and without a word)
+        "skip_corrupt": skip_corrupt,
+        "max_pixels": max_pixels,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     stem = f"{identity.get('dataset', 'data')}_{identity.get('split', 'split')}_{digest}"
@@ -150,12 +154,14 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
 
 
 def _fingerprints(records: list[ImageRecord]) -> dict[str, list[int]]:
-    """Each image file's size and modification time: a rewritten (or fixed) file changes them."""
+    """Each image file's size, modification time and status-change time: a rewritten (or fixed) file changes
+    them, even one rewritten with the same size whose modification time was set back (a copy that keeps times,
+    ``touch -d``): only the kernel sets the status-change time."""
     out = {}
     for r in records:
         if r.path is not None and r.path.is_file():
             stat = r.path.stat()
-            out[r.image_id] = [stat.st_size, stat.st_mtime_ns]
+            out[r.image_id] = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     return out
 
 

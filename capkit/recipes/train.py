@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from capkit.builder import build_captioner
 from capkit.config import ExperimentConfig, decoding_settings, save_config, to_container
 from capkit.data import ImageRecord, LoadedSplit, Vocabulary, load_split, tokenize
+from capkit.types import SPECIAL_TOKENS
 from capkit.data.transforms import build_transform
 from capkit.engine import (
     BestCheckpointHook,
@@ -147,9 +148,13 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
         vocab = Vocabulary(resumed["vocab"])
     elif initial is not None:
         vocab = Vocabulary(initial["vocab"])
+        check_coverage(vocab, train_split, f"train.init_from={t.init_from}'s vocabulary",
+                       "it was trained on other captions; start without train.init_from")
     else:
         captions = (c for r in train_split.records for c in r.captions)
         vocab = Vocabulary.build(captions, d.vocab_min_count, d.vocab_max_size)
+        check_coverage(vocab, train_split, f"the vocabulary (data.vocab_min_count={d.vocab_min_count}, "
+                       f"data.vocab_max_size={d.vocab_max_size})", "lower vocab_min_count or raise vocab_max_size")
     model = build_captioner(to_container(cfg.model), len(vocab))
     if initial is not None:
         _load_initial_weights(model, initial["model"], t.init_from)
@@ -179,6 +184,22 @@ def check_disjoint_splits(splits: dict[str, LoadedSplit | None], allowed: bool =
         log.warning("%s (allowed: data.allow_split_overlap=true)", message)
         return
     raise DataError(f"{message}; remove it from one split, or set data.allow_split_overlap=true")
+
+
+UNKNOWN_SHARE_ERROR, UNKNOWN_SHARE_WARNING = 0.5, 0.1  # of the training words that would become <unk>
+
+
+def check_coverage(vocab: Vocabulary, split: LoadedSplit, what: str, remedy: str) -> None:
+    """The share of the training captions' words that ``vocab`` does not know (they train as ``<unk>``): over
+    half is an error, over a tenth a warning, each saying what to change."""
+    words = [w for r in split.records for c in r.captions for w in tokenize(c)]
+    unknown = sum(w not in vocab.stoi for w in words) / max(1, len(words))
+    message = (f"{what} has {len(vocab) - len(SPECIAL_TOKENS):,} words: {unknown:.0%} of the training captions' "
+               f"words would be <unk>")
+    if unknown > UNKNOWN_SHARE_ERROR:
+        raise ConfigError(f"{message}; {remedy}")
+    if unknown > UNKNOWN_SHARE_WARNING:
+        log.warning("%s; %s if that is not meant", message, remedy)
 
 
 def check_eval_split(split: LoadedSplit, name: str) -> LoadedSplit:
