@@ -32,6 +32,18 @@ CSV_CASES = {
     "empty file": ("", r":1: an empty file, where the header 'image,caption\[,split\]' belongs"),
     "no row of the split": ("image,caption,split\na.jpg,a car,val\n", r"no captions for the train split; the file has the splits val"),
     "not UTF-8": (b"image,caption,split\na.jpg,caf\xe9,train\n", r"not UTF-8 text"),
+    # a stray quote: the lenient reader merged the lines up to the next quote into one caption
+    "stray quote, later quoted captions": (
+        'image,caption,split\na.jpg,a car,train\nb.jpg,"a dog,train\nc.jpg,a cat,train\nd.jpg,"a bird",train\n',
+        r":3: ',' expected after '\"'; a quote \(\"\) that opens a field must close it just before the next comma"),
+    "stray quote, two columns (a per-split file)": (
+        'image,caption\nb.jpg,"a dog\nc.jpg,a cat\nd.jpg,"a bird"\n',
+        r":2: ',' expected after '\"'"),
+    "quoted field running over lines": ('image,caption\na.jpg,"a dog\nb.jpg,a cat"\n',
+                                        r":2: a quoted field runs on to line 3"),
+    "unterminated quote at the end": ('image,caption,split\na.jpg,a car,train\nb.jpg,"a dog,train\n',
+                                      r":3: unexpected end of data"),
+    "quote then text": ('image,caption,split\na.jpg,"big" dog,train\n', r":2: ',' expected after '\"'"),
 }
 JSONL_CASES = {
     "captions is a string": ('{"image": "a.jpg", "captions": "a dog", "split": "train"}\n', r":1: 'captions' must be a non-empty list of strings, got 'a dog'"),

@@ -112,16 +112,27 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         ) from err
 
 
+QUOTE_HELP = ('a quote (") that opens a field must close it just before the next comma or the end of the line; '
+              'write a caption holding a quote quoted, with the quote doubled: "a 12"" ruler"')
+
+
 def _csv_rows(path: Path, f) -> Iterator[tuple[str, dict[str, Any]]]:
-    reader = csv.reader(f)
-    header = next(reader, None)
+    # strict: a stray quote is an error, where the lenient reader would merge the lines up to the next quote
+    reader = csv.reader(f, strict=True)
+    header = _next_record(reader, path, 1)
     if not header:
         raise CaptionFileError(
             f"{path}:1: an empty file, where the header 'image,caption[,split]' belongs. {FORMAT_HELP}"
         )
     header = [h.strip() for h in header]
-    for fields in reader:
-        where = f"{path}:{reader.line_num}"
+    while True:
+        start = reader.line_num + 1  # the record's first line (a quoted field may run over several)
+        fields = _next_record(reader, path, start)
+        if fields is None:
+            return
+        where = f"{path}:{start}"
+        if any("\n" in v or "\r" in v for v in fields):
+            raise CaptionFileError(f"{where}: a quoted field runs on to line {reader.line_num}; {QUOTE_HELP}")
         if not any(v.strip() for v in fields):
             continue  # a blank line
         if len(fields) != len(header):
@@ -130,6 +141,13 @@ def _csv_rows(path: Path, f) -> Iterator[tuple[str, dict[str, Any]]]:
                 f"quote a caption that holds a comma"
             )
         yield where, {k: v for k, v in zip(header, fields) if v != "" or k == "caption"}  # an empty caption is an error
+
+
+def _next_record(reader, path: Path, start: int) -> list[str] | None:
+    try:
+        return next(reader, None)
+    except csv.Error as err:  # named by the line the record starts on: where the stray quote is
+        raise CaptionFileError(f"{path}:{start}: {err}; {QUOTE_HELP}") from err
 
 
 def _jsonl_rows(path: Path, f) -> Iterator[tuple[str, Any]]:
