@@ -374,3 +374,31 @@ def test_a_config_that_imports_plugin_modules_says_so(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="capkit.config"):
         load_config(tmp_path / "with_plugin.yaml")
     assert f"importing the plugin modules ['capkit_adaptive'] that {tmp_path / 'with_plugin.yaml'} names" in caplog.text
+
+
+@pytest.mark.parametrize("tool, flag, kind", [
+    ("evaluate", "--out", "folder"), ("evaluate", "--per-image", "under a file"),
+    ("evaluate", "--gallery-dir", "a file"), ("visualize", "--out", "under a file"),
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, monkeypatch, tool, flag,
+                                                                          kind):
+    from capkit.recipes import inference
+
+    loaded = []
+    monkeypatch.setattr(inference.TrainedCaptioner, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: loaded.append(a)))
+    (tmp_path / "a_file").write_text("x")
+    path = {"folder": tmp_path, "under a file": tmp_path / "a_file" / "out.json", "a file": tmp_path / "a_file"}[kind]
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"unused")
+    argv = {"evaluate": ["--checkpoint", str(tmp_path), "--metrics", "sacrebleu", "--tokenizer", "none"],
+            "visualize": [str(image), "--checkpoint", str(tmp_path)]}[tool]
+    if flag == "--gallery-dir":
+        argv += ["--gallery", "2"]
+    main = {"evaluate": evaluate_cli.main, "visualize": visualize_cli.main}[tool]
+    assert main([*argv, flag, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"capkit {tool}: error: {flag} {path}: ") and err.count("\n") == 1, err
+    assert {"folder": "is a folder; give a file name", "under a file": "is a file, so nothing can be written below it",
+            "a file": "is a file; give a folder"}[kind] in err
+    assert loaded == []  # refused before the model was loaded

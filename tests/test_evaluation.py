@@ -127,6 +127,8 @@ def test_spice_without_its_jars_logs_one_line_and_reports_nothing(monkeypatch, c
     [record] = caplog.records  # one warning, one line
     assert record.getMessage().startswith("SPICE unavailable") and "\n" not in record.getMessage()
     assert "spice" not in scores and "bleu4" in scores
+    # so selecting checkpoints on it is refused before training, not after the first evaluation
+    assert not evaluator.reports("spice") and evaluator.reports("bleu4")
 
 
 @needs_java

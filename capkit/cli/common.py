@@ -5,6 +5,7 @@ import argparse
 import functools
 import logging
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 from capkit.errors import CapkitError, ConfigError
@@ -18,6 +19,7 @@ __all__ = [
     "add_decoding_flags",
     "positive_int",
     "load_model_from_args",
+    "check_output",
     "parse_overrides",
     "print_scores",
     "command",
@@ -102,6 +104,29 @@ def load_model_from_args(args: argparse.Namespace):
                 f"capkit checkout), or give --model NAME|DIR or --checkpoint DIR"
             ) from err
         raise
+
+
+def check_output(path: Path | None, flag: str, *, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work is done (not after it: the work would be
+    lost): a folder where a file belongs or the reverse, a file where a parent folder belongs, no permission.
+    Creates nothing."""
+    import os
+
+    from capkit.errors import OutputPathError
+
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise OutputPathError(f"{flag} {path}: is a {'file' if folder else 'folder'}; give a "
+                              f"{'folder' if folder else 'file name'}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{flag} {path}: {ancestor} is a file, so nothing can be written below it")
+    if not os.access(ancestor, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputPathError(f"{flag} {path}: cannot be written here (permission denied); give another path")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import capkit  # noqa: F401  (registers the builtins)
 from capkit.cli.common import (
     add_debug_flag,
+    check_output,
     add_decoding_flags,
     add_model_flags,
     command,
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
 @command("capkit evaluate", FileNotFoundError, ValueError, KeyError)
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, "--out")
+    check_output(args.per_image, "--per-image")
+    check_output(args.gallery_dir, "--gallery-dir", folder=True)
     evaluator = CaptionEvaluator(args.metrics, tokenizer=args.tokenizer)
     evaluator.check_runtime()
     if args.checkpoint is not None or args.model is not None:

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flags, command, configure_logging, \
-    load_model_from_args
+from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flags, check_output, command, \
+    configure_logging, load_model_from_args
 from capkit.recipes.evaluate import describe_decoding
 
 log = logging.getLogger("capkit.visualize")
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("capkit visualize", FileNotFoundError)
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, "--out")
     model = load_model_from_args(args)
     decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
     log.info("decoding: %s (%s)", describe_decoding(decoding),

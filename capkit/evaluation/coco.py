@@ -222,11 +222,12 @@ class Spice:
 
     ptb_tokenized = True
     needs_java = True
-    reports = ("spice",)
 
     def __init__(self) -> None:
         missing = spice_missing_jars()
         self.available = not missing
+        # what it will report: nothing without its jars, so selecting a checkpoint on it fails up front
+        self.reports = ("spice",) if self.available else ()
         if missing:
             logger.warning(
                 "SPICE unavailable (skipped): missing %s. To enable it, run once with network access: "
