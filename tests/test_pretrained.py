@@ -420,3 +420,23 @@ def test_decoding_settings_out_of_range_are_refused(trained, images, capsys):
             caption_cli.build_parser().parse_args([flag, "0", "x.jpg"])
         assert exit_.value.code == 2
         assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_weights_holding_nan_or_infinity_are_refused_naming_the_tensor(run, trained, tmp_path):
+    from capkit.engine import load_checkpoint
+
+    saved = trained.save_pretrained(tmp_path / "m")
+    weights = load_file(saved / "model.safetensors")
+    key = next(k for k in weights if k.startswith("decoder.") and weights[k].is_floating_point())
+    weights[key].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+    save_file(weights, saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"non-finite values \(NaN or infinity: 2 of \d+ in {key}\); training "
+                       r"diverged"):
+        capkit.from_pretrained(saved)
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(run.best, checkpoint)
+    state = load_file(checkpoint / "model.safetensors")
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, checkpoint / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"ckpt: the weights hold non-finite values \(NaN or infinity: 1 of"):
+        load_checkpoint(checkpoint)

@@ -22,11 +22,13 @@ import numbers
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+import torch
 from torch import Tensor
 
 from capkit.engine.run_dir import (
@@ -40,7 +42,7 @@ from capkit.engine.run_dir import (
 )
 from capkit.errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "check_finite", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -98,6 +100,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         tensors = load_file(path / CHECKPOINT_TENSORS)
         state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
         state["model"] = load_file(path / CHECKPOINT_MODEL)
+        check_finite(state["model"], path)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         if isinstance(err, CheckpointError):
             raise
@@ -106,6 +109,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"and checkpoints/best are separate copies) or train again"
         ) from err
     return state
+
+
+def check_finite(weights: Mapping[str, Tensor], where: object) -> None:
+    """Refuse weights holding NaN or infinity: a model that diverged captions nothing, and trains no further.
+
+    Raises:
+        CheckpointError: naming the first such tensor and how many values are bad.
+    """
+    for key, tensor in weights.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{where}: the weights hold non-finite values (NaN or infinity: {bad} of {tensor.numel()} in "
+                    f"{key}); training diverged before it was saved: use an earlier checkpoint, or train again with "
+                    f"a lower train.lr"
+                )
 
 
 def _cpu(t: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from capkit.engine.checkpoint import check_finite
 from capkit.errors import CheckpointError
 
 __all__ = [
@@ -114,10 +115,12 @@ def write_weights(directory: Path, state: Mapping[str, torch.Tensor], *, dtype: 
 def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_FILE
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); download or save the "
                               f"model again") from err
+    check_finite(weights, path)
+    return weights
 
 
 def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
