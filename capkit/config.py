@@ -133,6 +133,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         path = _resolve_config(path)
         try:
             loaded = OmegaConf.load(path)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from err
         except yaml.MarkedYAMLError as err:  # a syntax error: where it is, as YAML found it
             mark = err.problem_mark
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

@@ -64,3 +64,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data relative to the repository)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished one-epoch run of ``toys.TINY_SHAPES_CONFIG`` (``RunDir``), shared by the tests that only read it."""
+    from capkit.cli import train as train_cli
+    from capkit.engine import RunDir
+    from toys import TINY_SHAPES_CONFIG
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    (root / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAPKIT_CACHE", str(root / "cache"))
+        assert train_cli.main([str(root / "tiny.yaml"), f"train.output_dir={root / 'runs'}", "train.run_name=tiny",
+                               "eval.tensorboard_samples=0"]) == 0
+    return RunDir(root / "runs" / "tiny")

@@ -95,3 +95,16 @@ def test_a_variant_name_must_be_a_plain_directory_name(tmp_path, name):
     path.write_text(f"base: x.yaml\nvariants: [{{name: '{name}'}}]\n")
     with pytest.raises(ConfigError, match="is no plain directory name"):
         load_ablation(path)
+
+
+def test_a_finished_run_from_before_a_setting_existed_is_still_reused(tiny_ablation, monkeypatch):
+    from omegaconf import OmegaConf
+
+    ablation = load_ablation(tiny_ablation)
+    run_ablation(ablation)
+    config = ablation_module.RunDir(ablation_module.Path(ablation.output_dir) / "sat-bahdanau" / "seed0").config
+    saved = OmegaConf.to_container(OmegaConf.load(config))
+    del saved["data"]["allow_split_overlap"]  # as a run made before this setting was added
+    config.write_text(OmegaConf.to_yaml(saved))
+    monkeypatch.setattr(ablation_module, "train_experiment", lambda *a, **k: pytest.fail("trained again"))
+    assert len(run_ablation(load_ablation(tiny_ablation))) == 2

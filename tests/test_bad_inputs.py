@@ -402,3 +402,10 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(tmp_pa
     assert {"folder": "is a folder; give a file name", "under a file": "is a file, so nothing can be written below it",
             "a file": "is a file; give a folder"}[kind] in err
     assert loaded == []  # refused before the model was loaded
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin.yaml").write_bytes(b"train: {run_name: caf\xe9}\n")
+    assert train_cli.main(["latin.yaml"]) == 2
+    assert capsys.readouterr().err == "capkit train: error: latin.yaml: not UTF-8 text (byte 21); save it as UTF-8\n"

@@ -25,14 +25,8 @@ SHAPES = {"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 4, "image
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> RunDir:
-    root = tmp_path_factory.mktemp("caption_files")
-    (root / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CAPKIT_CACHE", str(root / "cache"))
-        assert train_cli.main([str(root / "tiny.yaml"), f"train.output_dir={root / 'runs'}", "train.run_name=tiny",
-                               "eval.tensorboard_samples=0"]) == 0
-    return RunDir(root / "runs" / "tiny")
+def run(tiny_run) -> RunDir:
+    return tiny_run  # conftest's shared tiny run: these tests only read it
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +286,31 @@ def test_chunks_read_by_the_workers_are_joined_into_full_batches(run, folder, mo
     assert sizes == [3, 1] and len(summary.unreadable) == 1  # broken.jpg, first in the folder, left out
     assert seen == ["shapes_val_00000.png", "shapes_val_00001.png", "sub/shapes_val_00002.png",
                     "sub/shapes_val_00003.png"]
+
+
+def test_resume_keeps_a_complete_last_line_and_refuses_a_file_it_did_not_write(run, folder, tmp_path):
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    files = [f for f in collect_images([folder]) if f.image_id != "broken.jpg"]
+    out = tmp_path / "caps.jsonl"
+    caption_files(model, files[:2], output=out, progress=False)
+    out.write_text(out.read_text().rstrip("\n"))  # an editor dropped the final newline: both lines are whole
+    summary = caption_files(model, files, output=out, progress=False)
+    assert (summary.already_done, summary.captioned) == (2, 2)
+    assert sorted(r["image_id"] for r in rows(out)) == sorted(f.image_id for f in files)
+    for name, content in (("notes.txt", b"my notes, one line"), ("photo.jsonl", b"\x89PNG\r\n\x1a\n\x00\xff")):
+        mine = tmp_path / name
+        mine.write_bytes(content)
+        with pytest.raises(DataError, match=rf"{name}"):
+            caption_files(model, files, output=mine, output_format="jsonl", progress=False)
+        assert mine.read_bytes() == content  # untouched
+
+
+def test_two_images_that_would_share_a_figure_name_are_refused_before_captioning(run, tmp_path):
+    from PIL import Image
+
+    for name in ("a.jpg", "a.png"):
+        Image.new("RGB", (20, 20), "red").save(tmp_path / name)
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    with pytest.raises(DataError, match=r"a\.jpg and .*a\.png would share the attention figure a_attention\.png"):
+        caption_files(model, collect_images([tmp_path / "a.jpg", tmp_path / "a.png"]),
+                      attention_out=tmp_path / "figs", progress=False)

@@ -31,14 +31,8 @@ SHAPES_VAL = {"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 4, "i
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> RunDir:
-    root = tmp_path_factory.mktemp("pretrained")
-    (root / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CAPKIT_CACHE", str(root / "cache"))
-        assert train_cli.main([str(root / "tiny.yaml"), f"train.output_dir={root / 'runs'}", "train.run_name=tiny",
-                               "eval.tensorboard_samples=0"]) == 0
-    return RunDir(root / "runs" / "tiny")
+def run(tiny_run) -> RunDir:
+    return tiny_run  # conftest's shared tiny run: these tests only read it
 
 
 @pytest.fixture(scope="module")
@@ -440,3 +434,17 @@ def test_weights_holding_nan_or_infinity_are_refused_naming_the_tensor(run, trai
     save_file(state, checkpoint / "model.safetensors")
     with pytest.raises(CheckpointError, match=rf"ckpt: the weights hold non-finite values \(NaN or infinity: 1 of"):
         load_checkpoint(checkpoint)
+
+
+def test_a_config_json_that_does_not_fit_the_schema_is_one_error(trained, tmp_path):
+    saved = trained.save_pretrained(tmp_path / "m")
+    config = json.loads((saved / "config.json").read_text())
+    config["training"]["train"]["no_such_setting"] = 1
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: its model or training sections do not fit this capkit"):
+        capkit.from_pretrained(saved)
+    config["training"]["train"].pop("no_such_setting")
+    del config["model"]["encoder"]["name"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.encoder\.name"):
+        capkit.from_pretrained(saved)

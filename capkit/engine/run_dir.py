@@ -222,9 +222,12 @@ class RunDir:
             yield self
         finally:
             self._owner.unlink(missing_ok=True)
-            if created and {p.name for p in self.root.iterdir()} == {self._lock.name}:
-                self._lock.unlink()  # still held: no other process can have claimed the run meanwhile
-                self.root.rmdir()
+            try:
+                if created and {p.name for p in self.root.iterdir()} == {self._lock.name}:
+                    self._lock.unlink()  # still held: no other process can have claimed the run meanwhile
+                    self.root.rmdir()
+            except OSError:  # another process put a file there meanwhile: the directory is not ours to remove
+                pass
             lock.release()
 
     def _owner_text(self) -> str:

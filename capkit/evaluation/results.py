@@ -65,7 +65,9 @@ def read_caption_rows(path: str | os.PathLike, fmt: str | None = None) -> list[d
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                if number == len(lines):  # no newline after it: the line a killed run did not finish
+                # no newline after it, and cut short: the line a killed run did not finish (a complete last line
+                # without its newline counts; CaptionFileWriter adds the newline)
+                if number == len(lines) and number > 1:
                     break
                 raise CaptionFileError(f"{path}:{number}: not a JSON object ({err.msg})") from err
     if rows is None:
@@ -110,11 +112,22 @@ class CaptionFileWriter:
                                   f"another output file") from err
 
     def _drop_cut_line(self) -> None:
-        """An interrupted run may have left half a line (``read_caption_rows`` ignores it): cut it off."""
+        """An interrupted run may have left half a line (``read_caption_rows`` ignores it): cut it off; a complete
+        JSON line that only lacks its newline gets it. A file with no complete line is no captions file this
+        writer made: it is refused, not cut."""
         data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            with self.path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        if data.endswith(b"\n"):
+            return
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            raise CaptionFileError(f"{self.path} holds no complete line of captions; it is not a captions file an "
+                                   f"interrupted run left: give another output file")
+        if self.fmt == "jsonl" and _is_json(data[end:]):
+            with self.path.open("ab") as f:
+                f.write(b"\n")
+            return
+        with self.path.open("r+b") as f:
+            f.truncate(end)
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if self.fmt == "coco":
@@ -144,6 +157,14 @@ class CaptionFileWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_json(path: str | os.PathLike) -> Any:

@@ -19,6 +19,7 @@ from typing import Any, Union
 import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
@@ -29,7 +30,7 @@ from capkit.data.images import open_image
 from capkit.data.transforms import build_transform, visible_region
 from capkit.data.vocab import Vocabulary
 from capkit.engine.checkpoint import load_checkpoint
-from capkit.errors import CheckpointError, ComponentNotFoundError, WeightsUnavailableError
+from capkit.errors import CheckpointError, ComponentNotFoundError, OutputPathError, WeightsUnavailableError
 from capkit.models.captioner import Captioner
 from capkit.pretrained import format as fmt
 from capkit.pretrained.card import render_card
@@ -174,14 +175,25 @@ class TrainedCaptioner:
         if not fmt.is_pretrained_dir(directory):
             return cls.from_checkpoint(directory, device, plugins=plugins)
         saved = fmt.read_config(directory)
-        config = OmegaConf.merge(
-            OmegaConf.structured(ExperimentConfig), {**saved.get("training", {}), "model": saved["model"]}
-        )
+        try:
+            config = OmegaConf.merge(
+                OmegaConf.structured(ExperimentConfig), {**saved.get("training", {}), "model": saved["model"]}
+            )
+            if not isinstance(saved["model"].get("encoder"), Mapping) or "name" not in saved["model"]["encoder"]:
+                raise KeyError("model.encoder.name")
+        except (OmegaConfBaseException, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{directory / fmt.CONFIG_FILE}: its model or training sections do not fit this "
+                                  f"capkit ({' '.join(str(err).split())[:200]}); save the model again") from err
         vocab = Vocabulary(saved["vocabulary"])
         source = saved["encoder_weights"] == "source"
         section = dict(saved["model"])
         if not source:  # every weight is in the file: build the encoder without fetching its pretrained weights
-            section["encoder"] = ENCODERS.get(section["encoder"]["name"]).architecture_config(section["encoder"])
+            import_plugins(list(plugins))  # the caller's modules may provide the encoder
+            try:
+                encoder_class = ENCODERS.get(section["encoder"]["name"])
+            except ComponentNotFoundError as err:
+                raise ComponentNotFoundError(f"{directory}: {err}") from err
+            section["encoder"] = encoder_class.architecture_config(section["encoder"])
         model = _build(directory, section, len(vocab), plugins, list(config.plugins))
         if source:
             _check_source_encoder(directory, model, saved)
@@ -225,7 +237,11 @@ class TrainedCaptioner:
         if encoder_weights not in fmt.ENCODER_WEIGHTS:
             raise ValueError(f"encoder_weights must be one of {', '.join(fmt.ENCODER_WEIGHTS)}, got {encoder_weights!r}")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputPathError(f"{directory}: cannot hold the model ({err.strerror or err}); give a folder") \
+                from err
         config = self._format_config(dtype, encoder_weights)
         state = self.model.state_dict()
         fmt.write_weights(directory, state, dtype=dtype, without_encoder=encoder_weights == "source")
@@ -268,7 +284,7 @@ class TrainedCaptioner:
             fresh = ENCODERS.build(_without_remote_code(config["model"])["encoder"]).state_dict()
             config["encoder_sha256"] = fmt.state_sha256(encoder)
             if fmt.state_sha256(fresh) != config["encoder_sha256"]:
-                raise ValueError(
+                raise CheckpointError(
                     "encoder_weights='source' needs an encoder whose weights its config rebuilds exactly (a frozen "
                     f"encoder with weights from a file or package); this one ({self.architecture}) differs: save it with encoder_weights='included'"
                 )

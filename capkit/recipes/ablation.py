@@ -23,7 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capkit.builder import build_captioner
-from capkit.config import check_values, load_config, to_container
+from capkit.config import ExperimentConfig, check_values, load_config, to_container
 from capkit.engine.run_dir import BEST, LAST, RunDir
 from capkit.errors import CapkitError, ConfigError
 from capkit.evaluation import CaptionEvaluator, decode_batches
@@ -129,7 +129,9 @@ def _check_finished(run: RunDir, cfg: DictConfig, variant: str) -> None:
     settings it never had."""
     if not run.result.is_file():
         return
-    trained = to_container(OmegaConf.load(run.config)) if run.config.is_file() else {}
+    saved = OmegaConf.load(run.config) if run.config.is_file() else {}
+    # over the schema: a setting added since the run was made counts at its default
+    trained = to_container(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), saved))
     wanted = to_container(cfg)
     changed = [f"{section}.{key}" for section in ("model", "data", "train", "eval")
                for key in sorted(set(trained.get(section, {})) | set(wanted.get(section, {})))

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from capkit.data.images import open_image
 from capkit.data.transforms import build_transform
-from capkit.errors import CorruptImageError, DataError, OutputPathError
+from capkit.errors import CaptionFileError, CorruptImageError, DataError, OutputPathError
 from capkit.evaluation.results import CaptionFileWriter, read_caption_rows
 from capkit.pretrained.model import CaptionResult, TrainedCaptioner
 
@@ -109,7 +109,11 @@ def done_ids(output: str | os.PathLike, fmt: str | None = None) -> tuple[set[str
     """The image ids (and rows) an existing captions file already has, for a resumed run; none if it is absent."""
     if not Path(output).is_file() or Path(output).stat().st_size == 0:
         return set(), []
-    rows = read_caption_rows(output, fmt)
+    try:
+        rows = read_caption_rows(output, fmt)
+    except (UnicodeDecodeError, OSError) as err:
+        raise CaptionFileError(f"{output}: cannot be read as a captions file to resume ({err}); give another "
+                               f"output file") from err
     return {str(r["image_id"]) for r in rows}, rows
 
 
@@ -152,6 +156,8 @@ def caption_files(
     decoding = decoding or model.decoding
     size = batch_size or model.config.eval.batch_size
     figures = _figure_folder(attention_out) if attention_out is not None else None
+    if figures is not None:
+        _check_figure_names(files)
     writer = CaptionFileWriter(output, output_format, existing=rows) if output is not None else None
     workers = default_workers() if workers is None else workers
     try:
@@ -187,6 +193,17 @@ def _figure_folder(path: str | os.PathLike) -> Path:
         raise OutputPathError(f"{folder}: cannot hold the attention figures ({err.strerror or err}); give a "
                               f"folder") from err
     return folder
+
+
+def _check_figure_names(files: Sequence[ImageFile]) -> None:
+    """Two images whose figures would get one file name (``a.jpg`` and ``a.png``; ``sub/x.jpg`` and
+    ``sub__x.jpg``): refused, where the second figure would silently replace the first."""
+    named: dict[str, ImageFile] = {}
+    for f in files:
+        other = named.setdefault(_figure_name(f.image_id), f)
+        if other is not f:
+            raise DataError(f"{other.path} and {f.path} would share the attention figure "
+                            f"{_figure_name(f.image_id)}: caption them with separate --attention-out folders")
 
 
 def _figure_name(image_id: str) -> str:
