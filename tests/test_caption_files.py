@@ -314,3 +314,19 @@ def test_two_images_that_would_share_a_figure_name_are_refused_before_captioning
     with pytest.raises(DataError, match=r"a\.jpg and .*a\.png would share the attention figure a_attention\.png"):
         caption_files(model, collect_images([tmp_path / "a.jpg", tmp_path / "a.png"]),
                       attention_out=tmp_path / "figs", progress=False)
+
+
+def test_a_large_photo_is_captioned_from_all_its_pixels_and_kept_small_for_its_figure(run, tmp_path):
+    from PIL import Image
+
+    from capkit.recipes.captioning import FIGURE_SIDE
+
+    big = tmp_path / "big.png"
+    Image.effect_noise((3000, 2000), 60).convert("RGB").save(big)
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    seen = []
+    caption_files(model, collect_images([big]), on_result=lambda f, r: seen.append(r), progress=False, workers=1)
+    [result] = seen
+    assert result.image.size == (FIGURE_SIDE, round(FIGURE_SIDE * 2 / 3))  # 1024 x 683
+    assert result.caption == model.caption(big).caption and result.score == pytest.approx(model.caption(big).score)
+    assert result.save_figure(tmp_path / "fig.png").is_file()

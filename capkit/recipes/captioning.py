@@ -27,6 +27,7 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFile", "CaptionSummary", "collect_images", 
 log = logging.getLogger("capkit.caption")
 
 LOADER_CHUNK = 16  # images a worker reads and sends at once
+FIGURE_SIDE = 1024  # the longest side of the picture kept beside each caption (for its attention figure)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
 
@@ -213,7 +214,8 @@ def _figure_name(image_id: str) -> str:
 
 class _ImageFiles(Dataset):
     """Opens and preprocesses the image files in the loader's worker processes: item i is
-    (i, RGB picture, (3, H, W) input) or (i, None, why it cannot be read)."""
+    (i, RGB picture at most ``FIGURE_SIDE`` a side, (3, H, W) input from the full picture) or (i, None, why it
+    cannot be read)."""
 
     def __init__(self, files: Sequence[ImageFile], model: TrainedCaptioner):
         self.files, self.max_pixels = files, model.config.data.max_image_pixels
@@ -227,7 +229,11 @@ class _ImageFiles(Dataset):
             picture = open_image(self.files[index].path, max_pixels=self.max_pixels)
         except (CorruptImageError, OSError) as err:
             return index, None, str(err)  # the text: an exception object need not survive the trip between processes
-        return index, picture, self.transform(picture)
+        inputs = self.transform(picture)  # from the full picture
+        # what travels to the model's process and waits there is a copy for the figure, at most FIGURE_SIDE
+        # pixels a side: a 12-megapixel photo would otherwise hold 36 MB per image in the queue
+        picture.thumbnail((FIGURE_SIDE, FIGURE_SIDE))
+        return index, picture, inputs
 
 
 def _opened_batches(
