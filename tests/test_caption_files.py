@@ -330,3 +330,27 @@ def test_a_large_photo_is_captioned_from_all_its_pixels_and_kept_small_for_its_f
     assert result.image.size == (FIGURE_SIDE, round(FIGURE_SIDE * 2 / 3))  # 1024 x 683
     assert result.caption == model.caption(big).caption and result.score == pytest.approx(model.caption(big).score)
     assert result.save_figure(tmp_path / "fig.png").is_file()
+
+
+def test_the_n_best_list_comes_best_first_and_goes_to_json_lines(run, folder, tmp_path, capsys):
+    model = TrainedCaptioner.from_checkpoint(run.best)  # beam 2
+    image = folder / "shapes_val_00000.png"
+    result = model.caption(image, n_best=2)
+    assert len(result.n_best) == 2 and result.n_best[0] == (result.caption, result.score)
+    assert result.n_best[0][1] >= result.n_best[1][1]
+    assert model.caption(image).n_best == []
+    with pytest.raises(ValueError, match=r"n_best must be a whole number from 1 to the beam size \(2\), got 3"):
+        model.caption(image, n_best=3)
+    out = tmp_path / "caps.jsonl"
+    assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", str(image), "--n-best", "2",
+                             "--output", str(out)]) == 0
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["n_best"] == [{"caption": c, "score": round(v, 4)} for c, v in result.n_best]
+    assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", str(image), "--n-best", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{image}\t{result.caption}", f"{image}\t#2 {result.n_best[1][0]} ({result.n_best[1][1]:.3f})"]
+    assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", str(image), "--n-best", "3"]) == 2
+    assert "--n-best 3 is more than the beam size 2" in capsys.readouterr().err
+    assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", str(image), "--n-best", "2",
+                             "--output", str(tmp_path / "caps.csv")]) == 2
+    assert "an n-best list needs JSON Lines output" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flags, command, configure_logging, \
     load_model_from_args, positive_int
-from capkit.errors import CorruptImageError
+from capkit.errors import ConfigError, CorruptImageError
 from capkit.evaluation.results import OUTPUT_FORMATS
 from capkit.recipes.captioning import caption_files, collect_images, default_workers
 from capkit.recipes.evaluate import describe_decoding
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=OUTPUT_FORMATS,
                         help="output format (default: by the file's suffix: .csv, .json COCO results, else jsonl)")
     add_decoding_flags(parser)
+    parser.add_argument("--n-best", type=positive_int, default=1, metavar="N",
+                        help="also write each image's N best captions with their scores (JSON Lines output; "
+                        "N at most the beam size)")
     parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the model's)")
     parser.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
                         help=f"processes reading the images (0: none; default: {default_workers()})")
@@ -48,11 +51,16 @@ def run(args: argparse.Namespace) -> int:
     files = collect_images(args.inputs)
     model = load_model_from_args(args)
     decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+    if args.n_best > decoding["beam_size"]:
+        raise ConfigError(f"--n-best {args.n_best} is more than the beam size {decoding['beam_size']}: a beam search "
+                          f"keeps that many captions; raise --beam")
     log.info("decoding: %s (%s)", describe_decoding(decoding),
              "the model's settings" if decoding == model.decoding else "flags over the model's settings")
 
     def show(image, result) -> None:
         print(f"{image.path}\t{result.caption}", flush=True)
+        for rank, (caption, score) in enumerate(result.n_best[1:], 2):  # the best is the line above
+            print(f"{image.path}\t#{rank} {caption} ({score:.3f})", flush=True)
 
     def skipped(image, why: str) -> None:
         if len(files) > 1:  # one image that cannot be read is the error below, in one line
@@ -61,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     summary = caption_files(
         model, files, output=args.output, output_format=args.format, decoding=decoding, batch_size=args.batch_size,
         attention_out=args.attention_out, on_result=None if args.output else show, on_unreadable=skipped,
-        progress=not args.no_progress and args.output is not None, workers=args.workers,
+        progress=not args.no_progress and args.output is not None, workers=args.workers, n_best=args.n_best,
     )
     if summary.unreadable and not summary.captioned and not summary.already_done:
         path, why = summary.unreadable[0]

@@ -137,8 +137,11 @@ class CaptionFileWriter:
         for row in rows:
             if self._csv is not None:
                 self._csv.writerow({k: row.get(k) for k in CAPTION_FIELDS})
-            else:
-                self._file.write(json.dumps({k: row.get(k) for k in CAPTION_FIELDS}, ensure_ascii=False) + "\n")
+            else:  # JSON Lines also keep an n-best list
+                record = {k: row.get(k) for k in CAPTION_FIELDS}
+                if row.get("n_best"):
+                    record["n_best"] = row["n_best"]
+                self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def _write_coco(self) -> None:

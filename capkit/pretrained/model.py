@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -65,6 +65,7 @@ class CaptionResult:
     region: tuple[float, float, float, float]  # (x0, y0, x1, y1) of ``image`` the encoder saw (its centre crop)
     hypothesis: Hypothesis  # the beam search result (tokens, scores, (T + 1, H * W) alphas)
     source: str | None = None  # the file it came from, if any
+    n_best: list[tuple[str, float]] = field(default_factory=list)  # (caption, score), best first, when asked
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -294,25 +295,26 @@ class TrainedCaptioner:
 
     def caption(
         self, images: ImageInput | Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
-        length_penalty: float | None = None, batch_size: int | None = None,
+        length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image or several: file paths, PIL images, or image tensors ((3, H, W) or (B, 3, H, W),
         uint8 or float in [0, 1], as ``torchvision.transforms.functional.to_pil_image`` takes them; they are
         preprocessed like any picture). One image gives one ``CaptionResult``, several a list.
 
         Decodes with the model's own settings (``decoding``) unless told otherwise, ``batch_size`` images at a
-        time (default: the model's ``eval.batch_size``).
+        time (default: the model's ``eval.batch_size``). ``n_best`` > 1 also gives each result's ``n_best`` list
+        (at most the beam size of captions, best first).
         """
         single = isinstance(images, (str, os.PathLike, Image.Image)) or (
             isinstance(images, torch.Tensor) and images.dim() == 3
         )
         results = list(self.iter_captions([images] if single else images, beam_size=beam_size, max_len=max_len,
-                                          length_penalty=length_penalty, batch_size=batch_size))
+                                          length_penalty=length_penalty, batch_size=batch_size, n_best=n_best))
         return results[0] if single else results
 
     def iter_captions(
         self, images: Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
-        length_penalty: float | None = None, batch_size: int | None = None,
+        length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
     ) -> Iterator[CaptionResult]:
         """``caption`` as a stream: opens and decodes ``batch_size`` images at a time, so memory does not grow with
         the number of images."""
@@ -321,10 +323,10 @@ class TrainedCaptioner:
         for item in _flatten_tensors(images):
             batch.append(self._open(item))
             if len(batch) == (batch_size or self.config.eval.batch_size):
-                yield from self.caption_pictures(batch, **decoding)
+                yield from self.caption_pictures(batch, **decoding, n_best=n_best)
                 batch = []
         if batch:
-            yield from self.caption_pictures(batch, **decoding)
+            yield from self.caption_pictures(batch, **decoding, n_best=n_best)
 
     def preprocess(self, picture: Image.Image) -> torch.Tensor:
         """An RGB picture as the encoder takes it: (3, H, W), resized, cropped and normalised."""
@@ -332,10 +334,13 @@ class TrainedCaptioner:
 
     def caption_pictures(
         self, pictures: Sequence[tuple[Image.Image, str | None]], *, beam_size: int, max_len: int,
-        length_penalty: float, inputs: torch.Tensor | None = None,
+        length_penalty: float, inputs: torch.Tensor | None = None, n_best: int = 1,
     ) -> list[CaptionResult]:
         """One beam search over opened RGB pictures (each with its source file or None); ``inputs`` are their
-        ``preprocess``-ed tensors (B, 3, H, W) where a loader made them already."""
+        ``preprocess``-ed tensors (B, 3, H, W) where a loader made them already; ``n_best`` > 1 fills each
+        result's ``n_best`` list."""
+        if not isinstance(n_best, int) or not 1 <= n_best <= beam_size:
+            raise ValueError(f"n_best must be a whole number from 1 to the beam size ({beam_size}), got {n_best!r}")
         if inputs is None:
             transform = build_transform(self.preprocessing)
             inputs = torch.stack([transform(picture) for picture, _ in pictures])
@@ -343,7 +348,7 @@ class TrainedCaptioner:
             parts = [self.model.encode(chunk.to(self.device)) for chunk in inputs.split(ENCODER_CHUNK)]
             features = EncoderOutput(torch.cat([part.feats for part in parts]), parts[0].grid)  # (B, N, C)
             generation = self.model.generate(features=features, beam_size=beam_size, max_len=max_len,
-                                             length_penalty=length_penalty)
+                                             length_penalty=length_penalty, n_best=n_best)
         h, w = generation.grid
         return [
             CaptionResult(
@@ -351,8 +356,10 @@ class TrainedCaptioner:
                 words=[self.vocab.itos[t] for t in hyp.tokens], attention=hyp.alphas.detach().cpu().view(-1, h, w),
                 image=picture, region=visible_region(*picture.size, self.preprocessing), hypothesis=hyp,
                 source=source,
+                n_best=[(self.vocab.decode(h.tokens), float(h.score)) for h in hyps] if n_best > 1 else [],
             )
-            for (picture, source), hyp in zip(pictures, generation.best)
+            for (picture, source), hyps in zip(pictures, generation.hypotheses)
+            for hyp in hyps[:1]
         ]
 
     def _open(self, item: ImageInput) -> tuple[Image.Image, str | None]:

@@ -19,6 +19,7 @@ from capkit.data.images import open_image
 from capkit.data.transforms import build_transform
 from capkit.errors import CaptionFileError, CorruptImageError, DataError, OutputPathError
 from capkit.evaluation.results import CaptionFileWriter, read_caption_rows
+from capkit.evaluation.results import output_format as output_format_of
 from capkit.pretrained.model import CaptionResult, TrainedCaptioner
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFile", "CaptionSummary", "collect_images", "caption_files", "done_ids",
@@ -131,6 +132,7 @@ def caption_files(
     on_unreadable: Callable[[ImageFile, str], None] | None = None,
     progress: bool = True,
     workers: int | None = None,
+    n_best: int = 1,
 ) -> CaptionSummary:
     """Caption ``files`` ``batch_size`` at a time (default: the model's ``eval.batch_size``), so memory does not
     grow with their number.
@@ -146,8 +148,12 @@ def caption_files(
             left out and counted in the summary.
         workers: processes that read and preprocess the images ahead of the model (0: in this process; default:
             ``default_workers()``).
+        n_best: > 1 keeps each image's best ``n_best`` captions with their scores (JSON Lines output only).
     """
     summary = CaptionSummary()
+    if n_best > 1 and output is not None and output_format_of(output, output_format) != "jsonl":
+        raise DataError(f"{output}: an n-best list needs JSON Lines output (a .jsonl file); CSV and COCO results "
+                        f"hold one caption per image")
     done, rows = done_ids(output, output_format) if output is not None else (set(), [])
     todo = [f for f in files if f.image_id not in done]
     summary.already_done = len(files) - len(todo)
@@ -166,10 +172,11 @@ def caption_files(
             report = on_unreadable or (lambda f, why: log.warning("skipped %s: %s", f.path, why))
             for batch, inputs in _opened_batches(model, todo, size, workers if todo else 0, summary, report):
                 results = model.caption_pictures([(image, str(f.path)) for f, image in batch], inputs=inputs,
-                                                 **decoding)
+                                                 n_best=n_best, **decoding)
                 if writer is not None:
                     writer.write([
-                        {"image_id": f.image_id, "file": str(f.path), "caption": r.caption, "score": round(r.score, 4)}
+                        {"image_id": f.image_id, "file": str(f.path), "caption": r.caption, "score": round(r.score, 4),
+                         "n_best": [{"caption": c, "score": round(v, 4)} for c, v in r.n_best]}
                         for (f, _), r in zip(batch, results)
                     ])
                 for (f, _), result in zip(batch, results):
