@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
-from capkit.errors import CapkitError, ConfigError
+from capkit.errors import CapkitError, ConfigError, OutputPathError
 
 __all__ = [
     "USER_ERROR",
@@ -110,10 +111,6 @@ def check_output(path: Path | None, flag: str, *, folder: bool = False) -> None:
     """Refuse an output path that cannot be written before any work is done (not after it: the work would be
     lost): a folder where a file belongs or the reverse, a file where a parent folder belongs, no permission.
     Creates nothing."""
-    import os
-
-    from capkit.errors import OutputPathError
-
     if path is None:
         return
     path = Path(path)

@@ -42,7 +42,8 @@ from capkit.engine.run_dir import (
 )
 from capkit.errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "check_finite", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "resolve_checkpoint", "check_finite",
+           "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -93,10 +94,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = resolve_checkpoint(path)
     try:
-        doc = json.loads((path / CHECKPOINT_JSON).read_text())
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
-            found = doc.get("format") if isinstance(doc, dict) else None
-            raise CheckpointError(f"{path}: checkpoint format {found!r}, this capkit reads format {FORMAT_VERSION}")
+        doc = _read_json(path)
         tensors = load_file(path / CHECKPOINT_TENSORS)
         state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
         state["model"] = load_file(path / CHECKPOINT_MODEL)
@@ -109,6 +107,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"and checkpoints/best are separate copies) or train again"
         ) from err
     return state
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The global step a checkpoint was saved at, from its ``state.json`` alone (no tensor is read)."""
+    path = resolve_checkpoint(path)
+    try:
+        return _read_json(path)["state"].get("global_step")
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the checkpoint is damaged ({type(err).__name__}: {err})") from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A complete checkpoint's ``state.json``, checked for its format version."""
+    doc = json.loads((path / CHECKPOINT_JSON).read_text())
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, this capkit reads format {FORMAT_VERSION}")
+    return doc
 
 
 def check_finite(weights: Mapping[str, Tensor], where: object) -> None:

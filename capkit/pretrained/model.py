@@ -7,11 +7,12 @@ caption images with it, save and share it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -328,39 +329,39 @@ class TrainedCaptioner:
         if batch:
             yield from self.caption_pictures(batch, **decoding, n_best=n_best)
 
-    def preprocess(self, picture: Image.Image) -> torch.Tensor:
-        """An RGB picture as the encoder takes it: (3, H, W), resized, cropped and normalised."""
-        return build_transform(self.preprocessing)(picture)
+    @functools.cached_property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """An RGB picture as the encoder takes it: (3, H, W), resized, cropped and normalised (``preprocessing``)."""
+        return build_transform(self.preprocessing)
 
     def caption_pictures(
         self, pictures: Sequence[tuple[Image.Image, str | None]], *, beam_size: int, max_len: int,
         length_penalty: float, inputs: torch.Tensor | None = None, n_best: int = 1,
     ) -> list[CaptionResult]:
         """One beam search over opened RGB pictures (each with its source file or None); ``inputs`` are their
-        ``preprocess``-ed tensors (B, 3, H, W) where a loader made them already; ``n_best`` > 1 fills each
+        ``transform``-ed tensors (B, 3, H, W) where a loader made them already; ``n_best`` > 1 fills each
         result's ``n_best`` list."""
         if not isinstance(n_best, int) or not 1 <= n_best <= beam_size:
             raise ValueError(f"n_best must be a whole number from 1 to the beam size ({beam_size}), got {n_best!r}")
         if inputs is None:
-            transform = build_transform(self.preprocessing)
-            inputs = torch.stack([transform(picture) for picture, _ in pictures])
+            inputs = torch.stack([self.transform(picture) for picture, _ in pictures])
         with torch.no_grad():
             parts = [self.model.encode(chunk.to(self.device)) for chunk in inputs.split(ENCODER_CHUNK)]
             features = EncoderOutput(torch.cat([part.feats for part in parts]), parts[0].grid)  # (B, N, C)
             generation = self.model.generate(features=features, beam_size=beam_size, max_len=max_len,
                                              length_penalty=length_penalty, n_best=n_best)
-        h, w = generation.grid
-        return [
-            CaptionResult(
-                caption=self.vocab.decode(hyp.tokens), score=float(hyp.score),
-                words=[self.vocab.itos[t] for t in hyp.tokens], attention=hyp.alphas.detach().cpu().view(-1, h, w),
-                image=picture, region=visible_region(*picture.size, self.preprocessing), hypothesis=hyp,
+        results = []
+        for (picture, source), hyps in zip(pictures, generation.hypotheses):
+            best = hyps[0]
+            results.append(CaptionResult(
+                caption=self.vocab.decode(best.tokens), score=float(best.score),
+                words=[self.vocab.itos[t] for t in best.tokens],
+                attention=best.alphas.detach().cpu().view(-1, *generation.grid),
+                image=picture, region=visible_region(*picture.size, self.preprocessing), hypothesis=best,
                 source=source,
                 n_best=[(self.vocab.decode(h.tokens), float(h.score)) for h in hyps] if n_best > 1 else [],
-            )
-            for (picture, source), hyps in zip(pictures, generation.hypotheses)
-            for hyp in hyps[:1]
-        ]
+            ))
+        return results
 
     def _open(self, item: ImageInput) -> tuple[Image.Image, str | None]:
         if isinstance(item, Image.Image):

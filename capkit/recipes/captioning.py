@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from capkit.data.images import open_image
-from capkit.data.transforms import build_transform
 from capkit.errors import CaptionFileError, CorruptImageError, DataError, OutputPathError
 from capkit.evaluation.results import CaptionFileWriter, read_caption_rows
 from capkit.evaluation.results import output_format as output_format_of
@@ -225,8 +224,7 @@ class _ImageFiles(Dataset):
     cannot be read)."""
 
     def __init__(self, files: Sequence[ImageFile], model: TrainedCaptioner):
-        self.files, self.max_pixels = files, model.config.data.max_image_pixels
-        self.transform = build_transform(model.preprocessing)
+        self.files, self.max_pixels, self.transform = files, model.config.data.max_image_pixels, model.transform
 
     def __len__(self) -> int:
         return len(self.files)

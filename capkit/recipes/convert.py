@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capkit.engine.checkpoint import load_checkpoint
+from capkit.engine.checkpoint import checkpoint_step
 from capkit.engine.run_dir import RunDir
 from capkit.errors import RunDirError
 from capkit.evaluation import CaptionEvaluator
 from capkit.pretrained.card import render_card
 from capkit.pretrained.format import CARD_FILE, FILES, is_pretrained_dir, read_config, read_weights
 from capkit.pretrained.model import TrainedCaptioner
-from capkit.recipes.inference import load_trained
 from capkit.recipes.evaluate import Scored, score_checkpoint
+from capkit.recipes.inference import load_trained
 
 __all__ = ["convert_checkpoint", "recorded_in_run", "RunRecord"]
 
@@ -97,7 +97,7 @@ def recorded_in_run(checkpoint: str | os.PathLike) -> RunRecord:
     scores of the evaluation at its step (``metrics.jsonl``) and, from ``train_summary.json``, the command of
     each training session and the training time; empty where the run kept none."""
     run = RunDir.of_checkpoint(checkpoint)
-    step = load_checkpoint(checkpoint).get("global_step")
+    step = checkpoint_step(checkpoint)
     record = RunRecord()
     if run.metrics.is_file():
         for line in run.metrics.read_text(encoding="utf-8").splitlines():

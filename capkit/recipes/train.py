@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from capkit.builder import build_captioner
 from capkit.config import ExperimentConfig, decoding_settings, save_config, to_container
 from capkit.data import ImageRecord, LoadedSplit, Vocabulary, load_split, tokenize
-from capkit.types import SPECIAL_TOKENS
 from capkit.data.transforms import build_transform
 from capkit.engine import (
     BestCheckpointHook,
@@ -55,6 +54,7 @@ from capkit.errors import CheckpointError, ConfigError, CorruptImageError, DataE
 from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
 from capkit.models.captioner import Captioner
 from capkit.recipes.experiment import build_eval_loader_for, build_train_loader_for
+from capkit.types import SPECIAL_TOKENS
 
 __all__ = [
     "OBJECTIVES",
