@@ -282,6 +282,22 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, checkpoint, capsys
     assert err.startswith(f"capkit caption: error: {checkpoint}: the checkpoint is damaged")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda doc: doc.update(state=[]), "the checkpoint is damaged (state.json holds no state mapping)"),
+    (lambda doc: doc["state"]["config"].update(model=3), "its stored config or vocabulary is damaged (Merge error"),
+    (lambda doc: doc["state"].update(vocab=7), "its stored config or vocabulary is damaged ('int' object"),
+], ids=["state not a mapping", "config section of another type", "vocabulary not a list"])
+def test_a_checkpoint_whose_state_json_has_the_wrong_structure_is_one_line(tmp_path, checkpoint, capsys, edit,
+                                                                          message):
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    doc = json.loads((checkpoint / "state.json").read_text())
+    edit(doc)
+    (checkpoint / "state.json").write_text(json.dumps(doc))
+    err = run_tool(caption_cli.main, ["--checkpoint", str(checkpoint), "--device", "cpu", str(tmp_path / "photo.png")],
+                   capsys)
+    assert err.startswith(f"capkit caption: error: {checkpoint}: {message}"), err
+
+
 def test_visualize_refuses_a_file_that_is_no_image(tmp_path, checkpoint, capsys):
     (tmp_path / "notes.png").write_bytes(b"\x89PNG broken")
     err = run_tool(visualize_cli.main, [str(tmp_path / "notes.png"), "--checkpoint", str(checkpoint),

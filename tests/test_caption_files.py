@@ -354,3 +354,9 @@ def test_the_n_best_list_comes_best_first_and_goes_to_json_lines(run, folder, tm
     assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", str(image), "--n-best", "2",
                              "--output", str(tmp_path / "caps.csv")]) == 2
     assert "an n-best list needs JSON Lines output" in capsys.readouterr().err
+
+
+def test_a_worker_count_out_of_range_is_one_short_line(capsys):
+    with pytest.raises(SystemExit):
+        caption_cli.build_parser().parse_args(["x.jpg", "--workers", "99"])
+    assert "argument --workers: must be from 0 to 64, got 99" in capsys.readouterr().err

@@ -448,3 +448,17 @@ def test_a_config_json_that_does_not_fit_the_schema_is_one_error(trained, tmp_pa
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"model\.encoder\.name"):
         capkit.from_pretrained(saved)
+
+
+def test_an_unreachable_hub_is_not_called_offline(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("connection error, and the file is not in the cache")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(ModelNotFoundError, match=r"^someone/absent is not in the Hugging Face cache and the Hugging "
+                       r"Face Hub could not be reached: download it once online"):
+        capkit.from_pretrained("someone/absent")

@@ -20,6 +20,19 @@ from capkit.recipes.evaluate import describe_decoding
 
 log = logging.getLogger("capkit.caption")
 
+MAX_WORKERS = 64  # image-reading processes; more only contend for the cores
+
+
+def worker_count(text: str) -> int:
+    """An argparse type: 0 to ``MAX_WORKERS`` image-reading processes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_WORKERS}, got {value}")
+    return value
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -38,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write each image's N best captions with their scores (JSON Lines output; "
                         "N at most the beam size)")
     parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the model's)")
-    parser.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
+    parser.add_argument("--workers", type=worker_count, metavar="N",
                         help=f"processes reading the images (0: none; default: {default_workers()})")
     parser.add_argument("--attention-out", type=Path, metavar="DIR", help="save a per-word attention figure per image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -126,6 +126,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
         found = doc.get("format") if isinstance(doc, dict) else None
         raise CheckpointError(f"{path}: checkpoint format {found!r}, this capkit reads format {FORMAT_VERSION}")
+    if not isinstance(doc.get("state"), dict):
+        raise CheckpointError(f"{path}: the checkpoint is damaged ({CHECKPOINT_JSON} holds no state mapping); use "
+                              f"another one (checkpoints/last and checkpoints/best are separate copies) or train again")
     return doc
 
 

@@ -82,9 +82,10 @@ def download(
             allow_patterns=list(FILES), library_name="capkit",
         )
     except LocalEntryNotFoundError as err:
+        why = ("capkit is offline (HF_HUB_OFFLINE or local_files_only)" if offline else
+               "the Hugging Face Hub could not be reached")
         raise ModelNotFoundError(
-            f"{at} is not in the Hugging Face cache and capkit is offline (HF_HUB_OFFLINE or local_files_only): "
-            f"download it once online, or give a local directory"
+            f"{at} is not in the Hugging Face cache and {why}: download it once online, or give a local directory"
         ) from err
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise ModelNotFoundError(f"{at}: no such Hub repository or revision (private? log in with `hf auth login`)") \

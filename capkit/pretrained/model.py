@@ -149,8 +149,12 @@ class TrainedCaptioner:
             raise CheckpointError(
                 f"{checkpoint}: the checkpoint holds no config or vocabulary; was it written by `capkit train`?"
             )
-        config = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), state["config"])
-        vocab = Vocabulary(state["vocab"])  # the full id -> word list; the special tokens are re-added first
+        try:
+            config = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), state["config"])
+            vocab = Vocabulary(state["vocab"])  # the full id -> word list; the special tokens are re-added first
+        except (OmegaConfBaseException, ValueError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{checkpoint}: its stored config or vocabulary is damaged "
+                                  f"({' '.join(str(err).split())[:200]}); use another checkpoint") from err
         model = _build(checkpoint, to_container(config.model), len(vocab), plugins, list(config.plugins))
         try:
             model.load_state_dict(state["model"])
