@@ -462,3 +462,40 @@ def test_an_unreachable_hub_is_not_called_offline(monkeypatch):
     with pytest.raises(ModelNotFoundError, match=r"^someone/absent is not in the Hugging Face cache and the Hugging "
                        r"Face Hub could not be reached: download it once online"):
         capkit.from_pretrained("someone/absent")
+
+
+def test_a_permuted_vocabulary_is_refused_in_a_lone_checkpoint_and_in_a_saved_model(run, trained, images, tmp_path,
+                                                                                     capsys):
+    """Swapping two words of the stored vocabulary would caption every image with the wrong words and no error:
+    the weights file records the digest of the vocabulary it was saved with."""
+    from capkit.cli import caption as caption_cli
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(run.best, checkpoint)
+    doc = json.loads((checkpoint / "state.json").read_text())
+    words = doc["state"]["vocab"]
+    words[4], words[5] = words[5], words[4]
+    (checkpoint / "state.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"ckpt: the vocabulary in state.json is not the one its weights were "
+                       r"saved with \(model.safetensors records another digest\)"):
+        TrainedCaptioner.from_checkpoint(checkpoint)
+    assert caption_cli.main([str(REPO / "tests"), "--checkpoint", str(checkpoint)]) == 2
+    assert "the vocabulary in state.json is not the one" in capsys.readouterr().err
+
+    saved = trained.save_pretrained(tmp_path / "m")
+    assert [r.caption for r in capkit.from_pretrained(saved).caption(images)] == \
+        [r.caption for r in trained.caption(images)]
+    config = json.loads((saved / "config.json").read_text())
+    config["vocabulary"][4], config["vocabulary"][5] = config["vocabulary"][5], config["vocabulary"][4]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"m/config.json: its vocabulary is not the one the weights were saved "
+                       r"with"):
+        capkit.from_pretrained(saved)
+
+
+def test_models_saved_before_the_vocabulary_digest_still_load(trained, images, tmp_path):
+    saved = trained.save_pretrained(tmp_path / "m")
+    weights = load_file(saved / "model.safetensors")
+    save_file(weights, saved / "model.safetensors", metadata={"format": "pt", "capkit_format": "1"})
+    assert [r.caption for r in capkit.from_pretrained(saved).caption(images)] == \
+        [r.caption for r in trained.caption(images)]

@@ -17,6 +17,7 @@ therefore never loses the previous checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
@@ -26,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor
@@ -43,9 +44,12 @@ from capkit.engine.run_dir import (
 from capkit.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "resolve_checkpoint", "check_finite",
-           "FORMAT_VERSION"]
+           "json_sha256", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
+# The model file's metadata records the digest of ``state["vocab"]`` (in state.json): the word list must stay
+# the one the weights were trained with.
+VOCAB_DIGEST = "vocab_sha256"
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -69,7 +73,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         model = {k: _cpu(v) for k, v in state["model"].items()}
         tensors: dict[str, Tensor] = {}
         rest = {k: _encode(v, k, tensors) for k, v in state.items() if k != "model"}
-        _write(tmp / CHECKPOINT_MODEL, lambda f: save_file(model, f, metadata={"format": str(FORMAT_VERSION)}))
+        metadata = {"format": str(FORMAT_VERSION)}
+        if isinstance(state.get("vocab"), (list, tuple)):
+            metadata[VOCAB_DIGEST] = json_sha256(list(state["vocab"]))
+        _write(tmp / CHECKPOINT_MODEL, lambda f: save_file(model, f, metadata=metadata))
         _write(tmp / CHECKPOINT_TENSORS, lambda f: save_file(tensors, f))
         text = json.dumps({"format": FORMAT_VERSION, "state": rest})
         _write(tmp / CHECKPOINT_JSON, lambda f: Path(f).write_text(text))
@@ -99,6 +106,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
         state["model"] = load_file(path / CHECKPOINT_MODEL)
         check_finite(state["model"], path)
+        _check_vocab_digest(path, state.get("vocab"))
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         if isinstance(err, CheckpointError):
             raise
@@ -130,6 +138,26 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: the checkpoint is damaged ({CHECKPOINT_JSON} holds no state mapping); use "
                               f"another one (checkpoints/last and checkpoints/best are separate copies) or train again")
     return doc
+
+
+def json_sha256(value: Any) -> str:
+    """A digest of a JSON-able value (a vocabulary's id -> word list), stored beside the weights trained with it:
+    a list that was permuted, edited or taken from another model no longer matches, where the ids would silently
+    map to other words."""
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()
+
+
+def _check_vocab_digest(path: Path, vocab: Any) -> None:
+    """``state["vocab"]`` is the list the weights were saved with (checkpoints from before the digest pass; one
+    that is no list is refused by its reader, naming its type)."""
+    with safe_open(path / CHECKPOINT_MODEL, "pt") as f:
+        recorded = (f.metadata() or {}).get(VOCAB_DIGEST)
+    if recorded is not None and isinstance(vocab, list) and json_sha256(vocab) != recorded:
+        raise CheckpointError(
+            f"{path}: the vocabulary in {CHECKPOINT_JSON} is not the one its weights were saved with ({CHECKPOINT_MODEL} "
+            f"records another digest): it was edited or comes from another checkpoint; use another checkpoint "
+            f"(checkpoints/last and checkpoints/best are separate copies) or train again"
+        )
 
 
 def check_finite(weights: Mapping[str, Tensor], where: object) -> None:

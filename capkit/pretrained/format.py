@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from capkit.engine.checkpoint import check_finite
+from capkit.engine.checkpoint import VOCAB_DIGEST, check_finite, json_sha256
 from capkit.errors import CheckpointError
 
 __all__ = [
@@ -98,9 +98,11 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def write_weights(directory: Path, state: Mapping[str, torch.Tensor], *, dtype: str, without_encoder: bool) -> None:
+def write_weights(
+    directory: Path, state: Mapping[str, torch.Tensor], *, dtype: str, without_encoder: bool, vocabulary: list[str]
+) -> None:
     """``model.safetensors``: ``state`` with its floating-point tensors in ``dtype``; the encoder's keys left out
-    when ``without_encoder``."""
+    when ``without_encoder``; its metadata records the digest of ``vocabulary`` (config.json's)."""
     cast = DTYPES[dtype]
     tensors = {
         key: (t.to(cast) if t.is_floating_point() else t).detach().to("cpu", copy=True).contiguous()
@@ -108,18 +110,28 @@ def write_weights(directory: Path, state: Mapping[str, torch.Tensor], *, dtype: 
         if not (without_encoder and key.startswith(ENCODER_PREFIX))
     }
     path = directory / WEIGHTS_FILE
-    save_file(tensors, str(path), metadata={"format": "pt", "capkit_format": str(FORMAT_VERSION)})
+    metadata = {"format": "pt", "capkit_format": str(FORMAT_VERSION), VOCAB_DIGEST: json_sha256(list(vocabulary))}
+    save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o644)  # safetensors writes it owner-only; a model is for sharing
 
 
-def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_weights(directory: str | os.PathLike, vocabulary: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of ``model.safetensors``, checked to be finite and, given config.json's ``vocabulary``, to have
+    been saved with it (models saved before the digest was recorded pass)."""
     path = Path(directory) / WEIGHTS_FILE
     try:
         weights = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get(VOCAB_DIGEST)
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); download or save the "
                               f"model again") from err
     check_finite(weights, path)
+    if vocabulary is not None and recorded is not None and json_sha256(list(vocabulary)) != recorded:
+        raise CheckpointError(
+            f"{Path(directory) / CONFIG_FILE}: its vocabulary is not the one the weights were saved with ({WEIGHTS_FILE} "
+            f"records another digest): it was edited or comes from another model; download or save the model again"
+        )
     return weights
 
 

@@ -203,7 +203,7 @@ class TrainedCaptioner:
         model = _build(directory, section, len(vocab), plugins, list(config.plugins))
         if source:
             _check_source_encoder(directory, model, saved)
-        weights = fmt.read_weights(directory)
+        weights = fmt.read_weights(directory, vocabulary=saved["vocabulary"])
         encoder_keys = {k for k in model.state_dict() if k.startswith(fmt.ENCODER_PREFIX)}
         if source and encoder_keys & set(weights):
             raise CheckpointError(f"{directory}: encoder_weights is 'source' but the file holds encoder weights too")
@@ -250,7 +250,8 @@ class TrainedCaptioner:
                 from err
         config = self._format_config(dtype, encoder_weights)
         state = self.model.state_dict()
-        fmt.write_weights(directory, state, dtype=dtype, without_encoder=encoder_weights == "source")
+        fmt.write_weights(directory, state, dtype=dtype, without_encoder=encoder_weights == "source",
+                          vocabulary=config["vocabulary"])
         fmt.write_config(directory, config)
         stored = sum(t.numel() for k, t in state.items()
                      if encoder_weights == "included" or not k.startswith(fmt.ENCODER_PREFIX))
@@ -407,7 +408,7 @@ def _build(
     except ComponentNotFoundError as err:
         hint = "" if not stored_plugins else (
             f" The stored config lists the plugin modules {list(stored_plugins)}; a stored model is only data, so "
-            f"capkit imports none of them: install the plugin, or name the module yourself (--plugin MODULE)."
+            f"capkit imports none of them: install the plugin, or name the module yourself (--plugin MODULE; in Python, plugins=[...])."
         )
         raise ComponentNotFoundError(f"{where}: {err}{hint}") from err
 
