@@ -1,5 +1,5 @@
-"""``capkit <command> [args]`` (also ``python -m capkit``): list, train, evaluate, convert, caption, visualize,
-ablate."""
+"""``capkit <command> [args]`` (also ``python -m capkit``): list, train, evaluate, convert, caption, demo,
+visualize, ablate."""
 from __future__ import annotations
 
 import importlib
@@ -11,6 +11,7 @@ COMMANDS = {
     "list": "capkit.cli.list_components",
     "train": "capkit.cli.train",
     "caption": "capkit.cli.caption",
+    "demo": "capkit.cli.demo",
     "visualize": "capkit.cli.visualize",
     "evaluate": "capkit.cli.evaluate",
     "convert": "capkit.cli.convert",
