@@ -313,6 +313,28 @@ def test_evaluate_names_a_predictions_file_that_is_no_json(tmp_path, capsys):
     assert err.startswith("capkit evaluate: error:") and "pred.json" in err
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("pred.json", '{"1": "a dog"}', 'pred.json: expected COCO results, a JSON list of {"image_id": ..., "caption": ...}'),
+    ("pred.json", "[1, 2]", 'pred.json: row 1 needs "image_id" and "caption", got 1'),
+    ("pred.json", '[{"image_id": "1"}]', 'pred.json: row 1 needs "image_id" and "caption"'),
+    ("pred.json", '[{"image_id": "1", "caption": null}]', 'pred.json: row 1 needs a text "caption" and a text or '
+                                                           'integer "image_id", got'),
+    ("pred.json", '[{"image_id": [1], "caption": "a dog"}]', 'pred.json: row 1 needs a text "caption"'),
+    ("pred.jsonl", '{"image_id": "1", "caption": 5}\n', 'pred.jsonl: row 1 needs a text "caption"'),
+    ("pred.jsonl", '{"image_id": "1", "caption": "a dog"}\n{bad\n', "pred.jsonl:2: not a JSON object"),
+    ("pred.csv", "image_id,caption\n1\n", 'pred.csv: row 1 needs a text "caption" and a text or integer "image_id", '
+                                           "got {'image_id': '1', 'caption': None}"),
+    ("pred.json", '[{"image_id": "1", "caption": "a dog"}, {"image_id": "1", "caption": "a cat"}]',
+     "pred.json: image '1' has more than one caption; keep one per image"),
+])
+def test_a_malformed_predictions_file_is_one_line_naming_the_row(tmp_path, capsys, name, text, message):
+    (tmp_path / name).write_text(text)
+    (tmp_path / "refs.json").write_text(json.dumps({"1": ["a dog"]}))
+    err = run_tool(evaluate_cli.main, ["--predictions", str(tmp_path / name), "--references",
+                                       str(tmp_path / "refs.json"), "--tokenizer", "none", "--metrics", "bleu"], capsys)
+    assert err.startswith(f"capkit evaluate: error: {tmp_path / name.split('.')[0]}") and message in err, err
+
+
 def test_ablate_refuses_a_config_without_variants(tmp_path, capsys):
     (tmp_path / "ablation.yaml").write_text("base: tiny.yaml\nvariants: []\n")
     err = run_tool(ablate_cli.main, [str(tmp_path / "ablation.yaml")], capsys)

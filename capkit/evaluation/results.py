@@ -75,6 +75,11 @@ def read_caption_rows(path: str | os.PathLike, fmt: str | None = None) -> list[d
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not {"image_id", "caption"} <= row.keys():
             raise CaptionFileError(f'{path}: row {number} needs "image_id" and "caption", got {row!r}')
+        if not isinstance(row["caption"], str) or not isinstance(row["image_id"], (str, int)) \
+                or isinstance(row["image_id"], bool):
+            # JSON null or a number, or a CSV row short of a column (its missing fields read as None)
+            raise CaptionFileError(f'{path}: row {number} needs a text "caption" and a text or integer "image_id", '
+                                   f'got {row!r}')
     return rows
 
 
