@@ -98,7 +98,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["bleu", "meteor", "rouge_l", "cider"])
+    metrics: list[str] = field(default_factory=lambda: ["bleu", "meteor", "rouge_l", "cider", "diversity"])
     beam_size: int = 3
     max_len: int = 16
     length_penalty: float = 0.0

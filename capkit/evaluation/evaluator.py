@@ -39,19 +39,34 @@ class CaptionEvaluator:
         tokenizer: ``ptb``: the COCO pipeline's PTB tokenizer (needs Java), run once for every metric that asks for
             it (``ptb_tokenized = True``); ``python``: the same without Java (``python_tokenize``); ``none``: the
             raw strings, as nlg-eval scores them.
+        training_captions: the training set's captions, for the metrics that compare with them (``diversity``'s
+            ``novel_captions``: a metric takes them through its ``use_training_captions`` method).
 
     After ``evaluate()``, ``hypotheses``, ``references`` and ``result`` (with per-image scores) stay available
     until ``reset()``.
     """
 
-    def __init__(self, metrics: Sequence[str], *, tokenizer: str = "ptb"):
+    def __init__(self, metrics: Sequence[str], *, tokenizer: str = "ptb", training_captions: Iterable[str] | None = None):
         if not metrics:
             raise ValueError("CaptionEvaluator needs at least one metric name")
         if tokenizer not in (*TOKENIZERS, "none"):
             raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join((*TOKENIZERS, 'none'))}")
         self.metrics: dict[str, Metric] = {name: build_metric(name) for name in dict.fromkeys(metrics)}
         self.tokenizer = tokenizer
+        if training_captions is not None:
+            self.use_training_captions(training_captions)
         self.reset()
+
+    @property
+    def wants_training_captions(self) -> bool:
+        return any(hasattr(m, "use_training_captions") for m in self.metrics.values())
+
+    def use_training_captions(self, captions: Iterable[str]) -> None:
+        """Give the training set's captions to the metrics that compare with them."""
+        captions = list(captions)
+        for metric in self.metrics.values():
+            if hasattr(metric, "use_training_captions"):
+                metric.use_training_captions(captions)
 
     def reports(self, key: str) -> bool:
         """Whether a metric reports ``key`` (``bleu4``, ``cider``, ...), known before anything is scored: from the

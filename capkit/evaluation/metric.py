@@ -15,7 +15,8 @@ not clash with another selected metric's keys.
 An optional attribute ``reports`` (the keys it returns) lets a run check its settings before training, and
 ``needs_java = True`` says that it runs a Java program. An optional attribute ``ptb_tokenized = True`` asks the
 evaluator for captions that went through the COCO pipeline's PTB tokenizer (lower-cased, punctuation removed);
-without it a metric receives the raw captions.
+without it a metric receives the raw captions. A metric that compares with the training captions (``diversity``)
+has a method ``use_training_captions(captions)``, which the evaluator calls when it has them.
 """
 from __future__ import annotations
 

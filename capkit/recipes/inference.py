@@ -1,6 +1,7 @@
 """Load a trained captioner from a training checkpoint, and the evaluation data of the dataset it was trained on."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,11 +11,14 @@ from torch.utils.data import DataLoader
 
 from capkit.config import to_container
 from capkit.data.build import LoadedSplit, load_split
+from capkit.errors import DataError
 from capkit.pretrained.format import is_pretrained_dir
 from capkit.pretrained.model import SAFE_MODEL_KWARGS, TrainedCaptioner
 from capkit.recipes.experiment import build_eval_loader_for
 
-__all__ = ["TrainedCaptioner", "load_trained", "load_eval_split", "SAFE_MODEL_KWARGS"]
+__all__ = ["TrainedCaptioner", "load_trained", "load_eval_split", "training_captions", "SAFE_MODEL_KWARGS"]
+
+log = logging.getLogger(__name__)
 
 
 def load_trained(
@@ -36,3 +40,15 @@ def load_eval_split(
     dataset = {**to_container(data.dataset), **(dataset_overrides or {})}
     loaded = load_split(dataset, split, skip_missing_images=data.skip_missing_images)
     return loaded, build_eval_loader_for(trained.config, loaded, trained.model.encoder, trained.device)
+
+
+def training_captions(trained: TrainedCaptioner, dataset_overrides: Mapping[str, Any] | None = None) -> list[str] | None:
+    """The captions of the training split of the dataset the model was trained on (for ``novel_captions``), or
+    None, with a warning, where that split cannot be read."""
+    dataset = {**to_container(trained.config.data.dataset), **(dataset_overrides or {})}
+    try:
+        records = load_split(dataset, "train", skip_missing_images=True).records
+    except DataError as err:
+        log.warning("novel_captions is not reported: the training captions cannot be read (%s)", err)
+        return None
+    return [caption for record in records for caption in record.captions]

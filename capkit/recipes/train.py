@@ -141,6 +141,8 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
                     "RUN_DIR/checkpoints/best", err)
         test_split = None
     check_disjoint_splits({"train": train_split, "val": val_split, "test": test_split}, d.allow_split_overlap)
+    if evaluator.wants_training_captions:
+        evaluator.use_training_captions(c for r in train_split.records for c in r.captions)
     resumed = load_checkpoint(run.find_checkpoint(LAST)) if resume else None
     initial = load_checkpoint(t.init_from) if t.init_from and resumed is None else None
     if resumed is not None:
