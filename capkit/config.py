@@ -78,6 +78,9 @@ class TrainConfig:
     init_from: Optional[str] = None  # checkpoint whose weights, vocabulary and optimizer moments start the run
     scst_samples: int = 5  # captions drawn per image by self-critical training
     scst_reward: dict[str, float] = field(default_factory=lambda: {"cider": 1.0})  # weights: cider, bleu4
+    # <end> counts as a word of every caption and reference in the reward (as ruotianluo/ImageCaptioning.pytorch
+    # scores samples): a caption cut off mid-phrase ("a dog in a") misses the n-grams that end the references
+    scst_end_token: bool = True
     label_smoothing: float = 0.0
     aux_loss_weights: dict[str, float] = field(default_factory=lambda: {"doubly_stochastic": 1.0})
     scheduler: str = "plateau"  # plateau | cosine | none

@@ -228,3 +228,31 @@ def test_optimizer_moments_continue_with_this_runs_learning_rate():
             assert torch.equal(second.state[p]["exp_avg_sq"], first.state[p]["exp_avg_sq"])
     other = build_optimizer(tiny_model("all"), lr=5e-5)  # an encoder group too: the groups differ
     assert not load_optimizer_moments(other, first.state_dict()) and not other.state
+
+
+def test_the_reward_counts_end_so_a_caption_cut_off_mid_phrase_scores_lower():
+    """With ``<end>`` a word of every caption (the default), "a dog in a" no longer shares "in a"'s n-grams with
+    a reference that ends "... in a park" for free: its reward falls further below a complete caption's, and it is
+    the CIDEr-D of the strings with " <end>" appended (which is pycocoevalcap's, see above)."""
+    from omegaconf import OmegaConf
+
+    from capkit.config import ExperimentConfig
+    from capkit.data import Vocabulary
+    from capkit.data.records import ImageRecord
+    from capkit.recipes.train import build_criterion
+
+    refs = ["a dog runs in a park", "a brown dog runs in a park", "a dog plays in a park"]
+    records = [ImageRecord("x", refs), ImageRecord("y", ["a cat sits on a mat"] * 3)]
+    vocab = Vocabulary(["a", "dog", "runs", "in", "park", "brown", "plays", "cat", "sits", "on", "mat"])
+    cut, whole = [vocab.encode("a dog runs in a")[1:-1], vocab.encode("a dog runs in a park")[1:-1]]
+    scored = {}
+    for end in (True, False):
+        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
+                              {"train": {"objective": "scst", "scst_end_token": end}})
+        reward = build_criterion(cfg, records, vocab).reward
+        scored[end] = reward(["x", "x"], [cut, whole])
+    suffix = " <end>"
+    corpus = {i: [r + suffix for r in r_.captions] for i, r_ in (("x", records[0]), ("y", records[1]))}
+    expected = CiderD(corpus)(["x"], ["a dog runs in a" + suffix])[0]
+    assert scored[True][0] == pytest.approx(expected, abs=1e-9)
+    assert scored[True][0] / scored[True][1] < scored[False][0] / scored[False][1]

@@ -54,7 +54,7 @@ from capkit.errors import CheckpointError, ConfigError, CorruptImageError, DataE
 from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
 from capkit.models.captioner import Captioner
 from capkit.recipes.experiment import build_eval_loader_for, build_train_loader_for
-from capkit.types import SPECIAL_TOKENS
+from capkit.types import EOS_ID, SPECIAL_TOKENS
 
 __all__ = [
     "OBJECTIVES",
@@ -224,14 +224,15 @@ def build_criterion(cfg: DictConfig, records: list[ImageRecord], vocab: Vocabula
     t = cfg.train
     if t.objective == "xent":
         return CrossEntropyCriterion(dict(t.aux_loss_weights), label_smoothing=t.label_smoothing)
-    references = {r.image_id: [" ".join(tokenize(c)) for c in r.captions] for r in records}
+    end = [vocab.itos[EOS_ID]] if t.scst_end_token else []
+    references = {r.image_id: [" ".join(tokenize(c) + end) for c in r.captions] for r in records}
     try:
         score = build_reward(dict(t.scst_reward), references)
     except ValueError as err:
         raise ConfigError(f"train.scst_reward: {err}") from err
 
     def reward(image_ids: list[str], words: list[list[int]]) -> list[float]:  # <unk> stays, and matches nothing
-        return score(image_ids, [" ".join(vocab.itos[w] for w in ws) for ws in words])
+        return score(image_ids, [" ".join([vocab.itos[w] for w in ws] + end) for ws in words])
 
     return SelfCriticalCriterion(reward, num_samples=t.scst_samples, max_len=cfg.data.max_caption_len)
 
