@@ -1,22 +1,25 @@
-"""Decoder training throughput on precomputed features: capkit vs the usual Show, Attend and Tell code.
+"""Decoder training throughput on precomputed features: capkit (fp32, and bf16 where the device computes it
+natively) against the code of the tutorial most Show, Attend and Tell users start from.
 
 One training step = forward + loss (cross-entropy + doubly stochastic regulariser) + backward + Adam step,
 on a batch of 64 captions of 10 to 16 words over an 8x8x2048 grid (inception_v3's), vocabulary 5,000,
 embedding / hidden / attention size 512, ``show_attend_tell`` decoder with ``bahdanau`` attention.
 
-The baseline (``NaiveShowAttendTell`` below) is the straightforward implementation, in the style of the widely
-used PyTorch tutorials (sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning): its own LSTMCell / Linear layers,
-the encoder-side attention projection recomputed at every step, a Python loop over the full padded length
-with the whole batch at every step (that tutorial also sorts the batch by length and shrinks it as captions
-end; this baseline does not, capkit does), and the context as an elementwise weighted sum. It computes the same
-model as capkit's: the same weights are loaded into both (parameter by parameter) and both must give the
-same loss on the same batch (to 1e-5) before either is timed.
+The baseline (``TutorialShowAttendTell`` below) does what sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning
+(``models.py``, ``train.py``) does: it sorts the batch by caption length and shrinks the batch at every step to
+the captions still running, recomputes the encoder-side attention projection at every step, scores with a ReLU
+(``full_att(relu(att1 + att2))``), and computes its loss over ``pack_padded_sequence`` targets plus the
+regulariser ``((1 - alphas.sum(1)) ** 2).mean()``. Its output layer is capkit's (the paper's deep output, where
+the tutorial has ``fc(dropout(h))``), so that both hold the same weights: they are loaded parameter by parameter,
+and with the ReLU swapped for capkit's tanh both must give the same loss on the same batch (to 1e-5) before
+anything is timed. Times are interleaved (one step of each in turn), the median of each is reported.
 
-On CUDA (when available) both run under bf16 autocast. Prints a table and writes
-``benchmarks/results/bench_decoder_train.json``. Run: ``python -m benchmarks`` (or ``make bench``).
+Prints a table and writes ``benchmarks/results/bench_decoder_train.json`` (with the CPU's name and bf16 flags).
+Run: ``python -m benchmarks decoder_train``.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from functools import partial
@@ -24,8 +27,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from benchmarks.common import sync, write_results
+from capkit.engine.device import cpu_has_native_bf16
 from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
@@ -35,10 +40,12 @@ WORDS = (10, 16)  # caption length range, in words
 WARMUP, TIMED = 1, 5  # iterations per implementation (interleaved); the median is reported
 
 
-class NaiveShowAttendTell(nn.Module):
-    """The usual implementation of capkit's ``show_attend_tell`` + ``bahdanau`` model (same math, same weights)."""
+class TutorialShowAttendTell(nn.Module):
+    """sgrvinod's ``DecoderWithAttention`` and its training loss, with capkit's output layer (see the module
+    docstring); ``score_activation`` is the tutorial's ReLU, or tanh to check it against capkit."""
 
-    def __init__(self, channels: int, vocab: int, embed: int, hidden: int, attn: int, dropout: float):
+    def __init__(self, channels: int, vocab: int, embed: int, hidden: int, attn: int, dropout: float,
+                 score_activation=F.relu):
         super().__init__()
         self.encoder_att = nn.Linear(channels, attn)
         self.decoder_att = nn.Linear(hidden, attn, bias=False)
@@ -52,29 +59,40 @@ class NaiveShowAttendTell(nn.Module):
         self.L_h = nn.Linear(hidden, embed)
         self.L_z = nn.Linear(channels, embed, bias=False)
         self.fc = nn.Linear(embed, vocab)
+        self.score_activation = score_activation
 
     def attend(self, feats: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        att1 = self.encoder_att(feats)  # (B, N, A), recomputed at every step
-        att2 = self.decoder_att(h)  # (B, A)
-        alpha = self.full_att((att1 + att2.unsqueeze(1)).tanh()).squeeze(2).softmax(dim=1)  # (B, N)
+        att1 = self.encoder_att(feats)  # (B_t, N, A), recomputed at every step
+        att2 = self.decoder_att(h)  # (B_t, A)
+        alpha = self.full_att(self.score_activation(att1 + att2.unsqueeze(1))).squeeze(2).softmax(dim=1)  # (B_t, N)
         return (feats * alpha.unsqueeze(2)).sum(dim=1), alpha
 
-    def forward(self, feats: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
-        batch, steps = captions.shape[0], captions.shape[1] - 1
+    def loss(self, feats: Tensor, captions: Tensor) -> Tensor:
+        """The tutorial's forward and its training loss: sort, decode the running captions step by step, pack."""
+        caption_lengths = (captions != PAD_ID).sum(dim=1)  # <start> .. <end>
+        caption_lengths, sort_ind = caption_lengths.sort(dim=0, descending=True)
+        feats, captions = feats[sort_ind], captions[sort_ind]
         embeddings = self.embedding(captions)  # (B, L, E)
         mean = feats.mean(dim=1)
-        h, c = self.init_h(mean).tanh(), self.init_c(mean).tanh()
-        logits = feats.new_zeros(batch, steps, self.fc.out_features)
+        h, c = self.init_h(mean), self.init_c(mean)
+        h, c = h.tanh(), c.tanh()  # capkit's initial state (the tutorial's has no tanh)
+        decode_lengths = (caption_lengths - 1).tolist()
+        batch, steps = captions.shape[0], max(decode_lengths)
+        predictions = feats.new_zeros(batch, steps, self.fc.out_features)
         alphas = feats.new_zeros(batch, steps, feats.shape[1])
         for t in range(steps):
-            context, alpha = self.attend(feats, h)
-            context = torch.sigmoid(self.f_beta(h)) * context
-            emb = embeddings[:, t]
-            h, c = self.decode_step(torch.cat([emb, context], dim=1), (h, c))
+            batch_t = sum(length > t for length in decode_lengths)
+            context, alpha = self.attend(feats[:batch_t], h[:batch_t])
+            context = torch.sigmoid(self.f_beta(h[:batch_t])) * context
+            emb = embeddings[:batch_t, t]
+            h, c = self.decode_step(torch.cat([emb, context], dim=1), (h[:batch_t], c[:batch_t]))
             deep = (emb + self.L_h(h) + self.L_z(context)).tanh()
-            logits[:, t] = self.fc(self.dropout(deep))
-            alphas[:, t] = alpha
-        return logits, alphas
+            predictions[:batch_t, t] = self.fc(self.dropout(deep))
+            alphas[:batch_t, t] = alpha
+        targets = captions[:, 1:]
+        scores = pack_padded_sequence(predictions, decode_lengths, batch_first=True).data
+        targets = pack_padded_sequence(targets, decode_lengths, batch_first=True).data
+        return F.cross_entropy(scores.float(), targets) + ((1.0 - alphas.float().sum(dim=1)) ** 2).mean()
 
 
 # capkit parameter name -> baseline parameter name
@@ -93,11 +111,11 @@ NAME_MAP = {
 }
 
 
-def baseline_from(decoder: ShowAttendTellDecoder) -> NaiveShowAttendTell:
+def baseline_from(decoder: ShowAttendTellDecoder, score_activation=F.relu) -> TutorialShowAttendTell:
     """A baseline holding a copy of ``decoder``'s weights."""
-    naive = NaiveShowAttendTell(
+    naive = TutorialShowAttendTell(
         decoder.feature_dim, decoder.vocab_size, decoder.embed.embedding_dim, decoder.hidden_dim,
-        decoder.attention.key_proj.out_features, decoder.dropout.p,
+        decoder.attention.key_proj.out_features, decoder.dropout.p, score_activation,
     )
     state = {}
     for name, value in decoder.state_dict().items():
@@ -132,43 +150,42 @@ def run(
     warmup: int = WARMUP, timed: int = TIMED, device: torch.device | None = None,
 ) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
     torch.manual_seed(0)
     decoder = ShowAttendTellDecoder(
         partial(BahdanauAttention, attn_dim=dim), channels, vocab, embed_dim=dim, hidden_dim=dim, dropout=0.5
     ).to(device)
-    naive = baseline_from(decoder)
     feats, captions = make_batch(batch, grid, channels, vocab, device)
     enc = EncoderOutput(feats, grid)
 
-    def capkit_loss() -> Tensor:
+    # same model, same batch, same loss (fp32, dropout off, the tutorial's ReLU swapped for capkit's tanh)
+    check = baseline_from(decoder, torch.tanh).eval()
+    decoder.eval()
+    with torch.no_grad():
         out = decoder(enc, captions)
+        ours, theirs = sat_loss(out.logits, out.alphas, captions).item(), check.loss(feats, captions).item()
+    assert abs(ours - theirs) <= 1e-5, f"capkit loss {ours} != baseline loss {theirs}"
+
+    def capkit_step(model: ShowAttendTellDecoder) -> Tensor:
+        out = model(enc, captions)
         return sat_loss(out.logits, out.alphas, captions)
 
-    def naive_loss() -> Tensor:
-        return sat_loss(*naive(feats, captions), captions)
-
-    # same model, same batch, same loss (fp32, dropout off) before anything is timed
-    decoder.eval(), naive.eval()
-    with torch.no_grad():
-        ours, theirs = capkit_loss().item(), naive_loss().item()
-    assert abs(ours - theirs) <= 1e-5, f"capkit loss {ours} != baseline loss {theirs}"
-    decoder.train(), naive.train()
-
-    impls = {
-        "baseline": (naive_loss, torch.optim.Adam(naive.parameters(), lr=4e-4)),
-        "capkit": (capkit_loss, torch.optim.Adam(decoder.parameters(), lr=4e-4)),
-    }
+    tutorial = baseline_from(decoder).train()
+    impls = {"tutorial baseline (fp32)": (lambda: tutorial.loss(feats, captions), tutorial, None)}
+    for name, dtype in [("capkit fp32", None), *([("capkit bf16", torch.bfloat16)] if bf16 else [])]:
+        model = copy.deepcopy(decoder).train()
+        impls[name] = (partial(capkit_step, model), model, dtype)
+    optimizers = {name: torch.optim.Adam(model.parameters(), lr=4e-4) for name, (_, model, _) in impls.items()}
     times: dict[str, list[float]] = {name: [] for name in impls}
     for i in range(warmup + timed):
-        for name, (loss_fn, optimizer) in impls.items():  # interleaved: background load hits both alike
+        for name, (loss_fn, _, dtype) in impls.items():  # interleaved: background load hits all alike
             sync(device)
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = loss_fn()
-            optimizer.zero_grad(set_to_none=True)
+            optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizers[name].step()
             sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
@@ -176,12 +193,13 @@ def run(
     for name, ts in times.items():
         median = statistics.median(ts)
         rows.append({"impl": name, "step_s": median, "captions_per_s": batch / median, "all_step_s": ts})
-    speedup = rows[1]["captions_per_s"] / rows[0]["captions_per_s"]
+    base = rows[0]["captions_per_s"]
     return {
-        "device": device.type, "amp": str(amp) if amp else "fp32", "batch": batch, "grid": list(grid),
+        "device": device.type, "native_bf16": bf16, "batch": batch, "grid": list(grid),
         "channels": channels, "vocab": vocab, "dim": dim, "words": list(WORDS), "max_steps": captions.shape[1] - 1,
         "mean_steps": float((captions[:, 1:] != PAD_ID).sum(1).float().mean()), "loss_check": [ours, theirs],
-        "warmup": warmup, "timed": timed, "results": rows, "speedup": speedup,
+        "warmup": warmup, "timed": timed, "results": rows,
+        "speedup": {r["impl"]: r["captions_per_s"] / base for r in rows[1:]},
     }
 
 
@@ -190,12 +208,13 @@ def main() -> None:
     print(f"decoder training step: batch {result['batch']}, grid {result['grid'][0]}x{result['grid'][1]}x"
           f"{result['channels']}, vocab {result['vocab']}, dim {result['dim']}, "
           f"{result['words'][0]}-{result['words'][1]} "
-          f"words, {result['device']} {result['amp']}, {torch.get_num_threads()} threads, median of {result['timed']}")
+          f"words, {result['device']}, {torch.get_num_threads()} threads, median of {result['timed']}"
+          + ("" if result["native_bf16"] else "; no native bf16 here: bf16 not run"))
     print(f"same loss before timing: capkit {result['loss_check'][0]:.6f}, baseline {result['loss_check'][1]:.6f}")
-    print(f"{'implementation':<16}{'step (s)':>10}{'captions/s':>12}")
+    print(f"{'implementation':<28}{'step (s)':>10}{'captions/s':>12}{'vs tutorial':>13}")
     for r in result["results"]:
-        print(f"{r['impl']:<16}{r['step_s']:>10.3f}{r['captions_per_s']:>12.1f}")
-    print(f"speedup (capkit / baseline captions/s): {result['speedup']:.2f}x")
+        ratio = result["speedup"].get(r["impl"], 1.0)
+        print(f"{r['impl']:<28}{r['step_s']:>10.3f}{r['captions_per_s']:>12.1f}{ratio:>12.2f}x")
     write_results("bench_decoder_train", torch.device(result["device"]), result)
 
 

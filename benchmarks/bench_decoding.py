@@ -10,7 +10,8 @@ layer scaled x5 so the word distributions are peaked like a trained model's), at
 - **batched**: ``model.generate`` on all 256 images in one call (every image's beams in one tensor per step),
   and on batches of ``EVAL_BATCH`` images, the evaluator's default ``eval.batch_size``;
 - **usual implementation**: the beam search of the widely used tutorials (sgrvinod's ``caption.py`` style,
-  ``usual_beam_search`` below) on the same weights (``NaiveShowAttendTell`` of the training benchmark): one
+  ``usual_beam_search`` below) on the same weights (``TutorialShowAttendTell`` of the training benchmark, with
+  capkit's tanh score so that the captions can be compared): one
   image at a time, its features copied to every hypothesis, the encoder-side attention projection recomputed
   at every step, Python lists for the hypotheses. It is slow, so it decodes the first ``USUAL_IMAGES`` images
   and its images/s is compared with the batched search's.
@@ -35,8 +36,9 @@ import torch
 
 from torch import Tensor
 
-from benchmarks.bench_decoder_train import NaiveShowAttendTell, baseline_from
+from benchmarks.bench_decoder_train import TutorialShowAttendTell, baseline_from
 from benchmarks.common import sync, write_results
+from capkit.engine.device import cpu_has_native_bf16
 from capkit.config import EvalConfig
 from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.decoders.base import Decoder
@@ -63,7 +65,7 @@ def build(channels: int, vocab: int, dim: int, device: torch.device) -> ShowAtte
 
 
 @torch.no_grad()
-def usual_beam_search(model: NaiveShowAttendTell, feats: Tensor, beam: int, max_len: int) -> tuple[list[int], float]:
+def usual_beam_search(model: TutorialShowAttendTell, feats: Tensor, beam: int, max_len: int) -> tuple[list[int], float]:
     """Beam search over one image's features (N, C) as the widely used tutorials write it, with capkit's search
     rules (so the captions can be compared): ``<pad>`` and ``<start>`` banned, a finished hypothesis kept with
     its score frozen, ``<end>`` forced after ``max_len`` words, the best total log-probability returned."""
@@ -131,7 +133,7 @@ def run(
     def decode(beam: int, per_batch: int, amp: torch.dtype | None = amp) -> list[Hypothesis]:
         return decode_in_batches(decoder, feats, beam, per_batch, grid=grid, max_len=max_len, amp=amp)
 
-    usual = baseline_from(decoder).eval()
+    usual = baseline_from(decoder, torch.tanh).eval()
 
     def usual_images(
         beam: int, amp: torch.dtype | None = amp, images: int = USUAL_IMAGES
@@ -193,7 +195,32 @@ def run(
         })
     return {"device": device.type, "amp": str(amp) if amp else "fp32", "images": images, "per_call": list(per_call),
             "grid": list(grid), "channels": channels, "vocab": vocab, "dim": dim, "max_len": max_len,
-            "timed": timed, "results": rows}
+            "timed": timed, "results": rows,
+            "bf16": compare_bf16(decoder, feats, grid=grid, max_len=max_len, timed=timed) if device.type == "cpu"
+            else None}
+
+
+def compare_bf16(
+    decoder: ShowAttendTellDecoder, feats: Tensor, *, beam: int = 3, grid: tuple[int, int] = GRID,
+    max_len: int = MAX_LEN, timed: int = TIMED,
+) -> dict:
+    """Beam-``beam`` images/s of the batched search (all images in one call) in fp32 and under bf16 autocast
+    (``eval.amp=bf16``), interleaved, and the share of images whose caption is the same in both; None where the
+    CPU has no native bf16 (it would be emulated, slower)."""
+    if not cpu_has_native_bf16():
+        return {"native_bf16": False}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    out: dict[str, list[Hypothesis]] = {}
+    for i in range(1 + timed):
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            start = time.perf_counter()
+            out[name] = decode_in_batches(decoder, feats, beam, len(feats), grid=grid, max_len=max_len, amp=dtype)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    same = sum(a.tokens == b.tokens for a, b in zip(out["fp32"], out["bf16"])) / len(feats)
+    img_s = {name: len(feats) / statistics.median(ts) for name, ts in times.items()}
+    return {"native_bf16": True, "beam": beam, "img_s": img_s, "all_s": times, "speedup": img_s["bf16"] / img_s["fp32"],
+            "same_captions": same}
 
 
 def decode_in_batches(
@@ -320,6 +347,13 @@ def main() -> None:
     print("usual: the tutorials' per-image beam search (attention projection recomputed per step); 1-at-a-time: "
           "capkit's search on one image per call;\nall captions identical (asserted); GEMM ceiling: per-row speed "
           f"of the LSTM's (rows, 2560) x (2560, 2048) product with {first} x beam rows over beam rows, on this machine")
+    bf16 = result["bf16"]
+    if bf16 and bf16["native_bf16"]:
+        print(f"beam {bf16['beam']}, {result['images']} images per call: fp32 {bf16['img_s']['fp32']:.1f} img/s, bf16 "
+              f"autocast {bf16['img_s']['bf16']:.1f} img/s ({bf16['speedup']:.2f}x); same caption for "
+              f"{bf16['same_captions']:.1%} of the images")
+    elif bf16 is not None:
+        print("no native bf16 on this CPU: the bf16 comparison is not run")
     write_results("bench_decoding", torch.device(result["device"]), result)
 
 

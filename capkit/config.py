@@ -105,6 +105,7 @@ class EvalConfig:
     beam_size: int = 3
     max_len: int = 16
     length_penalty: float = 0.0
+    amp: str = "none"  # decoding precision: none (fp32) | bf16 (CPUs with native bf16, or CUDA) | auto | fp16
     batch_size: int = 128  # images per beam-search call (no activations kept: larger than training's pays)
     tokenizer: str = "ptb"  # before the COCO metrics: ptb (Java, the COCO pipeline) | python (no Java) | none
     every_epochs: int = 1
@@ -231,6 +232,7 @@ RULES: dict[str, tuple] = {
     "train.encoder_lr": _positive(),
     "train.patience": _at_least(1),
     "train.amp": _one_of("auto", "bf16", "fp16", "none"),
+    "eval.amp": _one_of("auto", "bf16", "fp16", "none"),
     "train.max_steps": _at_least(1),
     "eval.beam_size": _at_least(1),
     "eval.max_len": _at_least(1),

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from capkit.errors import DeviceUnavailableError
 from capkit.engine import (
     BestCheckpointHook,
     EarlyStoppingHook,
@@ -111,7 +112,14 @@ def test_device_and_amp_choice(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_amp_dtype("auto", cpu) is None and resolve_amp_dtype("none", cpu) is None
+    from capkit.engine import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
     assert resolve_amp_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)  # AVX2 only: bf16 is emulated
+    with pytest.raises(DeviceUnavailableError, match=r"^eval.amp=bf16: this CPU \(.+\) has no native bf16 arithmetic "
+                       r"\(AVX-512 BF16 or AMX\), where torch emulates it more slowly than fp32; use eval.amp=none$"):
+        resolve_amp_dtype("bf16", cpu, key="eval.amp")
     with pytest.raises(ValueError, match="amp=fp16 needs a CUDA device"):
         resolve_amp_dtype("fp16", cpu)
     with pytest.raises(ValueError, match="amp must be one of auto, bf16, fp16, none, got 'half'"):

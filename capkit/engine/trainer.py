@@ -76,7 +76,7 @@ class Trainer:
         max_steps: int | None = None,
     ):
         self.device = resolve_device(device)
-        self.amp_dtype = resolve_amp_dtype(amp, self.device)
+        self.amp_dtype = resolve_amp_dtype(amp, self.device, key="train.amp")
         self.channels_last = channels_last and self.device.type == "cuda"
         self.module = model.to(self.device)
         if self.channels_last:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from capkit.engine.device import autocast
 from capkit.errors import JavaNotFoundError
 from capkit.evaluation.coco import TOKENIZERS
 from capkit.evaluation.metric import (
@@ -168,17 +169,19 @@ def _tokenize_pairs(
 
 
 def decode_batches(
-    model: Captioner, loader: Iterable[CaptionBatch], *, beam_size: int, max_len: int, length_penalty: float
+    model: Captioner, loader: Iterable[CaptionBatch], *, beam_size: int, max_len: int, length_penalty: float,
+    precision: torch.dtype | None = None,
 ) -> Iterator[tuple[CaptionBatch, Generation]]:
-    """Each batch (moved to the model's device) with its beam search result, in eval mode and without gradients;
-    the model's mode is restored when the iteration ends."""
+    """Each batch (moved to the model's device) with its beam search result, in eval mode and without gradients,
+    under autocast to ``precision`` when given (``resolve_amp_dtype(cfg.eval.amp, ...)``); the model's mode is
+    restored when the iteration ends."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for batch in loader:
             batch = batch.to(device)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision, device):
                 generation = model.generate(
                     batch.images, batch.features, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty
                 )
@@ -196,11 +199,12 @@ def run_evaluation(
     max_len: int,
     length_penalty: float,
     decode: Callable[[list[int]], str],
+    precision: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Caption every batch with beam search in eval mode (``decode_batches``), then score."""
     evaluator.reset()
     for batch, generation in decode_batches(
-        model, loader, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty
+        model, loader, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, precision=precision
     ):
         evaluator.process(batch, generation, decode)
     return evaluator.evaluate()

@@ -31,6 +31,7 @@ from capkit.data.images import open_image
 from capkit.data.transforms import build_transform, visible_region
 from capkit.data.vocab import Vocabulary
 from capkit.engine.checkpoint import load_checkpoint
+from capkit.engine.device import autocast, resolve_amp_dtype
 from capkit.errors import CheckpointError, ComponentNotFoundError, OutputPathError, WeightsUnavailableError
 from capkit.models.captioner import Captioner
 from capkit.pretrained import format as fmt
@@ -118,6 +119,12 @@ class TrainedCaptioner:
         if not math.isfinite(settings["length_penalty"]):
             raise ValueError(f"length_penalty must be a finite number, got {settings['length_penalty']!r}")
         return settings
+
+    @property
+    def precision(self) -> torch.dtype | None:
+        """The autocast dtype of its decoding (``config.eval.amp``: bf16 where the device computes it natively),
+        or None for fp32."""
+        return resolve_amp_dtype(self.config.eval.get("amp", "none"), self.device, key="eval.amp")
 
     @property
     def architecture(self) -> str:
@@ -350,7 +357,7 @@ class TrainedCaptioner:
             raise ValueError(f"n_best must be a whole number from 1 to the beam size ({beam_size}), got {n_best!r}")
         if inputs is None:
             inputs = torch.stack([self.transform(picture) for picture, _ in pictures])
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.precision, self.device):
             parts = [self.model.encode(chunk.to(self.device)) for chunk in inputs.split(ENCODER_CHUNK)]
             features = EncoderOutput(torch.cat([part.feats for part in parts]), parts[0].grid)  # (B, N, C)
             generation = self.model.generate(features=features, beam_size=beam_size, max_len=max_len,
@@ -361,7 +368,7 @@ class TrainedCaptioner:
             results.append(CaptionResult(
                 caption=self.vocab.decode(best.tokens), score=float(best.score),
                 words=[self.vocab.itos[t] for t in best.tokens],
-                attention=best.alphas.detach().cpu().view(-1, *generation.grid),
+                attention=best.alphas.detach().float().cpu().view(-1, *generation.grid),
                 image=picture, region=visible_region(*picture.size, self.preprocessing), hypothesis=best,
                 source=source,
                 n_best=[(self.vocab.decode(h.tokens), float(h.score)) for h in hyps] if n_best > 1 else [],

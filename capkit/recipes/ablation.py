@@ -167,7 +167,7 @@ def _score(run: RunDir, split_name: str, plugins: list[str]) -> dict[str, Any]:
         evaluator.use_training_captions(known)
     captions, started = {}, time.perf_counter()
     # one timed decoding pass gives the speed, the scored captions and the grounding
-    for batch, generation in decode_batches(model, loader, **trained.decoding):
+    for batch, generation in decode_batches(model, loader, precision=trained.precision, **trained.decoding):
         captions.update(zip(batch.image_ids, generation.best))
         evaluator.process(batch, generation, trained.vocab.decode)
     images_per_s = len(split.records) / (time.perf_counter() - started)

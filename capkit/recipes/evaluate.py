@@ -70,7 +70,8 @@ def score_checkpoint(
         captions = training_captions(trained, dataset_overrides)
         if captions is not None:
             evaluator.use_training_captions(captions)
-    run_evaluation(trained.model, loader, evaluator, decode=trained.vocab.decode, **decoding)
+    run_evaluation(trained.model, loader, evaluator, decode=trained.vocab.decode, precision=trained.precision,
+                   **decoding)
     result = evaluator.result
     scored = Scored(
         evaluator.hypotheses, evaluator.references, result.scores, result.per_image,

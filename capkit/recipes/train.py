@@ -47,6 +47,7 @@ from capkit.engine import (
     load_optimizer_moments,
     seed_everything,
 )
+from capkit.engine.device import resolve_amp_dtype, resolve_device
 from capkit.engine.distributed import broadcast_object, rank_zero_first
 from capkit.engine.monitor import CaptionSample, CaptionSamplesHook, HParamsHook, TensorBoard, flatten_hparams
 from capkit.engine.run_dir import BEST, LAST
@@ -111,6 +112,9 @@ def check_settings(cfg: DictConfig) -> CaptionEvaluator:
     t, e = cfg.train, cfg.eval
     if t.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective is {t.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    device = resolve_device(t.device)
+    resolve_amp_dtype(t.amp, device, key="train.amp")  # bf16 where the device cannot: refused now
+    resolve_amp_dtype(e.amp, device, key="eval.amp")
     evaluator = CaptionEvaluator(list(e.metrics), tokenizer=e.tokenizer)
     evaluator.check_runtime()
     if not evaluator.reports(t.early_stop_metric):
@@ -308,8 +312,11 @@ def train(exp: Experiment, command: str | None = None) -> Trainer:
         train_loader = build_train_loader_for(cfg, exp.train_split, model.encoder, exp.vocab, dist)
         val_loader = build_eval_loader_for(cfg, exp.val_split, model.encoder, dist.device, e.max_images)
 
+    precision = resolve_amp_dtype(e.amp, dist.device, key="eval.amp")
+
     def evaluate(m: Captioner) -> dict[str, float]:
-        return run_evaluation(m, val_loader, exp.evaluator, decode=exp.vocab.decode, **decoding_settings(e))
+        return run_evaluation(m, val_loader, exp.evaluator, decode=exp.vocab.decode, precision=precision,
+                              **decoding_settings(e))
 
     optimizer = build_optimizer(model, lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay)
     if exp.initial is not None and not load_optimizer_moments(optimizer, exp.initial["optimizer"]):
@@ -352,7 +359,8 @@ def test(exp: Experiment, model: Captioner, samples: int = 5) -> dict[str, float
     loader = build_eval_loader_for(cfg, loaded, model.encoder, exp.dist.device)
     evaluator = exp.evaluator
     decoding = decoding_settings(cfg.eval)
-    metrics = run_evaluation(model, loader, evaluator, decode=exp.vocab.decode, **decoding)
+    metrics = run_evaluation(model, loader, evaluator, decode=exp.vocab.decode,
+                             precision=resolve_amp_dtype(cfg.eval.amp, exp.dist.device, key="eval.amp"), **decoding)
     run.record(run.split_metrics(split), run.split_captions(split), run.split_per_image(split))  # before: a kill
     run.split_metrics(split).write_text(json.dumps(metrics, indent=2) + "\n")                 # leaves none unlisted
     evaluator.save(run.split_captions(split), run.split_per_image(split))

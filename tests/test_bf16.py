@@ -1,0 +1,53 @@
+"""bf16 on the CPU: training steps and decoding under autocast where the CPU computes bf16 natively (AVX-512
+BF16 or AMX), refused in one line where it does not."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capkit.cli import train as train_cli
+from capkit.data import load_split
+from capkit.engine.device import cpu_has_native_bf16
+from capkit.pretrained import TrainedCaptioner
+from toys import TINY_SHAPES_CONFIG, make_trainer
+
+native = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 or AMX)")
+
+
+@native
+def test_bf16_training_steps_lower_the_loss_in_finite_numbers():
+    trainer = make_trainer(amp="bf16")
+    assert trainer.amp_dtype is torch.bfloat16
+    batch = next(iter(trainer.train_loader))
+    trainer.model.train()
+    losses = [trainer.train_step(batch) for _ in range(8)]  # one batch, eight steps: the loss must fall
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0], losses
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast: fp32 weights
+
+
+@native
+def test_bf16_decoding_gives_the_fp32_captions_for_most_images(tiny_run):
+    model = TrainedCaptioner.from_checkpoint(tiny_run.best)
+    images = [r.open() for r in load_split({"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 40,
+                                            "image_size": 64}, "test").records]
+    fp32 = model.caption(images)
+    model.config.eval.amp = "bf16"
+    assert model.precision is torch.bfloat16
+    bf16 = model.caption(images)
+    agree = sum(a.caption == b.caption for a, b in zip(fp32, bf16)) / len(images)
+    assert agree >= 0.9, f"bf16 and fp32 captions agree on {agree:.0%} of the images"
+    assert all(r.attention.dtype == torch.float32 for r in bf16)
+
+
+def test_bf16_on_a_cpu_without_it_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from capkit.engine import device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    assert train_cli.main([str(tmp_path / "tiny.yaml"), f"train.output_dir={tmp_path / 'runs'}", "train.amp=bf16",
+                           "train.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capkit train: error: train.amp=bf16: this CPU (") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
