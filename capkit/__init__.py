@@ -6,7 +6,7 @@ from capkit.builder import build_captioner
 from capkit.config import load_config, save_config
 from capkit.errors import CapkitError
 from capkit.models.captioner import Captioner
-from capkit.pretrained import CaptionResult, TrainedCaptioner, from_pretrained
+from capkit.pretrained import CaptionResult, TrainedCaptioner, ensemble, from_pretrained
 from capkit.registry import ATTENTIONS, DATASETS, DECODERS, ENCODERS, METRICS, REGISTRIES, Registry
 from capkit.types import DecoderOutput, EncoderOutput, Generation, Hypothesis
 
@@ -29,6 +29,7 @@ __all__ = [
     "Registry",
     "TrainedCaptioner",
     "build_captioner",
+    "ensemble",
     "from_pretrained",
     "load_config",
     "save_config",

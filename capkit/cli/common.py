@@ -20,6 +20,7 @@ __all__ = [
     "add_decoding_flags",
     "positive_int",
     "load_model_from_args",
+    "model_name",
     "check_output",
     "parse_overrides",
     "print_scores",
@@ -48,10 +49,11 @@ def add_model_flags(parser: argparse.ArgumentParser, *, default: str | None = DE
     """``--model NAME|DIR`` (or ``--checkpoint DIR``), ``--revision``, ``--device`` and ``--plugin``."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
-        "--model", metavar="NAME|DIR", help="a saved model directory, an installed pretrained model or a Hugging Face "
-        "Hub repo id" + (f" (default: {default})" if default else ""),
+        "--model", metavar="NAME|DIR", action="append", help="a saved model directory, an installed pretrained model "
+        "or a Hugging Face Hub repo id" + (f" (default: {default})" if default else "") + "; repeated: an ensemble",
     )
-    which.add_argument("--checkpoint", metavar="DIR", help="a training checkpoint, e.g. RUN_DIR/checkpoints/best")
+    which.add_argument("--checkpoint", metavar="DIR", action="append",
+                       help="a training checkpoint, e.g. RUN_DIR/checkpoints/best; repeated: an ensemble")
     parser.add_argument("--revision", help="the Hub revision (branch, tag or commit) of --model")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     add_plugin_flag(parser)
@@ -78,26 +80,37 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """The model that ``add_model_flags``' flags name, on the device they ask for."""
+    """The model that ``add_model_flags``' flags name, on the device they ask for; several ``--model`` (or
+    ``--checkpoint``) flags make an ensemble of them."""
     # imported here: every command imports this module, and ``capkit train`` needs none of these
     from capkit.engine.device import resolve_device
+    from capkit.pretrained.ensemble import ensemble
+
+    device = resolve_device(args.device)
+    names = args.checkpoint or args.model or [args.default_model]
+    models = [_load_one(args, name, device) for name in names]
+    model = models[0] if len(models) == 1 else ensemble(models)
+    logging.getLogger("capkit").info("model: %s%s (%s)", " + ".join(map(str, names)),
+                                     "" if args.checkpoint or args.model else " (the default)", model.architecture)
+    return model
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """What ``add_model_flags``' flags name, in words: ``a + b`` for an ensemble."""
+    return " + ".join(map(str, args.checkpoint or args.model or [args.default_model]))
+
+
+def _load_one(args: argparse.Namespace, name: str | None, device):
     from capkit.errors import ModelNotFoundError
     from capkit.pretrained.model import TrainedCaptioner
     from capkit.recipes.inference import load_trained
 
-    device = resolve_device(args.device)
-    if args.checkpoint is not None:
-        model = load_trained(args.checkpoint, device, plugins=args.plugin)
-        logging.getLogger("capkit").info("model: %s (%s)", args.checkpoint, model.architecture)
-        return model
-    name = args.model or args.default_model
+    if args.checkpoint:
+        return load_trained(name, device, plugins=args.plugin)
     if name is None:
         raise ModelNotFoundError("give a model: --model NAME|DIR or --checkpoint DIR")
     try:
-        model = TrainedCaptioner.from_pretrained(name, device=device, revision=args.revision, plugins=args.plugin)
-        logging.getLogger("capkit").info("model: %s%s (%s)", name, "" if args.model else " (the default)",
-                                         model.architecture)
-        return model
+        return TrainedCaptioner.from_pretrained(name, device=device, revision=args.revision, plugins=args.plugin)
     except ModelNotFoundError as err:
         if args.model is None:  # the default is missing: say how to get it
             raise ModelNotFoundError(

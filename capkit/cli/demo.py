@@ -7,7 +7,7 @@ import logging
 import sys
 
 from capkit.cli.common import add_debug_flag, add_model_flags, command, configure_logging, load_model_from_args, \
-    positive_int
+    model_name, positive_int
 from capkit.serve.settings import ServeSettings
 
 log = logging.getLogger("capkit.demo")
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels, timeout=args.timeout,
         max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
-        model_name=args.model or args.checkpoint or args.default_model,
+        model_name=model_name(args),
     )
     if not is_loopback(args.host):
         log.warning("listening on %s: anyone who can reach this machine can use the model", args.host)

@@ -25,6 +25,7 @@ from capkit.cli.common import (
     command,
     configure_logging,
     load_model_from_args,
+    model_name,
     parse_overrides,
     print_scores,
 )
@@ -113,12 +114,12 @@ def run(args: argparse.Namespace) -> int:
         model = load_model_from_args(args)
         gallery_dir = args.gallery_dir
         if args.gallery and gallery_dir is None:  # beside the run, or here for a model that has no run
-            gallery_dir = RunDir.of_checkpoint(args.checkpoint).gallery(args.split) if args.checkpoint else \
-                Path(f"gallery_{args.split}")
+            gallery_dir = RunDir.of_checkpoint(args.checkpoint[0]).gallery(args.split) \
+                if args.checkpoint and len(args.checkpoint) == 1 else Path(f"gallery_{args.split}")
         scored = score_checkpoint(
             evaluator, model, args.split, beam_size=args.beam, max_len=args.max_len,
             length_penalty=args.length_penalty, dataset_overrides=parse_overrides(args.data),
-            gallery=args.gallery, gallery_dir=gallery_dir, name=str(args.checkpoint or args.model),
+            gallery=args.gallery, gallery_dir=gallery_dir, name=model_name(args),
         )
         log.info("decoding: %s (%s)", describe_decoding(scored.decoding),
                  "the model's settings" if scored.decoding == model.decoding else "flags over the model's settings")
