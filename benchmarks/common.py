@@ -8,18 +8,21 @@ from pathlib import Path
 
 import torch
 
+from capkit.engine.device import cpu_has_native_bf16
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    """CPU model and the vector instructions torch uses on it, cores, threads, torch and Python versions, load
-    average and the CUDA device (if any)."""
+    """CPU model, the vector instructions torch uses on it and whether it computes bf16 natively, cores,
+    threads, torch and Python versions, load average and the CUDA device (if any)."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": cpu_has_native_bf16(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "load_average_1min": os.getloadavg()[0],
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
