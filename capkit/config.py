@@ -83,7 +83,8 @@ class TrainConfig:
     scst_end_token: bool = True
     label_smoothing: float = 0.0
     aux_loss_weights: dict[str, float] = field(default_factory=lambda: {"doubly_stochastic": 1.0})
-    scheduler: str = "plateau"  # plateau | cosine | none
+    scheduler: str = "plateau"  # plateau | cosine | warmup_cosine (per step, after warmup_steps) | none
+    warmup_steps: int = 0  # linear warm-up of warmup_cosine, in optimizer steps
     lr_decay: float = 0.8
     lr_patience: int = 2
     finetune_encoder_from_epoch: Optional[int] = None
@@ -225,7 +226,8 @@ RULES: dict[str, tuple] = {
     "train.objective": _one_of("xent", "scst"),
     "train.scst_samples": _at_least(2),
     "train.label_smoothing": ((lambda v: 0 <= v < 1), "it must be in [0, 1)"),
-    "train.scheduler": _one_of("plateau", "cosine", "none"),
+    "train.scheduler": _one_of("plateau", "cosine", "warmup_cosine", "none"),
+    "train.warmup_steps": _at_least(0),
     "train.lr_decay": ((lambda v: 0 < v <= 1), "it must be in (0, 1]"),
     "train.lr_patience": _at_least(0),
     "train.finetune_encoder_from_epoch": _at_least(0),

@@ -163,10 +163,34 @@ def test_build_scheduler():
     plateau.step(1.0)
     plateau.step(0.5)  # worse, patience 0: halve
     assert opt.param_groups[0]["lr"] == 0.5
-    with pytest.raises(ValueError, match="unknown scheduler 'step'; choose one of plateau, cosine, none"):
+    with pytest.raises(ValueError, match="unknown scheduler 'step'; choose one of plateau, cosine, warmup_cosine, none"):
         build_scheduler(opt, "step", epochs=4)
     with pytest.raises(ValueError, match="needs the validation metric"):
         LRSchedulerHook(plateau)
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_zero_step_by_step():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = build_scheduler(opt, "warmup_cosine", epochs=2, steps_per_epoch=5, warmup_steps=4)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(10):
+        opt.step()
+        schedule.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    # warm-up: 2 * (s + 1) / 4 for steps 0..3; then 2 * (1 + cos(pi * (s - 4) / 6)) / 2 down to 0 at step 10
+    expected = [0.5, 1.0, 1.5, 2.0] + [1.0 + math.cos(math.pi * k / 6) for k in range(7)]
+    assert lrs == pytest.approx(expected)
+    with pytest.raises(ValueError, match="warmup_cosine schedule needs the number of steps per epoch"):
+        build_scheduler(opt, "warmup_cosine", epochs=2)
+
+
+def test_a_per_step_schedule_moves_the_learning_rate_at_every_step():
+    trainer = make_trainer(epochs=1)  # 16 captions, batches of 4: 4 steps
+    schedule = build_scheduler(trainer.optimizer, "warmup_cosine", epochs=1, steps_per_epoch=4, warmup_steps=2)
+    trainer.hooks.append(LRSchedulerHook(schedule, per_step=True))
+    trainer.fit()
+    assert trainer.global_step == 4 and schedule.last_epoch == 4
+    assert all(g["lr"] == pytest.approx(0.0, abs=1e-12) for g in trainer.optimizer.param_groups)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------

@@ -213,21 +213,26 @@ class EarlyStoppingHook(Hook):
 
 
 class LRSchedulerHook(Hook):
-    """Steps an LR scheduler (``build_scheduler``): ReduceLROnPlateau on each evaluation's ``metric``, any
-    other scheduler once per epoch. Its state is saved in checkpoints."""
+    """Steps an LR scheduler (``build_scheduler``): ReduceLROnPlateau on each evaluation's ``metric``, a
+    ``per_step`` one (warm-up schedules) after every optimizer step, any other once per epoch. Its state is
+    saved in checkpoints."""
 
-    def __init__(self, scheduler: LRScheduler | ReduceLROnPlateau, metric: str | None = None):
+    def __init__(self, scheduler: LRScheduler | ReduceLROnPlateau, metric: str | None = None, per_step: bool = False):
         self.plateau = isinstance(scheduler, ReduceLROnPlateau)
         if self.plateau and metric is None:
             raise ValueError("a ReduceLROnPlateau schedule needs the validation metric it watches (metric=...)")
-        self.scheduler, self.metric = scheduler, metric
+        self.scheduler, self.metric, self.per_step = scheduler, metric, per_step
 
     def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if self.plateau:
             self.scheduler.step(_metric(metrics, self.metric, self.name))
 
+    def after_step(self, trainer: Trainer, loss: float) -> None:
+        if self.per_step:
+            self.scheduler.step()
+
     def after_epoch(self, trainer: Trainer) -> None:
-        if not self.plateau:
+        if not self.plateau and not self.per_step:
             self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:

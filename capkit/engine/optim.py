@@ -1,16 +1,18 @@
 """Optimizer and learning-rate schedule builders, from typed arguments."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, ReduceLROnPlateau
 
 __all__ = [
     "ENCODER_GROUP",
+    "PER_STEP_SCHEDULERS",
     "SCHEDULERS",
     "build_optimizer",
     "build_scheduler",
@@ -20,7 +22,8 @@ __all__ = [
 ]
 
 ENCODER_GROUP = "encoder"  # name of the optimizer param group that holds the trainable encoder parameters
-SCHEDULERS = ("plateau", "cosine", "none")
+SCHEDULERS = ("plateau", "cosine", "warmup_cosine", "none")
+PER_STEP_SCHEDULERS = ("warmup_cosine",)  # stepped after every optimizer step; the others after every epoch
 
 
 def build_optimizer(
@@ -66,15 +69,21 @@ def build_scheduler(
     factor: float = 0.8,
     patience: int = 2,
     mode: str = "max",
+    steps_per_epoch: int | None = None,
+    warmup_steps: int = 0,
 ) -> LRScheduler | ReduceLROnPlateau | None:
     """The LR schedule ``name``, stepped by ``LRSchedulerHook``.
 
     Args:
         name: ``plateau`` (multiply the LR by ``factor`` after ``patience`` evaluations without improvement of
-            the validation metric), ``cosine`` (cosine decay to 0 over ``epochs``, stepped per epoch) or ``none``.
-        epochs: length of the run (cosine).
+            the validation metric), ``cosine`` (cosine decay to 0 over ``epochs``, stepped per epoch),
+            ``warmup_cosine`` (linear warm-up from 0 over ``warmup_steps`` optimizer steps, then cosine decay to 0
+            at the end of the last epoch, stepped per optimizer step: the Transformer's schedule) or ``none``.
+        epochs: length of the run (cosine, warmup_cosine).
         factor, patience: ReduceLROnPlateau's decay factor and patience (in evaluations).
         mode: ``max`` when a larger validation metric is better (CIDEr, BLEU), else ``min``.
+        steps_per_epoch: optimizer steps per epoch (warmup_cosine).
+        warmup_steps: steps of the linear warm-up (warmup_cosine).
 
     Returns:
         The scheduler, or None for ``none``.
@@ -83,6 +92,17 @@ def build_scheduler(
         return ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience)
     if name == "cosine":
         return CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "warmup_cosine":
+        if not steps_per_epoch:
+            raise ValueError("the warmup_cosine schedule needs the number of steps per epoch")
+        total = max(epochs * steps_per_epoch, warmup_steps + 1)
+
+        def factor_at(step: int) -> float:  # the multiplier of each group's learning rate after ``step`` steps
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / (total - warmup_steps)))
+
+        return LambdaLR(optimizer, factor_at)
     if name == "none":
         return None
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")

@@ -48,6 +48,7 @@ from capkit.engine import (
     seed_everything,
 )
 from capkit.engine.device import resolve_amp_dtype, resolve_device
+from capkit.engine.optim import PER_STEP_SCHEDULERS
 from capkit.engine.distributed import broadcast_object, rank_zero_first
 from capkit.engine.monitor import CaptionSample, CaptionSamplesHook, HParamsHook, TensorBoard, flatten_hparams
 from capkit.engine.run_dir import BEST, LAST
@@ -250,7 +251,8 @@ def build_hooks(exp: Experiment, evaluate_fn, scheduler) -> list[Hook]:
         hooks.append(EncoderFinetuneHook(t.finetune_encoder_from_epoch))
     hooks += [DistributedDataParallelHook(), EvalHook(evaluate_fn, every_epochs=e.every_epochs)]
     if scheduler is not None:
-        hooks.append(LRSchedulerHook(scheduler, metric=t.early_stop_metric))
+        hooks.append(LRSchedulerHook(scheduler, metric=t.early_stop_metric,
+                                     per_step=t.scheduler in PER_STEP_SCHEDULERS))
     hooks.append(EarlyStoppingHook(t.early_stop_metric, t.patience))
     tensorboard = TensorBoard(exp.run)  # one writer for the hooks that show the run
     hooks += [LoggingHook(exp.run, tensorboard=tensorboard), build_hparams_hook(exp, tensorboard)]
@@ -322,7 +324,8 @@ def train(exp: Experiment, command: str | None = None) -> Trainer:
     if exp.initial is not None and not load_optimizer_moments(optimizer, exp.initial["optimizer"]):
         log.info("train.init_from: the optimizer state does not fit this run's trainable parameters; fresh state")
     scheduler = build_scheduler(
-        optimizer, t.scheduler, epochs=t.epochs, factor=t.lr_decay, patience=t.lr_patience, mode="max"
+        optimizer, t.scheduler, epochs=t.epochs, factor=t.lr_decay, patience=t.lr_patience, mode="max",
+        steps_per_epoch=len(train_loader), warmup_steps=t.warmup_steps,
     )
     trainer = Trainer(
         model, optimizer, train_loader, epochs=t.epochs, hooks=build_hooks(exp, evaluate, scheduler),
