@@ -1,5 +1,5 @@
 """``capkit <command> [args]`` (also ``python -m capkit``): list, train, evaluate, convert, caption, visualize,
-ablate."""
+ablate, export."""
 from __future__ import annotations
 
 import importlib
@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": "capkit.cli.evaluate",
     "convert": "capkit.cli.convert",
     "ablate": "capkit.cli.ablate",
+    "export": "capkit.cli.export",
 }
 
 

@@ -21,12 +21,14 @@ float32 in the graph (files half the size; the arithmetic stays float32).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,11 @@ SUPPORTED_CROP_MODES = ("center", "squash")  # the timm eval transforms the runt
 # onnxruntime against the model on the same inputs, at export time (optimum's default atol is 1e-5 on small
 # outputs; a deep encoder's float32 features differ more between two kernels' summation orders)
 RTOL, ATOL = 1e-3, 1e-4
-# float16 weights change the outputs by the weights' rounding: only gross errors are refused
+# float16 weights change the outputs by the weights' rounding (a few per cent of an encoder's features): only
+# gross errors are refused
 FP16_RTOL, FP16_ATOL = 1e-1, 1e-1
+FP16_MIN_ELEMENTS = 1024  # smaller weights (biases, normalisation scales) stay float32: precision at no cost in size
+QUIET_LOGGERS = ("onnxscript", "onnx_ir")  # the ONNX translation logs every optimisation pass at INFO
 EXAMPLE_BATCH = 2  # 0 and 1 would be specialised by torch.export, so examples have 2 rows and 2 past steps
 EXAMPLE_STEPS = 2
 
@@ -115,23 +120,25 @@ class ExportSummary:
 
 
 def export_onnx(
-    model: TrainedCaptioner, directory: str | os.PathLike, *, fp16: bool = False, opset: int | None = None
+    model: TrainedCaptioner, directory: str | os.PathLike, *, fp16: bool = False, opset: int | None = None,
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Write ``model`` as ONNX graphs and ``config.json`` into ``directory`` (see the module docstring); the
-    graphs are checked against the model before the call returns.
+    graphs are checked against the model before the call returns, and written there only then. ``overwrite``
+    replaces the files of an earlier export; otherwise ``directory`` must be new or empty.
 
     Raises:
         MissingDependencyError: onnx, onnxscript or onnxruntime is not installed.
         ExportError: a component cannot be exported (the message names it and why), the preprocessing is one the
             runtime cannot reproduce, or the graphs' outputs differ from the model's.
-        OutputPathError: ``directory`` cannot be written.
+        OutputPathError: ``directory`` cannot be written, or holds files and ``overwrite`` is not set.
     """
     onnx, ort = _onnx_modules()
     _check_preprocessing(model.preprocessing)
     captioner = model.model.to("cpu").eval()
     decoder = captioner.decoder
     target = Path(directory)
-    _prepare_directory(target)
+    _prepare_directory(target, overwrite)
 
     torch.manual_seed(0)
     _, height, width = model.preprocessing["input_size"]
@@ -164,7 +171,7 @@ def export_onnx(
         ),
     }
     summary = ExportSummary(target, {})
-    with tempfile.TemporaryDirectory(prefix="capkit-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="capkit-export-") as tmp, _quiet(QUIET_LOGGERS):
         for role, (graph, args, dynamic, inputs, outputs) in roles.items():
             path = Path(tmp) / GRAPH_FILES[role]
             _export_graph(role, graph, args, dynamic, inputs, outputs, path, model, opset)
@@ -203,6 +210,20 @@ def export_onnx(
     return summary
 
 
+@contextlib.contextmanager
+def _quiet(names: Sequence[str]) -> Iterator[None]:
+    """These loggers at WARNING within."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _onnx_modules():
     try:
         import onnx
@@ -223,9 +244,12 @@ def _check_preprocessing(preprocessing: Mapping[str, Any]) -> None:
         )
 
 
-def _prepare_directory(target: Path) -> None:
+def _prepare_directory(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{target}: is a file; give a folder for the exported model")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputPathError(f"{target}: not empty; give a new folder, or --overwrite (overwrite=True) to replace "
+                              f"the export there")
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -371,14 +395,15 @@ def _validate(
 
 
 def _store_float16(onnx: Any, path: Path) -> None:
-    """Rewrite the graph with its float32 weights stored as float16, each cast back to float32 where it is read."""
+    """Rewrite the graph with its float32 weights of at least ``FP16_MIN_ELEMENTS`` stored as float16, each cast
+    back to float32 where it is read."""
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(path))
     graph = model.graph
     kept, casts = [], []
     for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS:
             kept.append(init)
             continue
         half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16")
