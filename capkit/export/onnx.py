@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -57,7 +58,10 @@ RTOL, ATOL = 1e-3, 1e-4
 # gross errors are refused
 FP16_RTOL, FP16_ATOL = 1e-1, 1e-1
 FP16_MIN_ELEMENTS = 1024  # smaller weights (biases, normalisation scales) stay float32: precision at no cost in size
-QUIET_LOGGERS = ("onnxscript", "onnx_ir")  # the ONNX translation logs every optimisation pass at INFO
+# the ONNX translation logs every optimisation pass at INFO; torch.export warns of a failure that the ExportError
+# names in one line
+QUIET_LOGGERS = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING,
+                 "torch.fx.experimental.symbolic_shapes": logging.CRITICAL, "torch.export": logging.CRITICAL}
 EXAMPLE_BATCH = 2  # 0 and 1 would be specialised by torch.export, so examples have 2 rows and 2 past steps
 EXAMPLE_STEPS = 2
 
@@ -211,12 +215,12 @@ def export_onnx(
 
 
 @contextlib.contextmanager
-def _quiet(names: Sequence[str]) -> Iterator[None]:
-    """These loggers at WARNING within."""
-    loggers = [logging.getLogger(name) for name in names]
+def _quiet(levels_by_name: Mapping[str, int]) -> Iterator[None]:
+    """These loggers at these levels within."""
+    loggers = [logging.getLogger(name) for name in levels_by_name]
     levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
+    for logger, level in zip(loggers, levels_by_name.values()):
+        logger.setLevel(level)
     try:
         yield
     finally:
@@ -289,8 +293,8 @@ def _export_graph(
     model: TrainedCaptioner, opset: int | None,
 ) -> None:
     """torch.export, then the ONNX translation; a failure of either is one ExportError naming the component."""
-    try:
-        with torch.no_grad():
+    try:  # a failing torch.export prints the partial graph to stderr: the ExportError says it in one line
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             program = torch.export.export(graph, args, dynamic_shapes=dynamic, strict=False)
     except Exception as err:  # noqa: BLE001  (any failure of the tracer is the component's)
         raise ExportError(f"{_describe(model, _culprit(err, model, role))} cannot be exported to ONNX: "
