@@ -7,7 +7,8 @@ preprocessed once for each runtime (the same Pillow resize and crop), then both 
 model's beam (3) in one call each: PyTorch ``TrainedCaptioner.caption_pictures`` (encoder in chunks of 16, then
 the batched beam search) and onnxruntime ``OnnxCaptioner.caption_pixels`` (the same chunks, the numpy twin of the
 search). One warm-up each, then ``TIMED`` passes interleaved; the median is reported. Both use every core
-(torch's and onnxruntime's default thread counts). The captions of the two are compared too.
+(torch's and onnxruntime's default thread counts), or ``--threads N`` each. The captions of the two are compared
+too.
 
 Parity (``python -m benchmarks.bench_export --parity``): ``PARITY_IMAGES`` dev photos at beams 1 and 3, for the
 shipped model and for a Transformer-decoder model (the same encoder and vocabulary, a 2-layer decoder with random
@@ -107,9 +108,11 @@ def run_parity(count: int) -> None:
                                                                "models": results})
 
 
-def main(count: int = IMAGES) -> None:
+def main(count: int = IMAGES, threads: int | None = None) -> None:
     from capkit_onnx import OnnxCaptioner
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     photos, source = pictures(count)
     model = capkit.from_pretrained(MODEL)
     decoding = model.decoding
@@ -118,7 +121,7 @@ def main(count: int = IMAGES) -> None:
         summary = export_onnx(model, Path(tmp) / "fp32")
         export_s = time.perf_counter() - start
         half = export_onnx(model, Path(tmp) / "fp16", fp16=True)
-        runtime = OnnxCaptioner.from_pretrained(Path(tmp) / "fp32")
+        runtime = OnnxCaptioner.from_pretrained(Path(tmp) / "fp32", threads=threads)
         inputs = torch.stack([model.transform(p) for p in photos])  # (B, 3, H, W)
         pixels = np.stack([runtime.preprocess(p) for p in photos])  # (B, H, W, 3) uint8
         batch = [(p, None) for p in photos]
@@ -140,7 +143,7 @@ def main(count: int = IMAGES) -> None:
     agreement = compare(outputs["torch"], outputs["onnxruntime"])
     sizes = {"float32": summary.sizes, "float16_weights": half.sizes}
     print(f"{source}; {model.architecture}, beam {decoding['beam_size']}, {count} images per call, median of "
-          f"{TIMED}; torch {torch.get_num_threads()} threads")
+          f"{TIMED}; torch {torch.get_num_threads()} threads, onnxruntime {threads or 'its default'}")
     print(f"{'runtime':>12}{'images/s':>10}")
     for name, value in speed.items():
         print(f"{name:>12}{value:>10.2f}")
@@ -151,7 +154,7 @@ def main(count: int = IMAGES) -> None:
     print(f"export (float32, with its onnxruntime check): {export_s:.1f} s")
     write_results("bench_export", torch.device("cpu"), {
         "images": source, "model": MODEL, "architecture": model.architecture, "decoding": decoding,
-        "count": count, "timed": TIMED, "seconds": seconds, "images_per_s": speed,
+        "count": count, "timed": TIMED, "onnxruntime_threads": threads or "default (one per core)", "seconds": seconds, "images_per_s": speed,
         "speedup_onnxruntime_over_torch": round(speed["onnxruntime"] / speed["torch"], 2),
         "captions": agreement, "file_bytes": sizes, "export_seconds": round(export_s, 1),
         "max_abs_diff_at_export": summary.max_abs_diff,
@@ -162,9 +165,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, help=f"photos to caption (default: {IMAGES}; {PARITY_IMAGES} "
                         "with --parity)")
+    parser.add_argument("--threads", type=int, help="threads of each runtime (default: each one's own default)")
     parser.add_argument("--parity", action="store_true", help="count identical captions at beams 1 and 3 instead")
     args = parser.parse_args()
     if args.parity:
         run_parity(args.images or PARITY_IMAGES)
     else:
-        main(args.images or IMAGES)
+        main(args.images or IMAGES, args.threads)
