@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 pytest.importorskip("onnxscript")
@@ -17,6 +18,7 @@ capkit_onnx = pytest.importorskip("capkit_onnx")
 
 import capkit  # noqa: E402
 from capkit.cli.main import main as cli  # noqa: E402
+from capkit.config import ExperimentConfig  # noqa: E402
 from capkit.data.transforms import build_transform  # noqa: E402
 from capkit.errors import ExportError, OutputPathError  # noqa: E402
 from capkit.export import export_onnx  # noqa: E402
@@ -93,6 +95,33 @@ def test_onnxruntime_gives_the_captions_and_scores_of_pytorch(exported, beam):
         assert np.allclose(g.attention, w.attention.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("attention, decoder", [
+    ({"name": "luong_local", "window": 1.5, "attn_dim": 8},
+     {"name": "luong", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 32}),
+    ({"name": "none"}, {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 32}),
+    ({"name": "none"}, {"name": "transformer", "d_model": 32, "num_heads": 2, "num_layers": 1, "ffn_dim": 64,
+                        "max_len": 20, "use_cache": False, "positional": "learned"}),  # the token history as state
+], ids=["luong_local", "no_attention", "transformer_without_cache"])
+def test_the_other_components_export_with_parity(attention, decoder, tmp_path):
+    model_cfg = {"encoder": {"name": "timm", "model_name": "test_efficientnet"}, "attention": attention,
+                 "decoder": decoder}
+    torch.manual_seed(0)
+    vocab = capkit.data.Vocabulary([f"w{i}" for i in range(30)])
+    model = capkit.build_captioner(model_cfg, len(vocab)).eval()
+    with torch.no_grad():  # captions that differ between pictures (see toys.tiny_trained)
+        model.encoder.model.bn2.weight.mul_(100)
+        for p in model.decoder.parameters():
+            p.normal_(0, 0.3)
+    config = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), {"model": model_cfg, "eval": {"max_len": 8}})
+    trained = capkit.TrainedCaptioner(model, vocab, config, torch.device("cpu"), dict(model.encoder.data_config))
+    export_onnx(trained, tmp_path)
+    runtime = capkit_onnx.OnnxCaptioner.from_pretrained(tmp_path)
+    pictures = varied_pictures(6)
+    want, got = trained.caption(pictures, beam_size=2), runtime.caption(pictures, beam_size=2)
+    assert [r.caption for r in got] == [r.caption for r in want]
+    assert max(abs(g.score - w.score) for g, w in zip(got, want)) < 1e-4
+
+
 def test_the_export_folder_holds_three_graphs_and_the_config(exported):
     trained, runtime, out = exported
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder_step.onnx", "encoder.onnx",
@@ -110,6 +139,7 @@ def test_the_export_folder_holds_three_graphs_and_the_config(exported):
             runtime.caption(varied_pictures(1)[0], max_len=20)
     else:
         assert [s["name"] for s in config["state"]] == ["h", "c"]
+        assert {"tokens", "values", "keys", "state_h", "state_c"} == {i.name for i in runtime.step_session.get_inputs()}
 
 
 @pytest.mark.parametrize("mode, size", [("center", (160, 160)), ("squash", (96, 96))])

@@ -6,9 +6,10 @@ The folder holds (the role names of optimum's ``ORTModelForVision2Seq``, one gra
 - ``encoder.onnx``: ``pixels`` (B, H, W, 3) uint8, the picture already resized and cropped as ``preprocessing``
   says -> ``features`` (B, N, C); the scaling to [0, 1] and the mean / std normalisation are in the graph;
 - ``memory.onnx``: ``features`` -> the attention memory (``values``, and ``keys`` when the attention precomputes
-  any) and the decoder's initial state (the tensors of it that do not start empty, e.g. an LSTM's ``h``, ``c``);
-- ``decoder_step.onnx``: ``tokens`` (B,) int64, the memory and the state -> ``logits`` (B, V), ``alpha`` (B, N)
-  and ``next_<name>`` for each state tensor;
+  any) and the decoder's initial state (``state_<name>``: the tensors of it that do not start empty, e.g. an
+  LSTM's ``h`` and ``c``);
+- ``decoder_step.onnx``: ``tokens`` (B,) int64, the memory and the state (``state_<name>``) -> ``logits``
+  (B, V), ``alpha`` (B, N) and ``next_<name>`` for each state tensor;
 - ``config.json``: the vocabulary, preprocessing and decoding defaults, the grid, and how the graphs fit
   together (the memory and state names; the state tensors that start empty and grow by one step per call, such
   as a Transformer's key/value cache, with their shapes).
@@ -139,9 +140,19 @@ def export_onnx(
     """
     onnx, ort = _onnx_modules()
     _check_preprocessing(model.preprocessing)
-    captioner = model.model.to("cpu").eval()
+    device = model.device
+    model.to("cpu")  # traced on the CPU; moved back below
+    try:
+        return _export(onnx, ort, model, Path(directory), fp16, opset, overwrite)
+    finally:
+        model.to(device)
+
+
+def _export(
+    onnx: Any, ort: Any, model: TrainedCaptioner, target: Path, fp16: bool, opset: int | None, overwrite: bool
+) -> ExportSummary:
+    captioner = model.model.eval()
     decoder = captioner.decoder
-    target = Path(directory)
     _prepare_directory(target, overwrite)
 
     torch.manual_seed(0)
@@ -166,12 +177,14 @@ def export_onnx(
     steps = _steps_dim(decoder)
     roles = {
         "encoder": (encoder_graph, (pixels,), ({0: batch},), ["pixels"], ["features"]),
-        "memory": (memory_graph, (enc.feats,), ({0: batch},), ["features"], memory_names + from_graph),
+        "memory": (memory_graph, (enc.feats,), ({0: batch},), ["features"],
+                   memory_names + [f"state_{name}" for name in from_graph]),
         "step": (
             step_graph, step_inputs,
             ({0: batch}, tuple({0: batch} for _ in memory_names),
              tuple({0: batch, **({1: steps} if name in empty else {})} for name in names)),
-            ["tokens", *memory_names, *names], ["logits", "alpha", *(f"next_{name}" for name in names)],
+            ["tokens", *memory_names, *(f"state_{name}" for name in names)],
+            ["logits", "alpha", *(f"next_{name}" for name in names)],
         ),
     }
     summary = ExportSummary(target, {})
@@ -199,11 +212,11 @@ def export_onnx(
         "weights_dtype": "float16" if fp16 else "float32",
         "graphs": dict(GRAPH_FILES),
         "memory": memory_names,
-        # in the step graph's order; "empty": made by the runtime as zeros of (B, *shape), the first 0 growing
+        # in the step graph's order; "empty": made by the runtime as zeros of (B, *shape), the 0 growing per step
         "state": [
-            {"name": name, "initial": "empty", "shape": list(initial[name].shape[1:]),
-             "dtype": str(initial[name].dtype).removeprefix("torch.")} if name in empty
-            else {"name": name, "initial": "memory"}
+            {"name": name, "input": f"state_{name}", "output": f"next_{name}",
+             **({"initial": "empty", "shape": list(initial[name].shape[1:]),
+                 "dtype": str(initial[name].dtype).removeprefix("torch.")} if name in empty else {"initial": "memory"})}
             for name in names
         ],
         "max_steps": getattr(decoder, "max_len", None) if empty else None,

@@ -60,7 +60,7 @@ class OnnxCaptioner:
         self.state_specs: list[dict[str, Any]] = list(config["state"])
         self._step_inputs = {i.name for i in self.step_session.get_inputs()}  # unused inputs may be pruned
         self._memory_outputs = [o.name for o in self.memory.get_outputs()]
-        self._step_outputs = ["logits", "alpha", *(f"next_{s['name']}" for s in self.state_specs)]
+        self._step_outputs = ["logits", "alpha", *(spec["output"] for spec in self.state_specs)]
 
     @classmethod
     def from_pretrained(
@@ -154,12 +154,12 @@ class OnnxCaptioner:
             if spec["initial"] == "empty":  # e.g. a key/value cache of no step yet
                 state[spec["name"]] = np.zeros((len(features), *spec["shape"]), dtype=spec["dtype"])
             else:
-                state[spec["name"]] = outputs[spec["name"]]
+                state[spec["name"]] = outputs[spec["input"]]
         return memory, state
 
     def step(self, tokens: np.ndarray, state: Arrays, memory: Arrays) -> tuple[np.ndarray, np.ndarray, Arrays]:
         """One decoder step: tokens (R,) -> logits (R, V), alpha (R, N), next state."""
-        feed = {"tokens": tokens, **memory, **state}
+        feed = {"tokens": tokens, **memory, **{spec["input"]: state[spec["name"]] for spec in self.state_specs}}
         out = self.step_session.run(self._step_outputs, {k: v for k, v in feed.items() if k in self._step_inputs})
         return out[0], out[1], {spec["name"]: value for spec, value in zip(self.state_specs, out[2:])}
 
