@@ -155,9 +155,9 @@ def _export(
     decoder = captioner.decoder
     _prepare_directory(target, overwrite)
 
-    torch.manual_seed(0)
     _, height, width = model.preprocessing["input_size"]
-    pixels = torch.randint(0, 256, (EXAMPLE_BATCH, height, width, 3), dtype=torch.uint8)
+    pixels = torch.randint(0, 256, (EXAMPLE_BATCH, height, width, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     encoder_graph = EncoderGraph(captioner.encoder, model.preprocessing["mean"], model.preprocessing["std"]).eval()
     with torch.no_grad():
         enc = captioner.encoder(encoder_graph.normalise(pixels))
@@ -166,9 +166,10 @@ def _export(
     grid = tuple(int(v) for v in enc.grid)
     has_keys = memory.keys is not None
     memory_names = ["values", "keys"] if has_keys else ["values"]
-    empty = [name for name, value in initial.items() if 0 in value.shape[1:]]  # start empty, grow per step
+    # the state tensors that start empty and grow by a row of their dimension 1 per step (a key/value cache)
+    empty = [name for name, value in initial.items() if value.dim() > 1 and value.shape[1] == 0]
     from_graph = [name for name in initial if name not in empty]
-    states, step_inputs = _example_steps(decoder, memory, initial, empty, model)
+    step_inputs = _example_step_inputs(decoder, memory, initial, empty, model)
     names = list(initial)
 
     memory_graph = MemoryGraph(decoder, grid, has_keys, from_graph).eval()
@@ -199,7 +200,7 @@ def _export(
                 onnx.checker.check_model(str(path))
                 summary.max_abs_diff[role] = _validate(ort, role, graph, args, path, inputs, outputs, FP16_RTOL,
                                                        FP16_ATOL)
-        for role, file in GRAPH_FILES.items():
+        for file in GRAPH_FILES.values():
             shutil.move(str(Path(tmp) / file), target / file)
     config = {
         "capkit_onnx_format": FORMAT_VERSION,
@@ -274,12 +275,12 @@ def _prepare_directory(target: Path, overwrite: bool) -> None:
             from err
 
 
-def _example_steps(
+def _example_step_inputs(
     decoder: nn.Module, memory: AttentionMemory, state: dict[str, Tensor], empty: list[str], model: TrainedCaptioner
-) -> tuple[dict[str, Tensor], tuple]:
-    """The step graph's example inputs: the state after ``EXAMPLE_STEPS`` steps (so that a growing dimension is
-    neither 0 nor 1), and the next tokens. Refuses a state that grows by other than one row of its first
-    non-batch dimension per step."""
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The step graph's example inputs: the next tokens, the memory, and the state after ``EXAMPLE_STEPS`` steps
+    (so that a growing dimension is neither 0 nor 1). Refuses a state that grows by other than one row of its
+    first non-batch dimension per step."""
     vocab = len(model.vocab)
     tokens = torch.full((EXAMPLE_BATCH,), BOS_ID, dtype=torch.long)
     with torch.no_grad():
@@ -291,7 +292,7 @@ def _example_steps(
             raise ExportError(f"{_describe(model, 'decoder')} cannot be exported to ONNX: its state {name!r} grows "
                               f"by {value.shape[1] / EXAMPLE_STEPS:g} rows per step; the runtime needs one")
     keys = (memory.keys,) if memory.keys is not None else ()
-    return state, (tokens, (memory.values, *keys), tuple(state.values()))
+    return tokens, (memory.values, *keys), tuple(state.values())
 
 
 def _steps_dim(decoder: nn.Module) -> torch.export.Dim:
