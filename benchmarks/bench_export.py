@@ -14,7 +14,7 @@ Parity (``python -m benchmarks.bench_export --parity``): ``PARITY_IMAGES`` dev p
 shipped model and for a Transformer-decoder model (the same encoder and vocabulary, a 2-layer decoder with random
 weights, its output layer scaled x3 so that captions differ between photos): the number of identical captions
 and the largest |score difference|. Writes ``benchmarks/results/bench_export.json`` (and
-``bench_export_parity.json``).
+``bench_export_parity.json``; ``bench_export_threads<N>.json`` with ``--threads N``).
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def main(count: int = IMAGES, threads: int | None = None) -> None:
     for kind, files in sizes.items():
         print(f"{kind} files: " + ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in files.items()))
     print(f"export (float32, with its onnxruntime check): {export_s:.1f} s")
-    write_results("bench_export", torch.device("cpu"), {
+    write_results("bench_export" if threads is None else f"bench_export_threads{threads}", torch.device("cpu"), {
         "images": source, "model": MODEL, "architecture": model.architecture, "decoding": decoding,
         "count": count, "timed": TIMED, "onnxruntime_threads": threads or "default (one per core)", "seconds": seconds, "images_per_s": speed,
         "speedup_onnxruntime_over_torch": round(speed["onnxruntime"] / speed["torch"], 2),
