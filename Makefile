@@ -8,15 +8,17 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test demo bench clean
 
-# The example plugin and the shipped pretrained model (sat-flickr8k, the default of `capkit caption`) are
-# installed too (one pip command, so capkit-captioning resolves to this checkout) and their tests run with the
-# core's; their setup.cfg files hold their entry points, which only a reinstall updates.
+# The example plugin, the shipped pretrained model (sat-flickr8k, the default of `capkit caption`) and the
+# torch-free ONNX runtime (capkit-onnx) are installed too (one pip command, so capkit-captioning resolves to this
+# checkout) and their tests run with the core's; their setup.cfg files hold their entry points and
+# dependencies, which only a reinstall updates.
 $(VENV)/.installed: setup.cfg pyproject.toml plugins/capkit-adaptive/setup.cfg plugins/capkit-adaptive/pyproject.toml \
-		plugins/capkit-sat-flickr8k/setup.cfg
+		plugins/capkit-sat-flickr8k/setup.cfg plugins/capkit-onnx/setup.cfg plugins/capkit-onnx/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[all,dev]' -e plugins/capkit-adaptive -e plugins/capkit-sat-flickr8k
+	$(PY) -m pip install -q -e '.[all,dev]' -e plugins/capkit-adaptive -e plugins/capkit-sat-flickr8k \
+		-e plugins/capkit-onnx
 	touch $@
 
 install: $(VENV)/.installed

@@ -31,6 +31,7 @@ __all__ = [
     "DeviceUnavailableError",
     "JavaNotFoundError",
     "MissingDependencyError",
+    "ExportError",
 ]
 
 
@@ -124,3 +125,8 @@ class JavaNotFoundError(CapkitError, RuntimeError):
 class MissingDependencyError(CapkitError, ImportError):
     """A package that a command needs, and an install may leave out, is not installed; the message says what to
     install."""
+
+
+class ExportError(CapkitError, RuntimeError):
+    """A model cannot be exported as asked: a component that cannot be traced into a graph (the message names
+    it), or exported graphs whose outputs differ from the model's."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 __all__ = [
@@ -48,6 +49,17 @@ class EncoderOutput:
 
     def to(self, *args, **kwargs) -> EncoderOutput:
         return EncoderOutput(self.feats.to(*args, **kwargs), self.grid)
+
+
+# A pytree (``feats`` the leaf, ``grid`` static), so that ``torch.export`` traces encoders that return it; the
+# serialized name keeps ``torch.export.save`` working (a name is needed there, not at trace time).
+pytree.register_pytree_node(
+    EncoderOutput,
+    lambda out: ([out.feats], out.grid),
+    lambda leaves, grid: EncoderOutput(leaves[0], grid),
+    serialized_type_name="capkit.types.EncoderOutput",
+    flatten_with_keys_fn=lambda out: ([(pytree.GetAttrKey("feats"), out.feats)], out.grid),
+)
 
 
 @dataclass

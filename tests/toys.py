@@ -97,3 +97,50 @@ def write_checkpoint(path: Path, model_cfg: dict, stored_model_cfg: dict | None 
     config = to_container(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), {"model": stored_model_cfg or model_cfg}))
     config["plugins"] = list(plugins)
     return save_checkpoint(path, {"model": model.state_dict(), "config": config, "vocab": WORDS})
+
+
+# tiny models for the export tests: a random test_efficientnet encoder's features are ~1e-2, so that every image
+# would get the same caption; the last batch norm's scale x100 and larger decoder weights make captions differ
+TINY_DECODERS = {
+    "show_attend_tell": ({"name": "bahdanau", "attn_dim": 16},
+                         {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 32}),
+    "transformer": ({"name": "none"},
+                    {"name": "transformer", "d_model": 32, "num_heads": 2, "num_layers": 1, "ffn_dim": 64,
+                     "max_len": 20}),
+}
+
+
+def tiny_trained(decoder: str = "show_attend_tell", seed: int = 0) -> capkit.TrainedCaptioner:
+    """A tiny random captioner (vocabulary of 30 words) whose captions differ from picture to picture."""
+    from capkit.data import Vocabulary
+
+    attention, decoder_cfg = TINY_DECODERS[decoder]
+    model_cfg = {"encoder": {"name": "timm", "model_name": "test_efficientnet"}, "attention": attention,
+                 "decoder": decoder_cfg}
+    torch.manual_seed(seed)
+    vocab = Vocabulary([f"w{i}" for i in range(30)])
+    model = capkit.build_captioner(model_cfg, len(vocab)).eval()
+    with torch.no_grad():
+        model.encoder.model.bn2.weight.mul_(100)
+        if decoder == "transformer":
+            model.decoder.out.weight.mul_(3)
+        else:
+            for p in model.decoder.parameters():
+                p.normal_(0, 0.3)
+    config = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), {"model": model_cfg,
+                                                                      "eval": {"beam_size": 3, "max_len": 8}})
+    return capkit.TrainedCaptioner(model, vocab, config, torch.device("cpu"), dict(model.encoder.data_config))
+
+
+def varied_pictures(n: int, seed: int = 0) -> list:
+    """n RGB pictures of 60 to 200 pixels a side, each a noisy patch of its own colour."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pictures = []
+    for _ in range(n):
+        h, w = int(rng.integers(60, 200)), int(rng.integers(60, 200))
+        pixels = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        pictures.append(Image.fromarray(pixels))
+    return pictures

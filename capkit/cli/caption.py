@@ -2,7 +2,8 @@
 
 Without ``--model`` the shipped pretrained model (``sat-flickr8k``) is used. Captions go to stdout (one
 ``image<TAB>caption`` line each) or, with ``--output``, to a JSON Lines, CSV or COCO results file that a later
-run with the same output resumes.
+run with the same output resumes. ``--runtime onnx --model EXPORT_DIR`` decodes with onnxruntime a model that
+``capkit export`` wrote (``capkit_onnx``), the same captions as PyTorch.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flags, command, configure_logging, \
     load_model_from_args, positive_int
-from capkit.errors import ConfigError, CorruptImageError
+from capkit.errors import ConfigError, CorruptImageError, ModelNotFoundError
 from capkit.evaluation.results import OUTPUT_FORMATS
 from capkit.recipes.captioning import caption_files, collect_images, default_workers
 from capkit.recipes.evaluate import describe_decoding
@@ -21,6 +22,7 @@ from capkit.recipes.evaluate import describe_decoding
 log = logging.getLogger("capkit.caption")
 
 MAX_WORKERS = 64  # image-reading processes; more only contend for the cores
+RUNTIMES = ("torch", "onnx")
 
 
 def worker_count(text: str) -> int:
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE",
                         help="image files, folders (searched recursively) or .txt files listing image paths")
     add_model_flags(parser)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="onnx: decode with onnxruntime a folder written by `capkit export` (--model EXPORT_DIR) "
+                        "(default: %(default)s)")
     parser.add_argument("--output", "-o", type=Path, metavar="FILE",
                         help="write the captions here (resumes: images already in it are skipped); default: stdout")
     parser.add_argument("--format", choices=OUTPUT_FORMATS,
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 @command("capkit caption", FileNotFoundError)
 def run(args: argparse.Namespace) -> int:
     files = collect_images(args.inputs)
-    model = load_model_from_args(args)
+    model = load_model_from_args(args) if args.runtime == "torch" else load_exported_model(args)
     decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
     if args.n_best > decoding["beam_size"]:
         raise ConfigError(f"--n-best {args.n_best} is more than the beam size {decoding['beam_size']}: a beam search "
@@ -92,6 +97,18 @@ def run(args: argparse.Namespace) -> int:
     log.info("captioned %d images%s; %d already there; %d unreadable%s", summary.captioned, where,
              summary.already_done, len(summary.unreadable), " (listed above)" if summary.unreadable else "")
     return 0
+
+
+def load_exported_model(args: argparse.Namespace):
+    """``--runtime onnx``: the export folder ``--model`` names, in onnxruntime."""
+    from capkit.export.runtime import load_onnx_model  # onnxruntime only for this runtime
+
+    if args.model is None or len(args.model) != 1:
+        raise ModelNotFoundError("--runtime onnx needs one --model EXPORT_DIR, a folder written by `capkit export "
+                                 "--format onnx` (a checkpoint, a model name or an ensemble runs with --runtime torch)")
+    model = load_onnx_model(args.model[0])
+    log.info("model: %s (%s)", args.model[0], model.architecture)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """``capkit <command> [args]`` (also ``python -m capkit``): list, train, evaluate, convert, caption, demo,
-visualize, ablate."""
+visualize, ablate, export."""
 from __future__ import annotations
 
 import importlib
@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "capkit.cli.evaluate",
     "convert": "capkit.cli.convert",
     "ablate": "capkit.cli.ablate",
+    "export": "capkit.cli.export",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 __all__ = ["Attention", "AttentionMemory", "additive_scores", "beam_groups", "weighted_context"]
@@ -36,6 +37,19 @@ class AttentionMemory:
         """The first ``rows`` images (views, no copy)."""
         keys = None if self.keys is None else self.keys[:rows]
         return AttentionMemory(self.values[:rows], keys, self.grid)
+
+
+# A pytree (``values`` and ``keys`` the leaves, ``grid`` static), so that ``torch.export`` traces a decoder step
+# that takes it (see ``capkit.types.EncoderOutput``).
+pytree.register_pytree_node(
+    AttentionMemory,
+    lambda memory: ([memory.values, memory.keys], memory.grid),
+    lambda leaves, grid: AttentionMemory(leaves[0], leaves[1], grid),
+    serialized_type_name="capkit.models.attention.base.AttentionMemory",
+    flatten_with_keys_fn=lambda memory: (
+        [(pytree.GetAttrKey("values"), memory.values), (pytree.GetAttrKey("keys"), memory.keys)], memory.grid
+    ),
+)
 
 
 class Attention(nn.Module):
@@ -87,12 +101,13 @@ def additive_scores(keys: Tensor, query: Tensor, score: nn.Linear) -> Tensor:
     Each group of K queries meets its image's keys by broadcasting, without copying them. Without autograd on
     the CPU (decoding), the (B, K, N, A) hidden layer is computed a few images at a time in one reused buffer
     that stays in cache: a fresh (B, K, N, A) tensor at every step (25 MB at 64 images and beam 3) costs more
-    in first-touch page faults than the tanh itself.
+    in first-touch page faults than the tanh itself. An exported graph (``torch.export``) takes the plain broadcast:
+    its batch size is symbolic, which a loop over chunks cannot be.
     """
     b, n, a = keys.shape
     k = query.shape[0] // b
     query = query.view(b, k, 1, a)  # (B, K, 1, A)
-    if keys.device.type != "cpu" or torch.is_grad_enabled():
+    if keys.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_exporting():
         return score((keys.unsqueeze(1) + query).tanh_()).view(-1, n)
     rows = max(1, ADDITIVE_CHUNK_ELEMENTS // (k * n * a))
     hidden = torch.empty(min(rows, b), k, n, a, dtype=torch.promote_types(keys.dtype, query.dtype))
