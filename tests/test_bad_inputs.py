@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 
 import pytest
@@ -179,7 +180,7 @@ SETTING_CASES = {
     "beam size 0": (["eval.beam_size=0"], r"eval\.beam_size is 0; it must be at least 1"),
     "negative max_len": (["eval.max_len=-1"], r"eval\.max_len is -1; it must be at least 1"),
     "label smoothing 1": (["train.label_smoothing=1.0"], r"train\.label_smoothing is 1\.0; it must be in \[0, 1\)"),
-    "unknown scheduler": (["train.scheduler=step"], r"train\.scheduler is 'step'; choose one of plateau, cosine, none"),
+    "unknown scheduler": (["train.scheduler=step"], r"train\.scheduler is 'step'; choose one of plateau, cosine, warmup_cosine, none"),
     "unknown tokenizer": (["eval.tokenizer=spacy"], r"eval\.tokenizer is 'spacy'; choose one of ptb, python, none"),
     "no metrics": (["eval.metrics=[]"], r"eval\.metrics is empty"),
     "selection metric not reported": (["train.early_stop_metric=cider"],
@@ -303,6 +304,23 @@ def test_visualize_refuses_a_file_that_is_no_image(tmp_path, checkpoint, capsys)
     err = run_tool(visualize_cli.main, [str(tmp_path / "notes.png"), "--checkpoint", str(checkpoint),
                                         "--out", str(tmp_path / "fig.png")], capsys)
     assert err.startswith("capkit visualize: error: cannot decode image") and not (tmp_path / "fig.png").exists()
+
+
+def test_visualize_never_writes_over_its_inputs_and_writes_the_format_its_suffix_names(tmp_path, checkpoint, capsys):
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "red").save(photo)
+    model_copy = tmp_path / "ck"
+    shutil.copytree(checkpoint, model_copy)
+    before = {p: p.read_bytes() for p in [photo, *model_copy.iterdir()]}
+    for out, message in ((photo, "is an input of this command"),
+                         (model_copy / "model.safetensors", "is inside the model folder"),
+                         (tmp_path / "figure.xyz", "a figure is written as .png, .pdf, .svg, .jpg")):
+        err = run_tool(visualize_cli.main, [str(photo), "--checkpoint", str(model_copy), "--out", str(out)], capsys)
+        assert err.startswith(f"capkit visualize: error: --out {out}") and message in err, err
+    assert {p: p.read_bytes() for p in before} == before
+    assert visualize_cli.main([str(photo), "--checkpoint", str(model_copy), "--out", str(tmp_path / "f.pdf")]) == 0
+    assert (tmp_path / "f.pdf").read_bytes().startswith(b"%PDF")
+    capsys.readouterr()
 
 
 def test_evaluate_names_a_predictions_file_that_is_no_json(tmp_path, capsys):

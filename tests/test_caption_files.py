@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,48 @@ def test_a_worker_count_out_of_range_is_one_short_line(capsys):
     with pytest.raises(SystemExit):
         caption_cli.build_parser().parse_args(["x.jpg", "--workers", "99"])
     assert "argument --workers: must be from 0 to 64, got 99" in capsys.readouterr().err
+
+
+def test_a_csv_row_cut_at_its_carriage_return_is_captioned_again_and_no_finished_row_is_lost(run, folder, tmp_path):
+    """csv writes rows ending in \\r\\n; a copy that lost the final \\n (``$(...)`` in a shell) ends in \\r: the
+    reader and the writer both treat that last row as unfinished, so it is captioned again and the others stay."""
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    files = [f for f in collect_images([folder]) if f.image_id != "broken.jpg"]
+    out = tmp_path / "caps.csv"
+    caption_files(model, files[:3], output=out, progress=False)
+    out.write_bytes(out.read_bytes().removesuffix(b"\n"))
+    summary = caption_files(model, files, output=out, progress=False)
+    assert (summary.already_done, summary.captioned) == (2, 2)
+    assert sorted(r["image_id"] for r in rows(out)) == sorted(f.image_id for f in files)
+
+
+def test_a_file_of_another_folder_with_an_id_the_output_has_is_refused_not_skipped(run, folder, tmp_path):
+    model = TrainedCaptioner.from_checkpoint(run.best)
+    first, second = tmp_path / "2023", tmp_path / "2024"
+    first.mkdir(), second.mkdir()
+    pngs = sorted(folder.glob("*.png"))
+    shutil.copy(pngs[0], first / "IMG_0001.png")
+    shutil.copy(pngs[1], second / "IMG_0001.png")
+    out = tmp_path / "caps.jsonl"
+    caption_files(model, collect_images([first]), output=out, progress=False)
+    before = out.read_bytes()
+    with pytest.raises(DataError, match=r"caps.jsonl already has the image id 'IMG_0001.png', from .*2023/IMG_0001.png; "
+                                        r".*2024/IMG_0001.png has the same id: caption it into another output file"):
+        caption_files(model, collect_images([second]), output=out, progress=False)
+    assert out.read_bytes() == before
+    # the same file again is a resume, whatever path names it
+    assert caption_files(model, collect_images([first]), output=out, progress=False).already_done == 1
+
+
+def test_files_with_a_byte_order_mark_are_read_and_files_that_are_not_utf8_name_their_line(tmp_path):
+    from capkit.errors import CaptionFileError
+    from capkit.evaluation import load_predictions, load_references
+
+    (tmp_path / "pred.csv").write_text("\ufeffimage_id,caption\n1,a dog runs\n", encoding="utf-8")
+    (tmp_path / "refs.json").write_text('\ufeff{"1": ["a dog"]}', encoding="utf-8")
+    assert load_predictions(tmp_path / "pred.csv") == {"1": "a dog runs"}
+    assert load_references(tmp_path / "refs.json") == {"1": ["a dog"]}
+    (tmp_path / "latin.csv").write_bytes("image_id,caption\n1,a dog\n2,un caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(CaptionFileError, match=r"latin.csv:3: not UTF-8 text \(invalid .* at byte \d+\); save the "
+                                               r"file as UTF-8"):
+        load_predictions(tmp_path / "latin.csv")

@@ -399,6 +399,13 @@ def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, tr
     assert convert_cli.main([str(run.best), str(tmp_path / "mine"), "--overwrite"]) == 2
     assert "already holds other files (notes.txt)" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    # a conversion that fails while scoring writes nothing: no new folder, and a model it was to replace stays
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for target, extra in ((tmp_path / "fresh", []), (out, ["--overwrite"])):
+        assert convert_cli.main([str(run.best), str(target), "--score-split", "bogus", *extra]) == 2
+        capsys.readouterr()
+    assert not (tmp_path / "fresh").exists() and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
 def test_decoding_settings_out_of_range_are_refused(trained, images, capsys):

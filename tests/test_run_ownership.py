@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def test_overwrite_replaces_the_run_once_its_settings_are_checked(tiny_config, t
     assert snapshot(run) == before
     assert train_cli.main([str(tiny_config), "train.run_name=again", "--overwrite", "train.lr=1e-2"]) == 0
     assert (run / "notes.txt").read_text() == "mine"  # not a file of the run: it stays
-    assert not (run / "checkpoints" / "old_extra").exists() and (run / "checkpoints" / "best" / "state.json").is_file()
+    # a folder the user put beside the checkpoints stays too; the run's own checkpoints are new
+    assert (run / "checkpoints" / "old_extra").is_dir() and (run / "checkpoints" / "best" / "state.json").is_file()
     assert "lr: 0.01" in (run / "config.yaml").read_text()
 
 
@@ -221,3 +223,27 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_refused_before_anything_i
     assert {"vocabulary": "its vocabulary differs from the run's vocab.json",
             "weights": "its weights do not fit the model of the run's config"}[damage] in err
     assert built == [] and snapshot(run.root) == before
+
+
+def test_overwrite_keeps_what_a_user_put_in_checkpoints_and_tensorboard_and_never_takes_a_folder_that_is_no_run(
+        tiny_config, tmp_path):
+    assert train_cli.main([str(tiny_config), "train.run_name=kept"]) == 0
+    run = RunDir(tmp_path / "runs" / "kept")
+    shutil.copytree(run.best, run.checkpoints / "best_keep_epoch1")  # a user's copy of a checkpoint
+    (run.tensorboard / "my_notes.txt").write_text("mine")
+    kept = {k: v for k, v in snapshot(run.root).items() if "best_keep_epoch1" in k or "my_notes" in k}
+    old_events = sorted(run.tensorboard.rglob("events.out.tfevents.*"))
+    assert old_events
+    assert train_cli.main([str(tiny_config), "train.run_name=kept", "--overwrite", "train.lr=1e-2"]) == 0
+    assert {k: v for k, v in snapshot(run.root).items() if k in kept} == kept
+    assert not any(p.exists() for p in old_events)  # the replaced run's own events are gone
+
+    # a folder with a config.yaml and user files in checkpoints/ is no run: never replaced, even with --overwrite
+    project = tmp_path / "runs" / "project"
+    (project / "checkpoints" / "mine").mkdir(parents=True)
+    (project / "config.yaml").write_text("my: settings\n")
+    (project / "checkpoints" / "mine" / "weights.txt").write_text("mine")
+    before = snapshot(project)
+    for extra in ([], ["--overwrite"]):
+        assert train_cli.main([str(tiny_config), "train.run_name=project", *extra]) == 2
+        assert snapshot(project) == before

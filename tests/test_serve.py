@@ -106,6 +106,8 @@ def test_each_bad_upload_gets_its_4xx_with_a_one_line_message_and_the_next_reque
     ({"beam_size": 2, "n_best": 3}, None, "n_best=3 is more than the beam size 2: a beam search keeps that many "
                                           "captions; raise beam_size"),
     ({}, {"picture": "x"}, "the form has no file field 'image'"),
+    ({"beam": 5}, None, "unknown parameter 'beam'; the parameters are attention, beam_size, length_penalty, max_len, "
+                        "n_best"),
 ])
 def test_bad_settings_and_forms_are_a_4xx_naming_the_setting(pictures, server, query, form, message):
     reply = httpx.post(f"{server}/caption", params=query, timeout=60,
@@ -214,3 +216,14 @@ def test_without_the_serve_extra_the_command_says_what_to_install():
     assert done.stderr.strip().splitlines()[-1] == (
         "capkit demo: error: capkit demo needs FastAPI, uvicorn and python-multipart (fastapi is missing): "
         "pip install 'capkit-captioning[serve]'")
+
+
+def test_routes_methods_and_broken_forms_answer_in_the_same_json_shape(server):
+    for method, path, status in (("GET", "/nowhere", 404), ("GET", "/caption", 405), ("PUT", "/health", 405)):
+        reply = httpx.request(method, f"{server}{path}")
+        assert reply.status_code == status and reply.json()["error"].endswith(f": {method} {path}"), reply.text
+    broken = httpx.post(f"{server}/caption", content=b"--x\r\nnot a part",
+                        headers={"content-type": "multipart/form-data; boundary=x"})
+    assert broken.status_code == 400 and broken.json()["error"].startswith("the multipart form cannot be read")
+    two = httpx.post(f"{server}/caption", files=[("image", ("a.png", b"1")), ("image", ("b.png", b"2"))])
+    assert two.status_code == 400 and "the multipart form cannot be read" in two.json()["error"]

@@ -3,6 +3,7 @@ unless data.allow_split_overlap says it is meant."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from PIL import Image
@@ -49,6 +50,23 @@ def test_the_same_file_under_another_name_is_still_one_image(photos):
                                          "c.png,a green square,val\ncopy/b.png,a blue circle,test\n")
     with pytest.raises(DataError, match=r"in the train and the test split"):
         check_disjoint_splits(splits(photos))
+
+
+@pytest.mark.parametrize("how", ["hard link", "copy"])
+def test_a_hard_link_or_a_byte_identical_copy_is_the_same_image(photos, how):
+    if how == "hard link":
+        (photos / "b_again.png").hardlink_to(photos / "b.png")
+    else:
+        (photos / "b_again.png").write_bytes((photos / "b.png").read_bytes())
+    (photos / "captions.csv").write_text("image,caption,split\na.png,a red square,train\nb.png,a blue circle,train\n"
+                                         "c.png,a green square,val\nb_again.png,a blue circle,test\n")
+    suffix = " (the same bytes)" if how == "copy" else ""
+    with pytest.raises(DataError, match=rf"e.g. {photos / 'b.png'} in the train and the test split \(there as "
+                                        rf"{photos / 'b_again.png'}{re.escape(suffix)}\)"):
+        check_disjoint_splits(splits(photos))
+    (photos / "b_again.png").unlink()
+    Image.new("RGB", (48, 40), "white").save(photos / "b_again.png")  # another picture: no overlap
+    check_disjoint_splits(splits(photos))
 
 
 def test_training_refuses_it_before_anything_is_written_and_the_setting_allows_it(photos, tmp_path, monkeypatch,

@@ -19,6 +19,7 @@ __all__ = [
     "add_model_flags",
     "add_decoding_flags",
     "positive_int",
+    "non_negative_int",
     "load_model_from_args",
     "model_name",
     "check_output",
@@ -71,11 +72,38 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+MAX_BEAM, MAX_WORDS = 64, 256  # beyond these a beam search holds gigabytes, or runs for hours, for nothing
+
+
+def at_most(limit: int, why: str) -> Callable[[str], int]:
+    """An argparse type: an integer from 1 to ``limit``."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit} ({why}), got {value}")
+        return value
+
+    return parse
+
+
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     """``--beam``, ``--max-len``, ``--length-penalty``: each defaults to the model's own setting."""
-    parser.add_argument("--beam", type=positive_int, metavar="K", help="beam size, 1: greedy (default: the model's)")
-    parser.add_argument("--max-len", type=positive_int, metavar="N",
-                        help="most words per caption (default: the model's)")
+    parser.add_argument("--beam", type=at_most(MAX_BEAM, "each beam holds every image's hypotheses in memory"),
+                        metavar="K", help=f"beam size, 1: greedy, at most {MAX_BEAM} (default: the model's)")
+    parser.add_argument("--max-len", type=at_most(MAX_WORDS, "no caption is that long"), metavar="N",
+                        help=f"most words per caption, at most {MAX_WORDS} (default: the model's)")
     parser.add_argument("--length-penalty", type=float, metavar="A", help="default: the model's")
 
 

@@ -26,11 +26,13 @@ from capkit.cli.common import (
     configure_logging,
     load_model_from_args,
     model_name,
+    non_negative_int,
     parse_overrides,
     print_scores,
 )
 from capkit.config import EvalConfig
 from capkit.engine.run_dir import RunDir
+from capkit.errors import OutputPathError
 from capkit.evaluation import CaptionEvaluator
 from capkit.evaluation.results import write_per_image
 from capkit.recipes.evaluate import describe_decoding, score_checkpoint, score_files
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
                        help="dataset overrides, e.g. root=/data/flickr8k (the run's data.dataset otherwise); with "
                        "--predictions, the dataset whose --split holds the references (name=flickr8k root=...)")
-    model.add_argument("--gallery", type=int, default=0, metavar="N",
+    model.add_argument("--gallery", type=non_negative_int, default=0, metavar="N",
                        help="write an HTML gallery of the first N images (caption, references, scores, attention)")
     model.add_argument("--gallery-dir", type=Path, metavar="DIR",
                        help="default: a gallery folder of the split in the run directory")
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     check_output(args.per_image, "--per-image")
+    if args.out is not None and args.per_image is not None and args.out.resolve() == args.per_image.resolve():
+        raise OutputPathError(f"--out and --per-image are both {args.out}: one would overwrite the other; give two "
+                              f"files")
     check_output(args.gallery_dir, "--gallery-dir", folder=True)
     evaluator = CaptionEvaluator(args.metrics, tokenizer=args.tokenizer)
     evaluator.check_runtime()

@@ -9,7 +9,7 @@ import argparse
 import shlex
 import sys
 
-from capkit.cli.common import add_debug_flag, command, configure_logging
+from capkit.cli.common import add_debug_flag, command, configure_logging, non_negative_int
 from capkit.config import load_config
 from capkit.recipes.train import train_experiment
 
@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     start.add_argument("--overwrite", action="store_true", help="replace the run already in the run directory")
-    parser.add_argument("--samples", type=int, default=5, help="test images whose captions are printed at the end")
+    parser.add_argument("--samples", type=non_negative_int, default=5,
+                        help="test images whose captions are printed at the end")
     add_debug_flag(parser)
     return parser
 

@@ -179,16 +179,50 @@ class RunDir:
             [self.written] if self.written.exists() else [])
 
     def holds_run(self) -> bool:
-        """Whether the directory holds (part of) a run: its config, logs or checkpoints."""
-        return any(p.exists() for p in (self.config, self.metrics, self.checkpoints, self.summary))
+        """Whether the directory holds (part of) a capkit run: what only a run writes (its vocabulary, logs,
+        summary or checkpoints; a ``config.yaml`` alone may be anyone's)."""
+        return any(p.exists() for p in (self.vocab, self.metrics, self.summary)) or any(
+            self.has_checkpoint(name) for name in (LAST, BEST))
+
+    def foreign_files(self) -> list[Path]:
+        """Files at the names a run writes, in a directory that holds no run: a new run would write over them."""
+        if self.holds_run():
+            return []
+        return [p for p in (self.config, self.tensorboard, self.checkpoints, self.result) if p.exists()]
 
     def clear(self) -> None:
-        """Remove the run's files (replacing a run: ``--overwrite``); other files in the directory stay."""
+        """Remove the run's files (replacing a run: ``--overwrite``); other files in the directory stay, and so
+        does anything a user put in ``checkpoints/`` or ``tensorboard/`` beside the run's own."""
         for path in self.artefacts():
-            if path.is_dir() and not path.is_symlink():
+            if path == self.checkpoints and path.is_dir() and not path.is_symlink():
+                self._clear_checkpoints()
+            elif path == self.tensorboard and path.is_dir() and not path.is_symlink():
+                self._clear_events(path)
+            elif path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
+
+    def _clear_checkpoints(self) -> None:
+        """``last`` and ``best``, their ``.old`` copies and staging directories; then the folder, if emptied."""
+        for name in (LAST, BEST):
+            ours = [self.checkpoint(name), backup_of(self.checkpoint(name)),
+                    *self.checkpoints.glob(staging_prefix(name) + "*")]
+            for path in ours:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        _remove_if_empty(self.checkpoints)
+
+    @staticmethod
+    def _clear_events(folder: Path) -> None:
+        """TensorBoard's event files (in the folder and the sub-folders its writers make); then empty folders."""
+        for events in folder.rglob("events.out.tfevents.*"):
+            events.unlink()
+        for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            _remove_if_empty(sub)
+        _remove_if_empty(folder)
 
     _lock = property(lambda self: self.root / ".lock")
     _owner = property(lambda self: self.root / ".lock.owner")
@@ -232,3 +266,8 @@ class RunDir:
 
     def _owner_text(self) -> str:
         return self._owner.read_text().strip() if self._owner.is_file() else ""
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()

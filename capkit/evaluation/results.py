@@ -53,12 +53,12 @@ def read_caption_rows(path: str | os.PathLike, fmt: str | None = None) -> list[d
         data = _read_json(path)
         rows = data if isinstance(data, list) else None
     elif fmt == "csv":
-        text = path.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):  # the row a killed run did not finish
+        text = read_text(path)
+        if text and not text.endswith("\n"):  # the row a killed run did not finish (as the writer sees it)
             text = text[: text.rfind("\n") + 1]
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
     else:
-        rows, lines = [], path.read_text(encoding="utf-8").split("\n")
+        rows, lines = [], read_text(path).split("\n")
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -175,13 +175,30 @@ def _is_json(data: bytes) -> bool:
     return True
 
 
-def _read_json(path: str | os.PathLike) -> Any:
+def read_text(path: str | os.PathLike) -> str:
+    """A text file as written, byte for byte (no newline translation, so that ``\r`` ends no line here while the
+    writer's byte-level check would cut it), a UTF-8 byte-order mark dropped.
+
+    Raises:
+        DatasetNotFoundError: no such file (or a folder).
+        CaptionFileError: it is not UTF-8, naming the line.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DatasetNotFoundError(f"{str(path)!r} not found")
+        raise DatasetNotFoundError(f"{str(path)!r} not found" + (" (it is a folder; give a file)" if path.is_dir()
+                                                                  else ""))
+    data = path.read_bytes()
     try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CaptionFileError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as "
+                               f"UTF-8") from err
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise CaptionFileError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
 

@@ -81,10 +81,11 @@ class CaptionResult:
         )
 
     def save_figure(self, path: str | os.PathLike, *, dpi: int = 100, **kwargs: Any) -> Path:
-        """``figure(**kwargs)`` written to ``path`` (PNG); returns the path."""
+        """``figure(**kwargs)`` written to ``path`` in the format of its suffix (PNG for ``.png``); returns the
+        path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure(**kwargs).savefig(path, dpi=dpi, format="png")
+        self.figure(**kwargs).savefig(path, dpi=dpi)  # the format its suffix names (.png, .pdf, .svg, ...)
         return path
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from capkit.data.images import open_image
 from capkit.errors import CaptionFileError, CorruptImageError, DataError, OutputPathError
-from capkit.evaluation.results import CaptionFileWriter, read_caption_rows
+from capkit.evaluation.results import CaptionFileWriter, read_caption_rows, read_text
 from capkit.evaluation.results import output_format as output_format_of
 from capkit.pretrained.model import CaptionResult, TrainedCaptioner
 
@@ -79,7 +79,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageFile]:
 
 def _listed(list_file: Path) -> list[ImageFile]:
     out = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(list_file).splitlines(), 1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
@@ -104,6 +104,20 @@ def _unique(files: list[ImageFile]) -> list[ImageFile]:
             raise DataError(f"two images have the id {f.image_id!r} ({seen} and {f.path}): caption them into "
                             f"separate output files")
     return out
+
+
+def _check_same_files(output: str | os.PathLike | None, files: Sequence[ImageFile], rows: list[dict[str, Any]]) -> None:
+    """An image id the output already has must be the same file, or the new image would be skipped as done
+    (``2023/IMG_0001.jpg`` then ``2024/IMG_0001.jpg``, each folder captioned into one output). COCO results
+    record no file: their ids alone count."""
+    recorded = {str(r["image_id"]): Path(r["file"]) for r in rows if r.get("file")}
+    for f in files:
+        earlier = recorded.get(f.image_id)
+        # a relative path recorded from another working directory may not resolve here: only a file that is
+        # there and is another file is known to differ
+        if earlier is not None and earlier.is_file() and not os.path.samefile(earlier, f.path):
+            raise DataError(f"{output} already has the image id {f.image_id!r}, from {earlier}; {f.path} has the same "
+                            f"id: caption it into another output file")
 
 
 def done_ids(output: str | os.PathLike, fmt: str | None = None) -> tuple[set[str], list[dict[str, Any]]]:
@@ -154,6 +168,7 @@ def caption_files(
         raise DataError(f"{output}: an n-best list needs JSON Lines output (a .jsonl file); CSV and COCO results "
                         f"hold one caption per image")
     done, rows = done_ids(output, output_format) if output is not None else (set(), [])
+    _check_same_files(output, files, rows)
     todo = [f for f in files if f.image_id not in done]
     summary.already_done = len(files) - len(todo)
     if summary.already_done:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,21 +68,53 @@ def convert_checkpoint(
         notes.insert(0, f"Training took {recorded.train_seconds / 60:.1f} minutes in "
                         f"{max(1, len(recorded.commands))} session(s) (the run's train_summary.json).")
     note = "Scored during training, on the float32 weights of the checkpoint, decoding as above."
-    trained.save_pretrained(out, dtype=dtype, encoder_weights=encoder_weights, name=name, command=command,
-                            scores=recorded.scores, scores_note=note, notes=notes)
-    if score_split is None:
-        return out, None
-    written = TrainedCaptioner.from_pretrained(out, plugins=plugins)
+    # written and scored in a staging folder beside ``out``, published only when all of it worked: a refused
+    # or failed conversion leaves ``out`` as it was (absent, or the model it held)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    scored = None
+    try:
+        trained.save_pretrained(staging, dtype=dtype, encoder_weights=encoder_weights, name=name, command=command,
+                                scores=recorded.scores, scores_note=note, notes=notes)
+        if score_split is not None:
+            scored = _score_written(staging, score_split, name=name, out=out, command=command, notes=notes,
+                                    metrics=metrics, tokenizer=tokenizer, dataset_overrides=dataset_overrides,
+                                    plugins=plugins)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out, scored
+
+
+def _score_written(
+    directory: Path, split: str, *, name: str, out: Path, command: Sequence[str], notes: Sequence[str],
+    metrics: Sequence[str] | None, tokenizer: str | None, dataset_overrides: Mapping[str, Any] | None,
+    plugins: Sequence[str],
+) -> Scored:
+    """Score the model written in ``directory`` (as a user loads it) on ``split`` and put the scores, with the
+    share of distinct captions, into its card."""
+    written = TrainedCaptioner.from_pretrained(directory, plugins=plugins)
     e = written.config.eval
     evaluator = CaptionEvaluator(list(metrics or e.metrics), tokenizer=tokenizer or e.tokenizer)
     evaluator.check_runtime()
-    scored = score_checkpoint(evaluator, written, score_split, dataset_overrides=dataset_overrides, name=str(out))
+    scored = score_checkpoint(evaluator, written, split, dataset_overrides=dataset_overrides, name=str(out))
     distinct = len(set(scored.hypotheses.values())) / max(1, len(scored.hypotheses))
-    card = render_card(name=name, architecture=written.architecture, config=read_config(out),
-                       scores={score_split: {**scored.scores, "distinct_captions": distinct}}, command=command,
-                       parameters=sum(t.numel() for t in read_weights(out).values()), notes=notes)
-    card.save(out / CARD_FILE)
-    return out, scored
+    card = render_card(name=name, architecture=written.architecture, config=read_config(directory),
+                       scores={split: {"distinct_captions": distinct, **scored.scores}}, command=command,
+                       parameters=sum(t.numel() for t in read_weights(directory).values()), notes=notes)
+    card.save(directory / CARD_FILE)
+    return scored
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``; a model ``out`` held (``overwrite``, checked before) is replaced."""
+    if out.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, previous / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.replace(staging, out)
 
 
 @dataclass

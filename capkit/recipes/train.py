@@ -6,6 +6,7 @@ alone or under ``torchrun --nproc_per_node N`` (DistributedDataParallel).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -171,26 +172,50 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
 
 
 def check_disjoint_splits(splits: dict[str, LoadedSplit | None], allowed: bool = False) -> None:
-    """No image in two splits (an image is its file, or its id where it has none): otherwise validation and test
-    scores are measured on training images. ``allowed`` (``data.allow_split_overlap``) turns the error into a
-    warning."""
-    first_split: dict[object, str] = {}
-    shared: list[tuple[str, str, str]] = []  # (image, first split, second split)
+    """No image in two splits: otherwise validation and test scores are measured on training images. An image is
+    its file (whatever its name: symbolic and hard links are the file), the same bytes under another file, or its
+    id where it has no file. ``allowed`` (``data.allow_split_overlap``) turns the error into a warning."""
+    first_split: dict[object, tuple[str, str]] = {}  # image -> (its first split, how it was named there)
+    shared: list[tuple[str, str, str, str]] = []  # (name in the first split, that split, name here, this split)
+    by_size: dict[int, list[tuple[Path, str]]] = {}
     for name, split in splits.items():
         for record in split.records if split is not None else ():
-            key = record.path.resolve() if record.path is not None else record.image_id
-            seen = first_split.setdefault(key, name)
-            if seen != name:
-                shared.append((str(record.path or record.image_id), seen, name))
+            key, shown = _file_identity(record), str(record.path or record.image_id)
+            seen = first_split.setdefault(key, (name, shown))
+            if seen[0] != name:
+                shared.append((seen[1], seen[0], shown, name))
+            elif record.path is not None and seen[1] == shown:
+                by_size.setdefault(record.path.stat().st_size, []).append((record.path, name))
+    # the same bytes under two files: hashed only where files of one size are in different splits
+    for files in by_size.values():
+        if len({split for _, split in files}) < 2:
+            continue
+        first_copy: dict[str, tuple[str, str]] = {}
+        for path, name in files:
+            seen = first_copy.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), (name, str(path)))
+            if seen[0] != name:
+                shared.append((seen[1], seen[0], f"{path} (the same bytes)", name))
     if not shared:
         return
-    image, one, other = shared[0]
-    message = (f"{len(shared)} images are in two splits, e.g. {image} in the {one} and the {other} split: its "
+    first, one, second, other = shared[0]
+    same = "" if first == second else f" (there as {second})"
+    message = (f"{len(shared)} images are in two splits, e.g. {first} in the {one} and the {other} split{same}: its "
                f"{other} scores would be measured on an image the model {'trained on' if one == 'train' else 'saw'}")
     if allowed:
         log.warning("%s (allowed: data.allow_split_overlap=true)", message)
         return
     raise DataError(f"{message}; remove it from one split, or set data.allow_split_overlap=true")
+
+
+def _file_identity(record: ImageRecord) -> object:
+    """The file an image record reads (device and inode: every link to it is one file), or its id without one."""
+    if record.path is None:
+        return record.image_id
+    try:
+        stat = record.path.stat()
+    except OSError:  # missing: its path is all there is to compare
+        return record.path.resolve()
+    return (stat.st_dev, stat.st_ino)
 
 
 UNKNOWN_SHARE_ERROR, UNKNOWN_SHARE_WARNING = 0.5, 0.1  # of the training words that would become <unk>
@@ -413,8 +438,15 @@ def _refuse_a_taken_run(run: RunDir, dist: DistInfo, new: bool, overwrite: bool,
     """A new run's directory must hold no run, or be replaced (``overwrite``; only when ``replace``, that is
     while the run directory is held). Rank 0 decides and the other ranks follow."""
     refusal = None
-    if dist.is_main and new and run.holds_run():
-        if not overwrite:
+    foreign = run.foreign_files() if dist.is_main and new else []
+    if foreign:
+        refusal = (f"{run.root} holds no run but has {', '.join(p.name for p in foreign)}, which a run would write "
+                   f"over; name another run (train.run_name=...) or move those files")
+    elif dist.is_main and new and run.holds_run():
+        if not overwrite and not run.has_checkpoint(LAST):  # stopped in its first epoch: nothing to resume
+            refusal = (f"{run.root} already holds a run that saved no checkpoint (it stopped before its first one); "
+                       f"replace it with --overwrite, or name another run (train.run_name=...)")
+        elif not overwrite:
             refusal = (f"{run.root} already holds a run; continue it with --resume {run.root}, replace it with "
                        f"--overwrite, or name another run (train.run_name=...)")
         elif replace:

@@ -27,6 +27,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from capkit.data.images import open_image
 from capkit.errors import CorruptImageError
@@ -38,6 +40,7 @@ __all__ = ["create_app", "RequestError"]
 
 log = logging.getLogger(__name__)
 
+CAPTION_PARAMETERS = {"beam_size", "max_len", "length_penalty", "n_best", "attention"}
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and part headers around an upload of the limit's size
 
 
@@ -68,6 +71,11 @@ def create_app(model: TrainedCaptioner, settings: ServeSettings = ServeSettings(
     async def refused(request: Request, err: RequestError) -> JSONResponse:
         return JSONResponse({"error": str(err)}, status_code=err.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": f"{err.detail}: {request.method} {request.url.path}"}, status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in err.errors())
@@ -93,6 +101,10 @@ def create_app(model: TrainedCaptioner, settings: ServeSettings = ServeSettings(
         n_best: int = Query(1, ge=1, le=settings.max_beam, description="captions to return, best first"),
         attention: bool = Query(False, description="return each word's attention map"),
     ) -> dict[str, Any]:
+        unknown = sorted(set(request.query_params) - CAPTION_PARAMETERS)
+        if unknown:  # a misspelt setting would otherwise be ignored, and the caption made with the default
+            raise RequestError(422, f"unknown parameter {unknown[0]!r}; the parameters are "
+                                    f"{', '.join(sorted(CAPTION_PARAMETERS))}")
         decoding = model.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
         if n_best > decoding["beam_size"]:
             raise RequestError(422, f"n_best={n_best} is more than the beam size {decoding['beam_size']}: a beam "
@@ -123,7 +135,12 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
     if multipart:
         if length is None:  # a chunked form would be spooled whole before its size is known
             raise RequestError(411, "a multipart upload needs a Content-Length header")
-        form = await request.form(max_files=1, max_fields=8)
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except (MultiPartException, StarletteHTTPException) as err:  # too many parts; a malformed body
+            detail = err.message if isinstance(err, MultiPartException) else err.detail
+            raise RequestError(400, f"the multipart form cannot be read ({detail}); send one file in the field "
+                                    f"'image'") from err
         upload = form.get("image", form.get("file"))
         if not isinstance(upload, UploadFile):
             raise RequestError(400, "the form has no file field 'image': send the image as "
