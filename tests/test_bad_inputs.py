@@ -179,7 +179,7 @@ SETTING_CASES = {
     "beam size 0": (["eval.beam_size=0"], r"eval\.beam_size is 0; it must be at least 1"),
     "negative max_len": (["eval.max_len=-1"], r"eval\.max_len is -1; it must be at least 1"),
     "label smoothing 1": (["train.label_smoothing=1.0"], r"train\.label_smoothing is 1\.0; it must be in \[0, 1\)"),
-    "unknown scheduler": (["train.scheduler=step"], r"train\.scheduler is 'step'; choose one of plateau, cosine, none"),
+    "unknown scheduler": (["train.scheduler=step"], r"train\.scheduler is 'step'; choose one of plateau, cosine, warmup_cosine, none"),
     "unknown tokenizer": (["eval.tokenizer=spacy"], r"eval\.tokenizer is 'spacy'; choose one of ptb, python, none"),
     "no metrics": (["eval.metrics=[]"], r"eval\.metrics is empty"),
     "selection metric not reported": (["train.early_stop_metric=cider"],
@@ -198,6 +198,28 @@ SETTING_CASES = {
                        r".*: dropout probability has to be between 0 and 1, but got 1\.5; check these settings"),
     "unknown timm model": (["model.encoder.model_name=nonexistent_net"],
                            r"encoder 'timm' cannot be built with model_name='nonexistent_net': Unknown model"),
+    "infinite learning rate": (["train.lr=inf"], r"tiny\.yaml: train\.lr is inf; it must be a finite number"),
+    "infinite weight decay": (["train.weight_decay=inf"], r"train\.weight_decay is inf; it must be a finite number"),
+    "infinite grad_clip": (["train.grad_clip=inf"], r"train\.grad_clip is inf; it must be a finite number"),
+    "NaN learning rate": (["train.lr=nan"], r"train\.lr is nan; it must be a finite number"),
+    "infinite length penalty": (["eval.length_penalty=inf"],
+                                r"eval\.length_penalty is inf; it must be a finite number"),
+    "infinite reward weight": (["train.scst_reward.cider=inf"],
+                               r"train\.scst_reward\.cider is inf; it must be a finite number"),
+    "NaN dropout (override text)": (["model.decoder.dropout=nan"],
+                                    r"model\.decoder\.dropout is 'nan'; it must be a finite number"),
+    "NaN dropout (YAML .nan)": (["model.decoder.dropout=.nan"],
+                                r"model\.decoder\.dropout is nan; it must be a finite number"),
+    "negative seed": (["train.seed=-5"], r"train\.seed is -5; it must be in \[0, 2\*\*32 - 1\]"),
+    "seed past numpy's": (["train.seed=4294967296"], r"train\.seed is 4294967296; it must be in \[0, 2\*\*32 - 1\]"),
+    "vocabulary of only special tokens": (["data.vocab_max_size=4"],
+                                          r"data\.vocab_max_size is 4; it must be at least 5"),
+    "a section set to a number": (["model=3"], r"command-line override: model is a section of settings \(encoder, "
+                                               r"attention, decoder\), not 3; set its keys instead"),
+    **{f"run_name {name}": ([f"train.run_name={name}"],
+                            rf"train\.run_name is '{re.escape(name)}'; it must be a plain directory name inside "
+                            rf"train\.output_dir")
+       for name in (".", "..", "../escaped", "/abs/path", "a/b")},
 }
 if not torch.cuda.is_available():
     SETTING_CASES["cuda without CUDA"] = (["train.device=cuda"],
@@ -354,6 +376,10 @@ def test_an_empty_training_split_is_its_own_error(tmp_path, monkeypatch, capsys)
     ("data:\n  dataset: {name: shapes}\n\tbad: tab\n", r"tiny\.yaml:3:1: not valid YAML"),
     ("- a list\n- not a mapping\n", r"tiny\.yaml: a config is a YAML mapping \(model:, data:, train:, eval:\), not a "
                                     r"ListConfig"),
+    ("hello\n", r"tiny\.yaml: a config is a YAML mapping \(model:, data:, train:, eval:\), not the single value "
+                r"'hello'"),
+    ("3\n", r"tiny\.yaml: a config is a YAML mapping .*, not the single value '3'"),
+    ("model: 3\n", r"tiny\.yaml: model is a section of settings \(encoder, attention, decoder\), not 3"),
 ])
 def test_a_config_that_is_not_valid_yaml_names_the_file_line_and_column(tmp_path, monkeypatch, capsys, text, message):
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,6 @@ import csv
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capkit.builder import build_captioner
-from capkit.config import ExperimentConfig, check_values, load_config, to_container
+from capkit.config import PLAIN_NAME, ExperimentConfig, check_values, load_config, to_container
 from capkit.engine.run_dir import BEST, LAST, RunDir
 from capkit.errors import CapkitError, ConfigError
 from capkit.evaluation import CaptionEvaluator, decode_batches
@@ -36,7 +35,6 @@ __all__ = ["VariantConfig", "AblationConfig", "load_ablation", "run_ablation", "
 log = logging.getLogger("capkit.ablate")
 
 HEADLINE = ("bleu4", "cider", "grounding")  # plotted, when present
-VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -72,7 +70,7 @@ def load_ablation(path: str | Path, overrides: list[str] = ()) -> AblationConfig
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: variant names must be unique, got {names}")
     for name in names:  # each is a directory under output_dir: nothing that leads out of it
-        if not VARIANT_NAME.fullmatch(name):
+        if not PLAIN_NAME.fullmatch(name):
             raise ConfigError(f"{path}: variant name {name!r} is no plain directory name; use letters, digits, '-', "
                               f"'_' and '.', starting with a letter or digit")
     beside = path.parent / cfg.base
