@@ -473,3 +473,15 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "latin.yaml").write_bytes(b"train: {run_name: caf\xe9}\n")
     assert train_cli.main(["latin.yaml"]) == 2
     assert capsys.readouterr().err == "capkit train: error: latin.yaml: not UTF-8 text (byte 21); save it as UTF-8\n"
+
+
+def test_a_run_that_diverges_is_one_line_naming_the_step_and_what_to_lower(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    assert train_cli.main(["tiny.yaml", "train.lr=1e30", "train.grad_clip=null"]) == 2
+    out = capsys.readouterr().err
+    err = out.splitlines(keepends=True)[-1]  # after the progress bars
+    assert "Traceback" not in out and re.fullmatch(r"capkit train: error: training diverged: non-finite loss nan at epoch 0, global step \d+ "
+                        r"\(parts: .*\); lower train\.lr, set train\.grad_clip \(e\.g\. 5\.0\) or use train\.amp=none\n",
+                        err), err
