@@ -485,3 +485,22 @@ def test_a_run_that_diverges_is_one_line_naming_the_step_and_what_to_lower(tmp_p
     assert "Traceback" not in out and re.fullmatch(r"capkit train: error: training diverged: non-finite loss nan at epoch 0, global step \d+ "
                         r"\(parts: .*\); lower train\.lr, set train\.grad_clip \(e\.g\. 5\.0\) or use train\.amp=none\n",
                         err), err
+
+
+@pytest.mark.parametrize("tool", ["train", "caption", "evaluate", "demo"])
+def test_an_unknown_device_is_one_line_listing_the_choices(tmp_path, monkeypatch, checkpoint, capsys, tool):
+    from capkit.cli import demo as demo_cli
+
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    model = ["--checkpoint", str(checkpoint), "--device", "tpu"]
+    main, argv = {"train": (train_cli.main, ["tiny.yaml", "train.device=tpu"]),
+                  "caption": (caption_cli.main, [*model, "photo.png"]),
+                  "evaluate": (evaluate_cli.main, [*model, "--metrics", "sacrebleu", "--tokenizer", "none"]),
+                  "demo": (demo_cli.main, [*model, "--port", "0"])}[tool]
+    err = run_tool(main, argv, capsys)
+    assert re.fullmatch(rf"capkit {tool}: error: device 'tpu' is no device; choose one of auto, cpu, cuda, "
+                        r"cuda:N(, mps)?\n", err), err
+    assert not (tmp_path / "runs").exists()
