@@ -185,9 +185,9 @@ def _check_sections(loaded: DictConfig, source: str) -> None:
     """The sections (``model``, ``train``, ...) are mappings: ``model=3`` is refused naming the section, where
     omegaconf's merge error names no key."""
     for section in dataclasses.fields(ExperimentConfig):
-        value = loaded.get(section.name)
-        if dataclasses.is_dataclass(section.default_factory) and value is not None and not isinstance(value, DictConfig):
-            keys = [f.name for f in dataclasses.fields(section.default_factory)]
+        value, schema = loaded.get(section.name), section.default_factory
+        if value is not None and dataclasses.is_dataclass(schema) and not isinstance(value, DictConfig):
+            keys = [f.name for f in dataclasses.fields(schema)]
             raise ConfigError(f"{source}: {section.name} is a section of settings ({', '.join(keys)}), not "
                               f"{value!r}; set its keys instead (e.g. {section.name}.{keys[0]}=...)")
 
