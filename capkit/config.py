@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -277,9 +278,11 @@ RULES: dict[str, tuple] = {
 }
 
 
-def check_values(cfg: DictConfig, source: str) -> None:
+def check_values(cfg: DictConfig, source: str, sections: Sequence[str] | None = None) -> None:
     """Every number finite and every setting of ``RULES`` within its range, or a ``ConfigError`` naming the key,
-    its value and the range."""
+    its value and the range; only in ``sections`` where given (a stored model's: what using it reads)."""
+    if sections is not None:
+        cfg = OmegaConf.masked_copy(cfg, list(sections))
     for key, value in _leaves(to_container(cfg)):
         # a component section is free-form, so an override's nan or inf stays the text 'nan' there
         number = value if isinstance(value, float) else (
@@ -290,7 +293,7 @@ def check_values(cfg: DictConfig, source: str) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not valid(value):
             raise ConfigError(f"{source}: {key} is {value!r}; {requirement}")
-    if not cfg.eval.metrics:
+    if "eval" in cfg and not cfg.eval.metrics:
         raise ConfigError(f"{source}: eval.metrics is empty; name at least one metric (e.g. [bleu, cider])")
 
 

@@ -320,6 +320,23 @@ def test_a_checkpoint_whose_state_json_has_the_wrong_structure_is_one_line(tmp_p
     assert err.startswith(f"capkit caption: error: {checkpoint}: {message}"), err
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("beam_size", 0, "eval.beam_size is 0; it must be at least 1"),
+    ("beam_size", -1, "eval.beam_size is -1; it must be at least 1"),
+    ("length_penalty", float("nan"), "eval.length_penalty is nan; it must be a finite number"),
+    ("batch_size", 0, "eval.batch_size is 0; it must be at least 1"),
+])
+def test_a_checkpoint_whose_stored_settings_are_out_of_range_is_one_line_naming_file_and_key(
+        tmp_path, checkpoint, capsys, key, value, message):
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    doc = json.loads((checkpoint / "state.json").read_text())
+    doc["state"]["config"]["eval"][key] = value
+    (checkpoint / "state.json").write_text(json.dumps(doc))  # NaN as JSON's NaN, which Python reads back
+    err = run_tool(caption_cli.main, ["--checkpoint", str(checkpoint), "--device", "cpu", str(tmp_path / "photo.png")],
+                   capsys)
+    assert err == f"capkit caption: error: {checkpoint / 'state.json'}: {message}; edit it back or use another model\n"
+
+
 def test_visualize_refuses_a_file_that_is_no_image(tmp_path, checkpoint, capsys):
     (tmp_path / "notes.png").write_bytes(b"\x89PNG broken")
     err = run_tool(visualize_cli.main, [str(tmp_path / "notes.png"), "--checkpoint", str(checkpoint),
