@@ -7,9 +7,13 @@ so plugins can add options without touching a schema.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import logging
+import math
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -20,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from capkit.errors import ConfigError
 from capkit.registry import import_plugins
+from capkit.types import SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ __all__ = [
     "load_config",
     "bundled_configs",
     "check_values",
+    "PLAIN_NAME",
     "decoding_settings",
     "save_config",
     "to_container",
@@ -137,6 +143,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if path is not None:
         path = _resolve_config(path)
         try:
+            root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)  # the parse, no objects
+            if isinstance(root, yaml.ScalarNode):  # which omegaconf reads as {word: None}, or refuses (a number)
+                raise ConfigError(f"{path}: a config is a YAML mapping (model:, data:, train:, eval:), not the "
+                                  f"single value {root.value[:40]!r}")
             loaded = OmegaConf.load(path)
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from err
@@ -149,6 +159,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: a config is a YAML mapping (model:, data:, train:, eval:), not a "
                               f"{type(loaded).__name__}")
+        _check_sections(loaded, str(path))
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as err:
@@ -157,6 +168,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must be key=value, got {bad}")
+        _check_sections(OmegaConf.from_dotlist(list(overrides)), "command-line override")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as err:
@@ -168,6 +180,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     import_plugins(list(cfg.plugins))
     return cfg
 
+
+
+def _check_sections(loaded: DictConfig, source: str) -> None:
+    """The sections (``model``, ``train``, ...) are mappings: ``model=3`` is refused naming the section, where
+    omegaconf's merge error names no key."""
+    for section in dataclasses.fields(ExperimentConfig):
+        value, schema = loaded.get(section.name), section.default_factory
+        if value is not None and dataclasses.is_dataclass(schema) and not isinstance(value, DictConfig):
+            keys = [f.name for f in dataclasses.fields(schema)]
+            raise ConfigError(f"{source}: {section.name} is a section of settings ({', '.join(keys)}), not "
+                              f"{value!r}; set its keys instead (e.g. {section.name}.{keys[0]}=...)")
 
 
 def bundled_configs() -> list[str]:
@@ -211,11 +234,15 @@ def _one_of(*choices: str):
     return (lambda v: v in choices), f"choose one of {', '.join(choices)}"
 
 
+# a directory name that stays where it is put: no separator, and not '.' or '..' (a run, an ablation variant)
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 # what each setting must be; a setting that is None (``Optional`` and unset) is not checked
 RULES: dict[str, tuple] = {
     "data.max_caption_len": _at_least(1),
     "data.vocab_min_count": _at_least(1),
-    "data.vocab_max_size": _at_least(1),
+    "data.vocab_max_size": _at_least(len(SPECIAL_TOKENS) + 1),  # room for one word beside the special tokens
     "data.num_workers": _at_least(0),
     "data.max_image_pixels": _at_least(1),
     "train.epochs": _at_least(1),
@@ -233,6 +260,10 @@ RULES: dict[str, tuple] = {
     "train.finetune_encoder_from_epoch": _at_least(0),
     "train.encoder_lr": _positive(),
     "train.patience": _at_least(1),
+    "train.seed": ((lambda v: 0 <= v < 2**32), "it must be in [0, 2**32 - 1] (numpy's seeds)"),
+    "train.run_name": ((lambda v: PLAIN_NAME.fullmatch(v) is not None),
+                       "it must be a plain directory name inside train.output_dir (letters, digits, '-', '_' and "
+                       "'.', starting with a letter or digit)"),
     "train.amp": _one_of("auto", "bf16", "fp16", "none"),
     "eval.amp": _one_of("auto", "bf16", "fp16", "none"),
     "train.max_steps": _at_least(1),
@@ -247,14 +278,39 @@ RULES: dict[str, tuple] = {
 }
 
 
-def check_values(cfg: DictConfig, source: str) -> None:
-    """Every setting of ``RULES`` within its range, or a ``ConfigError`` naming the key, its value and the range."""
+def check_values(cfg: DictConfig, source: str, sections: Sequence[str] | None = None) -> None:
+    """Every number finite and every setting of ``RULES`` within its range, or a ``ConfigError`` naming the key,
+    its value and the range; only in ``sections`` where given (a stored model's: what using it reads)."""
+    if sections is not None:
+        cfg = OmegaConf.masked_copy(cfg, list(sections))
+    for key, value in _leaves(to_container(cfg)):
+        # a component section is free-form, so an override's nan or inf stays the text 'nan' there
+        number = value if isinstance(value, float) else (
+            _float_or_none(value) if isinstance(value, str) and key.startswith("model.") else None)
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"{source}: {key} is {value!r}; it must be a finite number")
     for key, (valid, requirement) in RULES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not valid(value):
             raise ConfigError(f"{source}: {key} is {value!r}; {requirement}")
-    if not cfg.eval.metrics:
+    if "eval" in cfg and not cfg.eval.metrics:
         raise ConfigError(f"{source}: eval.metrics is empty; name at least one metric (e.g. [bleu, cider])")
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every setting in a plain config container, list items as ``key[i]``."""
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in _leaves(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(node, list):
+        return [leaf for i, v in enumerate(node) for leaf in _leaves(v, f"{prefix}[{i}]")]
+    return [(prefix, node)]
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "ModelNotFoundError",
     "WeightsUnavailableError",
     "DeviceUnavailableError",
+    "TrainingDivergedError",
     "JavaNotFoundError",
     "MissingDependencyError",
     "ExportError",
@@ -116,6 +117,10 @@ class WeightsUnavailableError(CapkitError, RuntimeError):
 
 class DeviceUnavailableError(CapkitError, RuntimeError):
     """A device was asked for that this machine does not have (``cuda`` without CUDA)."""
+
+
+class TrainingDivergedError(CapkitError, FloatingPointError):
+    """The training loss became NaN or infinite (too high a learning rate, no gradient clipping, fp16 overflow)."""
 
 
 class JavaNotFoundError(CapkitError, RuntimeError):

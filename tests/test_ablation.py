@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -108,3 +109,39 @@ def test_a_finished_run_from_before_a_setting_existed_is_still_reused(tiny_ablat
     config.write_text(OmegaConf.to_yaml(saved))
     monkeypatch.setattr(ablation_module, "train_experiment", lambda *a, **k: pytest.fail("trained again"))
     assert len(run_ablation(load_ablation(tiny_ablation))) == 2
+
+
+BAD_ABLATIONS = {
+    "no base": ("seeds: [0]\n", "", r"{path}: no base: key; name the experiment YAML every variant starts from"),
+    "no seeds": ("seeds: []\n", "base: base.yaml\n", r"{path}: seeds is empty; list at least one"),
+    "a seed twice": ("seeds: [0, 0]\n", "base: base.yaml\n", r"{path}: seeds \[0, 0\] must be distinct and at least 0"),
+    "a negative seed": ("seeds: [-1]\n", "base: base.yaml\n", r"{path}: seeds \[-1\] must be distinct"),
+    "a typo in a variant's overrides": (
+        "seeds: [0]\n", "base: base.yaml\n", r"base\.yaml with variant 'a': override: Key 'lrr' not in 'TrainConfig'\. "
+        r"Did you mean: 'lr'\? \(key: train\.lrr\); fix the variant's overrides"),
+    "an output_dir that is a file": ("seeds: [0]\noutput_dir: base.yaml\n", "base: base.yaml\n",
+                                     r"{path}: output_dir base\.yaml: base\.yaml is a file, not a folder; give a folder"),
+    "an output_dir under a file": ("seeds: [0]\noutput_dir: base.yaml/runs\n", "base: base.yaml\n",
+                                   r"{path}: output_dir base\.yaml/runs: base\.yaml is a file, not a folder"),
+    "an unknown split": ("seeds: [0]\nsplit: bogus\n", "base: base.yaml\n",
+                         r"base\.yaml with variant 'a': dataset 'shapes' cannot be built with .*split='bogus': "
+                         r"dataset 'shapes' has no split 'bogus'; its splits: train, val, test"),
+}
+
+
+@pytest.mark.parametrize("settings, base, message", BAD_ABLATIONS.values(), ids=BAD_ABLATIONS.keys())
+def test_a_bad_ablation_config_is_one_line_before_anything_trains_or_is_written(tmp_path, monkeypatch, capsys,
+                                                                                 settings, base, message):
+    from capkit.cli import ablate as ablate_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ablation_module, "train_experiment", lambda *a, **k: pytest.fail("a variant trained"))
+    (tmp_path / "base.yaml").write_text(TINY_SHAPES_CONFIG)
+    variant = "{name: a, overrides: [train.lrr=1]}" if "lrr" in message else "{name: a}"
+    (tmp_path / "ablation.yaml").write_text(f"{base}{settings}variants: [{variant}]\n")
+    assert ablate_cli.main(["ablation.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capkit ablate: error: ") and err.count("\n") == 1, err
+    assert re.search(message.format(path="ablation\\.yaml"), err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.yaml", "base.yaml"]

@@ -199,6 +199,28 @@ SETTING_CASES = {
                        r".*: dropout probability has to be between 0 and 1, but got 1\.5; check these settings"),
     "unknown timm model": (["model.encoder.model_name=nonexistent_net"],
                            r"encoder 'timm' cannot be built with model_name='nonexistent_net': Unknown model"),
+    "infinite learning rate": (["train.lr=inf"], r"tiny\.yaml: train\.lr is inf; it must be a finite number"),
+    "infinite weight decay": (["train.weight_decay=inf"], r"train\.weight_decay is inf; it must be a finite number"),
+    "infinite grad_clip": (["train.grad_clip=inf"], r"train\.grad_clip is inf; it must be a finite number"),
+    "NaN learning rate": (["train.lr=nan"], r"train\.lr is nan; it must be a finite number"),
+    "infinite length penalty": (["eval.length_penalty=inf"],
+                                r"eval\.length_penalty is inf; it must be a finite number"),
+    "infinite reward weight": (["train.scst_reward.cider=inf"],
+                               r"train\.scst_reward\.cider is inf; it must be a finite number"),
+    "NaN dropout (override text)": (["model.decoder.dropout=nan"],
+                                    r"model\.decoder\.dropout is 'nan'; it must be a finite number"),
+    "NaN dropout (YAML .nan)": (["model.decoder.dropout=.nan"],
+                                r"model\.decoder\.dropout is nan; it must be a finite number"),
+    "negative seed": (["train.seed=-5"], r"train\.seed is -5; it must be in \[0, 2\*\*32 - 1\]"),
+    "seed past numpy's": (["train.seed=4294967296"], r"train\.seed is 4294967296; it must be in \[0, 2\*\*32 - 1\]"),
+    "vocabulary of only special tokens": (["data.vocab_max_size=4"],
+                                          r"data\.vocab_max_size is 4; it must be at least 5"),
+    "a section set to a number": (["model=3"], r"command-line override: model is a section of settings \(encoder, "
+                                               r"attention, decoder\), not 3; set its keys instead"),
+    **{f"run_name {name}": ([f"train.run_name={name}"],
+                            rf"train\.run_name is '{re.escape(name)}'; it must be a plain directory name inside "
+                            rf"train\.output_dir")
+       for name in (".", "..", "../escaped", "/abs/path", "a/b")},
 }
 if not torch.cuda.is_available():
     SETTING_CASES["cuda without CUDA"] = (["train.device=cuda"],
@@ -299,6 +321,23 @@ def test_a_checkpoint_whose_state_json_has_the_wrong_structure_is_one_line(tmp_p
     assert err.startswith(f"capkit caption: error: {checkpoint}: {message}"), err
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("beam_size", 0, "eval.beam_size is 0; it must be at least 1"),
+    ("beam_size", -1, "eval.beam_size is -1; it must be at least 1"),
+    ("length_penalty", float("nan"), "eval.length_penalty is nan; it must be a finite number"),
+    ("batch_size", 0, "eval.batch_size is 0; it must be at least 1"),
+])
+def test_a_checkpoint_whose_stored_settings_are_out_of_range_is_one_line_naming_file_and_key(
+        tmp_path, checkpoint, capsys, key, value, message):
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    doc = json.loads((checkpoint / "state.json").read_text())
+    doc["state"]["config"]["eval"][key] = value
+    (checkpoint / "state.json").write_text(json.dumps(doc))  # NaN as JSON's NaN, which Python reads back
+    err = run_tool(caption_cli.main, ["--checkpoint", str(checkpoint), "--device", "cpu", str(tmp_path / "photo.png")],
+                   capsys)
+    assert err == f"capkit caption: error: {checkpoint / 'state.json'}: {message}; edit it back or use another model\n"
+
+
 def test_visualize_refuses_a_file_that_is_no_image(tmp_path, checkpoint, capsys):
     (tmp_path / "notes.png").write_bytes(b"\x89PNG broken")
     err = run_tool(visualize_cli.main, [str(tmp_path / "notes.png"), "--checkpoint", str(checkpoint),
@@ -372,6 +411,10 @@ def test_an_empty_training_split_is_its_own_error(tmp_path, monkeypatch, capsys)
     ("data:\n  dataset: {name: shapes}\n\tbad: tab\n", r"tiny\.yaml:3:1: not valid YAML"),
     ("- a list\n- not a mapping\n", r"tiny\.yaml: a config is a YAML mapping \(model:, data:, train:, eval:\), not a "
                                     r"ListConfig"),
+    ("hello\n", r"tiny\.yaml: a config is a YAML mapping \(model:, data:, train:, eval:\), not the single value "
+                r"'hello'"),
+    ("3\n", r"tiny\.yaml: a config is a YAML mapping .*, not the single value '3'"),
+    ("model: 3\n", r"tiny\.yaml: model is a section of settings \(encoder, attention, decoder\), not 3"),
 ])
 def test_a_config_that_is_not_valid_yaml_names_the_file_line_and_column(tmp_path, monkeypatch, capsys, text, message):
     monkeypatch.chdir(tmp_path)
@@ -465,3 +508,34 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "latin.yaml").write_bytes(b"train: {run_name: caf\xe9}\n")
     assert train_cli.main(["latin.yaml"]) == 2
     assert capsys.readouterr().err == "capkit train: error: latin.yaml: not UTF-8 text (byte 21); save it as UTF-8\n"
+
+
+def test_a_run_that_diverges_is_one_line_naming_the_step_and_what_to_lower(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    assert train_cli.main(["tiny.yaml", "train.lr=1e30", "train.grad_clip=null"]) == 2
+    out = capsys.readouterr().err
+    err = out.splitlines(keepends=True)[-1]  # after the progress bars
+    assert "Traceback" not in out and re.fullmatch(r"capkit train: error: training diverged: non-finite loss nan at epoch 0, global step \d+ "
+                        r"\(parts: .*\); lower train\.lr, set train\.grad_clip \(e\.g\. 5\.0\) or use train\.amp=none\n",
+                        err), err
+
+
+@pytest.mark.parametrize("tool", ["train", "caption", "evaluate", "demo"])
+def test_an_unknown_device_is_one_line_listing_the_choices(tmp_path, monkeypatch, checkpoint, capsys, tool):
+    from capkit.cli import demo as demo_cli
+
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    model = ["--checkpoint", str(checkpoint), "--device", "tpu"]
+    main, argv = {"train": (train_cli.main, ["tiny.yaml", "train.device=tpu"]),
+                  "caption": (caption_cli.main, [*model, "photo.png"]),
+                  "evaluate": (evaluate_cli.main, [*model, "--metrics", "sacrebleu", "--tokenizer", "none"]),
+                  "demo": (demo_cli.main, [*model, "--port", "0"])}[tool]
+    err = run_tool(main, argv, capsys)
+    assert re.fullmatch(rf"capkit {tool}: error: device 'tpu' is no device; choose one of auto, cpu, cuda, "
+                        r"cuda:N(, mps)?\n", err), err
+    assert not (tmp_path / "runs").exists()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from capkit.errors import DeviceUnavailableError
+from capkit.errors import DeviceUnavailableError, TrainingDivergedError
 from capkit.engine import (
     BestCheckpointHook,
     EarlyStoppingHook,
@@ -323,9 +323,10 @@ def test_non_finite_loss_names_epoch_and_step_and_after_train_still_runs():
                     trainer.module.decoder.out.bias.fill_(math.nan)
 
     trainer.hooks.insert(0, PoisonAtStep())
-    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at epoch 1, global step 6 "):
+    with pytest.raises(TrainingDivergedError, match=r"training diverged: non-finite loss nan at epoch 1, global step 6 "
+                       r"\(parts: .*\); lower train\.lr, set train\.grad_clip"):
         trainer.fit()
-    assert rec.events[-1] == ("after_train", "FloatingPointError")
+    assert rec.events[-1] == ("after_train", "TrainingDivergedError")
 
 
 def test_max_steps_stops_mid_epoch_and_saves_last(tmp_path):

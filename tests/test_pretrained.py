@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from capkit.cli import train as train_cli
 from capkit.config import ExperimentConfig
 from capkit.data import load_split
 from capkit.engine import RunDir
-from capkit.errors import CheckpointError, ModelNotFoundError, WeightsUnavailableError
+from capkit.errors import CheckpointError, ConfigError, ModelNotFoundError, WeightsUnavailableError
 from capkit.evaluation import CaptionEvaluator
 from capkit.pretrained import TrainedCaptioner, hub
 from capkit.pretrained.format import read_config
@@ -414,7 +415,7 @@ def test_decoding_settings_out_of_range_are_refused(trained, images, capsys):
     for bad, message in (({"max_len": 0}, "max_len must be a whole number of at least 1, got 0"),
                          ({"beam_size": -1}, "beam_size must be a whole number of at least 1, got -1"),
                          ({"length_penalty": float("nan")}, "length_penalty must be a finite number")):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ConfigError, match=message):  # a ValueError too, as it always was
             trained.caption(images[0], **bad)
     for flag in ("--max-len", "--beam"):
         with pytest.raises(SystemExit) as exit_:
@@ -506,3 +507,75 @@ def test_models_saved_before_the_vocabulary_digest_still_load(trained, images, t
     save_file(weights, saved / "model.safetensors", metadata={"format": "pt", "capkit_format": "1"})
     assert [r.caption for r in capkit.from_pretrained(saved).caption(images)] == \
         [r.caption for r in trained.caption(images)]
+
+
+def test_a_non_finite_length_penalty_flag_is_one_line(run, images, tmp_path, capsys):
+    from capkit.cli import caption as caption_cli
+
+    images[0].save(tmp_path / "photo.png")
+    for value in ("nan", "inf"):
+        assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", "--length-penalty", value,
+                                 str(tmp_path / "photo.png")]) == 2
+        assert capsys.readouterr().err == (f"capkit caption: error: length_penalty must be a finite number, got "
+                                           f"{float(value)!r}\n")
+
+
+def test_the_decoding_section_of_config_json_is_what_the_model_decodes_with(trained, tmp_path):
+    saved = trained.save_pretrained(tmp_path / "m")
+    config = json.loads((saved / "config.json").read_text())
+    assert config["training"]["eval"]["beam_size"] == 2
+    config["decoding"] = {"beam_size": 5, "max_len": 12, "length_penalty": 0.5}
+    (saved / "config.json").write_text(json.dumps(config))
+    assert capkit.from_pretrained(saved).decoding == {"beam_size": 5, "max_len": 12, "length_penalty": 0.5}
+
+
+BAD_SAVED_SETTINGS = {
+    "beam size 0": ("decoding", "beam_size", 0, r"decoding\.beam_size is 0; it must be a whole number of at least 1"),
+    "beam size 2.5": ("decoding", "beam_size", 2.5, r"decoding\.beam_size is 2\.5; it must be a whole number"),
+    "max_len text": ("decoding", "max_len", "16", r"decoding\.max_len is '16'; it must be a whole number"),
+    "length penalty NaN": ("decoding", "length_penalty", float("nan"),
+                           r"decoding\.length_penalty is nan; it must be a finite number of at least 0"),
+    "unknown decoding key": ("decoding", "beam", 3, r"decoding\.beam is not a decoding setting \(beam_size, max_len, "
+                                                    r"length_penalty\)"),
+    "input_size text": ("preprocessing", "input_size", "abc",
+                        r"preprocessing\.input_size is 'abc'; it must be \[3, height, width\] with whole numbers from 1 "
+                        r"to 4096"),
+    "input_size zeros": ("preprocessing", "input_size", [3, 0, 0], r"preprocessing\.input_size is \[3, 0, 0\]"),
+    "input_size huge": ("preprocessing", "input_size", [3, 100000, 100000], r"preprocessing\.input_size is \[3, 100000"),
+    "input_size 1 channel": ("preprocessing", "input_size", [1, 64, 64], r"preprocessing\.input_size is \[1, 64, 64\]"),
+    "crop_pct negative": ("preprocessing", "crop_pct", -1, r"preprocessing\.crop_pct is -1; it must be a number in "
+                                                           r"\(0, 1\]"),
+    "std zeros": ("preprocessing", "std", [0, 0, 0], r"preprocessing\.std is \[0, 0, 0\]; each must be greater than 0"),
+    "mean of one channel": ("preprocessing", "mean", [0.5], r"preprocessing\.mean is \[0\.5\]; it must be 3 finite "
+                                                            r"numbers"),
+    "mean NaN": ("preprocessing", "mean", [0.5, float("nan"), 0.5], r"preprocessing\.mean is \[0\.5, nan, 0\.5\]"),
+    "unknown interpolation": ("preprocessing", "interpolation", "cubic",
+                              r"preprocessing\.interpolation is 'cubic'; expected one of nearest, bilinear, bicubic"),
+    "unknown crop mode": ("preprocessing", "crop_mode", "border",
+                          r"preprocessing\.crop_mode is 'border'; expected one of center, squash"),
+    "no std": ("preprocessing", "std", None, r"preprocessing\.std is missing"),
+    "eval batch size 0 (training section)": ("training", "eval", {"batch_size": 0},
+                                             r"eval\.batch_size is 0; it must be at least 1; edit it back"),
+}
+
+
+@pytest.mark.parametrize("section, key, value, message", BAD_SAVED_SETTINGS.values(), ids=BAD_SAVED_SETTINGS.keys())
+def test_bad_decoding_preprocessing_or_training_settings_of_a_saved_model_are_one_line(
+        trained, images, tmp_path, capsys, section, key, value, message):
+    from capkit.cli import caption as caption_cli
+
+    saved = trained.save_pretrained(tmp_path / "m")
+    config = json.loads((saved / "config.json").read_text())
+    if value is None:
+        del config[section][key]
+    elif isinstance(value, dict):
+        config[section][key].update(value)
+    else:
+        config[section][key] = value
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(saved / 'config.json'))}: {message}"):
+        capkit.from_pretrained(saved)
+    images[0].save(tmp_path / "photo.png")
+    assert caption_cli.main(["--model", str(saved), "--device", "cpu", str(tmp_path / "photo.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"capkit caption: error: {saved / 'config.json'}: ") and err.count("\n") == 1, err

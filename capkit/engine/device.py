@@ -17,15 +17,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; otherwise the named device (``cpu``, ``cuda:1``).
 
     Raises:
-        RuntimeError: a CUDA device is asked for on a machine without one.
+        DeviceUnavailableError: a device capkit does not run on (``tpu``, ``meta``), or one this machine lacks
+            (CUDA or MPS); the message lists the choices.
     """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    choices = "auto, cpu, cuda, cuda:N" + (", mps" if torch.backends.mps.is_built() else "")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceUnavailableError(f"device {str(device)!r} is no device; choose one of {choices}") from err
+    if dev.type not in ("cpu", "cuda", "mps"):  # torch names more (meta, xla, ...), which capkit does not run on
+        raise DeviceUnavailableError(f"device {str(device)!r} is not one capkit runs on; choose one of {choices}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device {str(device)!r} was asked for but CUDA is not available; use device=auto or cpu"
         )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailableError(f"device {str(device)!r} was asked for but MPS is not available; use "
+                                     f"device=auto or cpu")
     return dev
 
 

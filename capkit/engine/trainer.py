@@ -17,6 +17,7 @@ from capkit.engine.device import resolve_amp_dtype, resolve_device
 from capkit.engine.distributed import is_main_process, mean_over_ranks, world_size
 from capkit.engine.loss import Criterion, CrossEntropyCriterion
 from capkit.engine.replay import EpochReplay, batches_per_epoch
+from capkit.errors import TrainingDivergedError
 from capkit.types import CaptionBatch
 
 __all__ = ["Trainer", "Hook"]
@@ -151,9 +152,10 @@ class Trainer:
             loss, parts = self.criterion(self.model, batch)
         value = mean_over_ranks(loss.detach())
         if not math.isfinite(value):  # every rank sees the same value, so all stop together
-            raise FloatingPointError(
-                f"non-finite loss {value} at epoch {self.epoch}, global step {self.global_step + 1} "
-                f"(parts: { {k: v.item() for k, v in parts.items()} }); try a lower lr, grad_clip or amp=none"
+            raise TrainingDivergedError(
+                f"training diverged: non-finite loss {value} at epoch {self.epoch}, global step "
+                f"{self.global_step + 1} (parts: { {k: v.item() for k, v in parts.items()} }); lower train.lr, "
+                f"set train.grad_clip (e.g. 5.0) or use train.amp=none"
             )
         self.loss_parts = {k: v.item() for k, v in parts.items()}
         self.optimizer.zero_grad(set_to_none=True)

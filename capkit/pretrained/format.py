@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,11 @@ ENCODER_WEIGHTS = ("included", "source")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ENCODER_PREFIX = "encoder."  # the encoder's keys in the captioner's state dict
 
+DECODING_KEYS = ("beam_size", "max_len", "length_penalty")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
+CROP_MODES = ("center", "squash")  # what capkit.data.transforms.visible_region maps back to the image
+MAX_INPUT_SIZE = 4096  # pixels a side: larger is no model input but a typo, which would exhaust memory
+
 REQUIRED_KEYS = ("capkit_format", "model", "vocabulary", "preprocessing", "decoding", "encoder_weights", "dtype")
 
 
@@ -71,7 +77,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model directory, checked for the keys and values this capkit reads.
 
     Raises:
-        CheckpointError: not JSON, another format version, a key missing or an unknown value.
+        CheckpointError: not JSON, another format version, a key missing, an unknown value, or decoding or
+            preprocessing settings out of range.
     """
     path = Path(directory) / CONFIG_FILE
     try:
@@ -95,7 +102,61 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: dtype is {config['dtype']!r}; expected one of {', '.join(DTYPES)}")
     if config["encoder_weights"] == "source" and not isinstance(config.get("encoder_sha256"), str):
         raise CheckpointError(f"{path}: encoder_weights is 'source' but encoder_sha256 is missing")
+    problems = [*_decoding_problems(config["decoding"]), *_preprocessing_problems(config["preprocessing"])]
+    if problems:  # the first, in one line
+        key, problem = problems[0]
+        raise CheckpointError(f"{path}: {key} {problem}; edit it back or save the model again")
     return config
+
+
+def _decoding_problems(decoding: Any) -> list[tuple[str, str]]:
+    """(key, what is wrong) of the ``decoding`` section: the settings captions are decoded with."""
+    if not isinstance(decoding, dict):
+        return [("decoding", f"is {decoding!r}, not a mapping of {', '.join(DECODING_KEYS)}")]
+    problems = [(f"decoding.{k}", f"is not a decoding setting ({', '.join(DECODING_KEYS)})")
+                for k in decoding if k not in DECODING_KEYS]
+    for key in ("beam_size", "max_len"):
+        if key in decoding and not (_is_int(decoding[key]) and decoding[key] >= 1):
+            problems.append((f"decoding.{key}", f"is {decoding[key]!r}; it must be a whole number of at least 1"))
+    penalty = decoding.get("length_penalty", 0.0)
+    if not (_is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
+        problems.append(("decoding.length_penalty", f"is {penalty!r}; it must be a finite number of at least 0"))
+    return problems
+
+
+def _preprocessing_problems(pre: Any) -> list[tuple[str, str]]:
+    """(key, what is wrong) of the ``preprocessing`` section, timm's data config that images go through."""
+    if not isinstance(pre, dict):
+        return [("preprocessing", f"is {pre!r}, not a mapping (input_size, mean, std, ...)")]
+    problems = [(f"preprocessing.{k}", "is missing") for k in ("input_size", "mean", "std") if k not in pre]
+    size = pre.get("input_size", [3, 1, 1])
+    if not (isinstance(size, list) and len(size) == 3 and all(_is_int(v) for v in size) and size[0] == 3
+            and all(1 <= v <= MAX_INPUT_SIZE for v in size[1:])):
+        problems.append(("preprocessing.input_size", f"is {size!r}; it must be [3, height, width] with whole numbers "
+                                                     f"from 1 to {MAX_INPUT_SIZE}"))
+    for key in ("mean", "std"):
+        values = pre.get(key, [1.0] * 3)
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) and math.isfinite(v)
+                                                                       for v in values)):
+            problems.append((f"preprocessing.{key}", f"is {values!r}; it must be 3 finite numbers (one per channel)"))
+        elif key == "std" and min(values) <= 0:
+            problems.append(("preprocessing.std", f"is {values!r}; each must be greater than 0 (pixels are divided "
+                                                  f"by it)"))
+    crop_pct = pre.get("crop_pct")
+    if crop_pct is not None and not (_is_number(crop_pct) and 0 < crop_pct <= 1):
+        problems.append(("preprocessing.crop_pct", f"is {crop_pct!r}; it must be a number in (0, 1]"))
+    for key, choices in (("interpolation", INTERPOLATIONS), ("crop_mode", CROP_MODES)):
+        if pre.get(key) is not None and pre[key] not in choices:
+            problems.append((f"preprocessing.{key}", f"is {pre[key]!r}; expected one of {', '.join(choices)}"))
+    return problems
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def write_weights(

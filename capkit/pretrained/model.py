@@ -26,13 +26,19 @@ from torchvision.transforms.functional import to_pil_image
 
 import capkit
 from capkit.builder import build_captioner
-from capkit.config import ExperimentConfig, decoding_settings, to_container
+from capkit.config import ExperimentConfig, check_values, decoding_settings, to_container
 from capkit.data.images import open_image
 from capkit.data.transforms import build_transform, visible_region
 from capkit.data.vocab import Vocabulary
-from capkit.engine.checkpoint import load_checkpoint
+from capkit.engine.checkpoint import CHECKPOINT_JSON, load_checkpoint
 from capkit.engine.device import autocast, resolve_amp_dtype
-from capkit.errors import CheckpointError, ComponentNotFoundError, OutputPathError, WeightsUnavailableError
+from capkit.errors import (
+    CheckpointError,
+    ComponentNotFoundError,
+    ConfigError,
+    OutputPathError,
+    WeightsUnavailableError,
+)
 from capkit.models.captioner import Captioner
 from capkit.pretrained import format as fmt
 from capkit.pretrained.card import render_card
@@ -46,7 +52,6 @@ __all__ = ["ImageInput", "CaptionResult", "TrainedCaptioner", "from_pretrained",
 log = logging.getLogger(__name__)
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
-DECODING_KEYS = ("beam_size", "max_len", "length_penalty")
 # images per encoder forward when captioning: the encoder's activations, not the beam search, set the peak memory
 # of a batch, and they grow with the images in one forward (a batch of 128 in one forward needs about 2 GB more)
 ENCODER_CHUNK = 16
@@ -110,15 +115,17 @@ class TrainedCaptioner:
 
     def decoding_with(self, **overrides: Any) -> dict[str, Any]:
         """``decoding`` with the overrides that are not None (a command's flags)."""
-        unknown = set(overrides) - set(DECODING_KEYS)
+        unknown = set(overrides) - set(fmt.DECODING_KEYS)
         if unknown:
-            raise TypeError(f"unknown decoding settings {sorted(unknown)}; the settings are {', '.join(DECODING_KEYS)}")
+            raise TypeError(f"unknown decoding settings {sorted(unknown)}; the settings are "
+                            f"{', '.join(fmt.DECODING_KEYS)}")
         settings = {**self.decoding, **{k: v for k, v in overrides.items() if v is not None}}
+        # ConfigError (a ValueError): the command-line tools print it as one line
         for key in ("beam_size", "max_len"):
             if not isinstance(settings[key], int) or settings[key] < 1:
-                raise ValueError(f"{key} must be a whole number of at least 1, got {settings[key]!r}")
+                raise ConfigError(f"{key} must be a whole number of at least 1, got {settings[key]!r}")
         if not math.isfinite(settings["length_penalty"]):
-            raise ValueError(f"length_penalty must be a finite number, got {settings['length_penalty']!r}")
+            raise ConfigError(f"length_penalty must be a finite number, got {settings['length_penalty']!r}")
         return settings
 
     @property
@@ -163,6 +170,7 @@ class TrainedCaptioner:
         except (OmegaConfBaseException, ValueError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{checkpoint}: its stored config or vocabulary is damaged "
                                   f"({' '.join(str(err).split())[:200]}); use another checkpoint") from err
+        _check_stored(config, Path(checkpoint) / CHECKPOINT_JSON)
         model = _build(checkpoint, to_container(config.model), len(vocab), plugins, list(config.plugins))
         try:
             model.load_state_dict(state["model"])
@@ -190,14 +198,17 @@ class TrainedCaptioner:
             return cls.from_checkpoint(directory, device, plugins=plugins)
         saved = fmt.read_config(directory)
         try:
+            # the decoding section is what the card describes and users edit: it wins over training.eval's
             config = OmegaConf.merge(
-                OmegaConf.structured(ExperimentConfig), {**saved.get("training", {}), "model": saved["model"]}
+                OmegaConf.structured(ExperimentConfig), {**saved.get("training", {}), "model": saved["model"]},
+                {"eval": saved["decoding"]},
             )
             if not isinstance(saved["model"].get("encoder"), Mapping) or "name" not in saved["model"]["encoder"]:
                 raise KeyError("model.encoder.name")
         except (OmegaConfBaseException, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{directory / fmt.CONFIG_FILE}: its model or training sections do not fit this "
                                   f"capkit ({' '.join(str(err).split())[:200]}); save the model again") from err
+        _check_stored(config, directory / fmt.CONFIG_FILE)
         vocab = Vocabulary(saved["vocabulary"])
         source = saved["encoder_weights"] == "source"
         section = dict(saved["model"])
@@ -403,6 +414,15 @@ def _flatten_tensors(images: Iterable[ImageInput]) -> Iterator[ImageInput]:
             yield from item
         else:
             yield item
+
+
+def _check_stored(config: DictConfig, path: Path) -> None:
+    """The settings a stored config is used with (``data``, ``eval``) within config.py's ranges: an edited file
+    is one line naming it and the key, not a failure deep in decoding."""
+    try:
+        check_values(config, str(path), sections=("data", "eval"))
+    except ConfigError as err:
+        raise CheckpointError(f"{err}; edit it back or use another model") from err
 
 
 def _build(

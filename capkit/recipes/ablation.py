@@ -10,7 +10,6 @@ import csv
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,20 +22,20 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capkit.builder import build_captioner
-from capkit.config import ExperimentConfig, check_values, load_config, to_container
+from capkit.config import PLAIN_NAME, ExperimentConfig, check_values, load_config, to_container
 from capkit.engine.run_dir import BEST, LAST, RunDir
 from capkit.errors import CapkitError, ConfigError
 from capkit.evaluation import CaptionEvaluator, decode_batches
 from capkit.evaluation.grounding import measure_grounding
 from capkit.recipes.inference import load_eval_split, load_trained, training_captions
 from capkit.recipes.train import check_settings, train_experiment
+from capkit.registry import DATASETS
 
 __all__ = ["VariantConfig", "AblationConfig", "load_ablation", "run_ablation", "summarise"]
 
 log = logging.getLogger("capkit.ablate")
 
 HEADLINE = ("bleu4", "cider", "grounding")  # plotted, when present
-VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -66,18 +65,38 @@ def load_ablation(path: str | Path, overrides: list[str] = ()) -> AblationConfig
                               OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
+    if OmegaConf.is_missing(cfg, "base"):
+        raise ConfigError(f"{path}: no base: key; name the experiment YAML every variant starts from "
+                          f"(base: configs/....yaml)")
     if not cfg.variants:
         raise ConfigError(f"{path}: no variants listed")
+    if any(OmegaConf.is_missing(v, "name") for v in cfg.variants):
+        raise ConfigError(f"{path}: a variant has no name: key; give each one a name (its run directory)")
+    if not cfg.seeds:
+        raise ConfigError(f"{path}: seeds is empty; list at least one (e.g. seeds: [0])")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+        # a repeated seed would run once and count twice (a standard deviation of 0 over one run)
+        raise ConfigError(f"{path}: seeds {list(cfg.seeds)} must be distinct and at least 0")
+    _check_output_dir(Path(cfg.output_dir), path)
     names = [v.name for v in cfg.variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: variant names must be unique, got {names}")
     for name in names:  # each is a directory under output_dir: nothing that leads out of it
-        if not VARIANT_NAME.fullmatch(name):
+        if not PLAIN_NAME.fullmatch(name):
             raise ConfigError(f"{path}: variant name {name!r} is no plain directory name; use letters, digits, '-', "
                               f"'_' and '.', starting with a letter or digit")
     beside = path.parent / cfg.base
     cfg.base = str(beside if beside.is_file() else Path(cfg.base))
     return OmegaConf.to_object(cfg)
+
+
+def _check_output_dir(out: Path, path: Path) -> None:
+    """``out`` is, or can become, a folder: no file at it or above it."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{path}: output_dir {out}: {folder} is a file, not a folder; give a folder")
+            return
 
 
 def run_ablation(ablation: AblationConfig) -> list[dict[str, Any]]:
@@ -119,6 +138,7 @@ def check_variants(ablation: AblationConfig) -> dict[tuple[str, int], DictConfig
         try:
             check_settings(cfg)
             build_captioner(to_container(cfg.model), vocab_size=8)  # the seed changes no component
+            DATASETS.build(to_container(cfg.data.dataset), split=ablation.split)  # scored after training
         except CapkitError as err:
             raise type(err)(f"{ablation.base} with variant {variant.name!r}: {err}") from err
     return configs
@@ -150,9 +170,18 @@ def _variant_config(ablation: AblationConfig, variant: VariantConfig, seed: int,
         cfg.model.attention = variant.attention
     if variant.decoder is not None:
         cfg.model.decoder = variant.decoder
+    where = f"{ablation.base} with variant {variant.name!r}"
+    bad = [o for o in variant.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"{where}: overrides must be key=value, got {bad}")
     run = [f"train.seed={seed}", f"train.output_dir={out / variant.name}", f"train.run_name=seed{seed}"]
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*variant.overrides, *run]))
-    check_values(cfg, f"{ablation.base} with variant {variant.name!r}")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*variant.overrides, *run]))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{where}: override: {str(err).splitlines()[0]} (key: {key}); fix the variant's overrides") \
+            from err
+    check_values(cfg, where)
     return cfg
 
 
