@@ -513,11 +513,11 @@ def test_a_non_finite_length_penalty_flag_is_one_line(run, images, tmp_path, cap
     from capkit.cli import caption as caption_cli
 
     images[0].save(tmp_path / "photo.png")
-    for value in ("nan", "inf"):
+    for value in ("nan", "inf", "-5"):
         assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", "--length-penalty", value,
                                  str(tmp_path / "photo.png")]) == 2
-        assert capsys.readouterr().err == (f"capkit caption: error: length_penalty must be a finite number, got "
-                                           f"{float(value)!r}\n")
+        assert capsys.readouterr().err == (f"capkit caption: error: length_penalty must be a finite number of at "
+                                           f"least 0, got {float(value)!r}\n")
 
 
 def test_the_decoding_section_of_config_json_is_what_the_model_decodes_with(trained, tmp_path):

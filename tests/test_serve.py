@@ -190,6 +190,10 @@ def test_the_command_refuses_a_taken_port_and_bad_limits_before_loading_a_model(
     assert "--port 70000: give a port from 0 to 65535" in capsys.readouterr().err
     assert demo_cli.main(["--timeout", "0"]) == 2
     assert "--timeout 0: give a positive number" in capsys.readouterr().err
+    assert demo_cli.main(["--host", ""]) == 2
+    assert "--host is empty: give an address" in capsys.readouterr().err
+    assert demo_cli.main(["--model", " "]) == 2
+    assert "--model is empty: give a model folder" in capsys.readouterr().err
 
 
 class _Returning(threading.Thread):

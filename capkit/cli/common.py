@@ -133,6 +133,9 @@ def _load_one(args: argparse.Namespace, name: str | None, device):
     from capkit.pretrained.model import TrainedCaptioner
     from capkit.recipes.inference import load_trained
 
+    if name is not None and not str(name).strip():
+        raise ModelNotFoundError(f"{'--checkpoint' if args.checkpoint else '--model'} is empty: give a model folder, "
+                                 f"an installed model's name or a Hub repo id")
     if args.checkpoint:
         return load_trained(name, device, plugins=args.plugin)
     if name is None:

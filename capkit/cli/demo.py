@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         raise MissingDependencyError(f"capkit demo needs FastAPI, uvicorn and python-multipart ({err.name} is "
                                      f"missing): {INSTALL_SERVE}") from err
 
+    if not args.host.strip():  # an empty address would listen on every network
+        raise ConfigError("--host is empty: give an address, e.g. 127.0.0.1 (this machine only) or 0.0.0.0")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: give a port from 0 to 65535")
     for flag, value in (("--max-wait-ms", args.max_wait_ms), ("--timeout", args.timeout),

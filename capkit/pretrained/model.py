@@ -124,8 +124,10 @@ class TrainedCaptioner:
         for key in ("beam_size", "max_len"):
             if not isinstance(settings[key], int) or settings[key] < 1:
                 raise ConfigError(f"{key} must be a whole number of at least 1, got {settings[key]!r}")
-        if not math.isfinite(settings["length_penalty"]):
-            raise ConfigError(f"length_penalty must be a finite number, got {settings['length_penalty']!r}")
+        if not math.isfinite(settings["length_penalty"]) or settings["length_penalty"] < 0:
+            # as eval.length_penalty: below 0 the ranking would favour ever shorter captions
+            raise ConfigError(f"length_penalty must be a finite number of at least 0, got "
+                              f"{settings['length_penalty']!r}")
         return settings
 
     @property
