@@ -112,7 +112,7 @@ def load_model_from_args(args: argparse.Namespace):
     from capkit.pretrained.ensemble import ensemble
 
     device = resolve_device(args.device)
-    names = args.checkpoint or args.model or [args.default_model]
+    names = _model_names(args)
     models = [_load_one(args, name, device) for name in names]
     model = models[0] if len(models) == 1 else ensemble(models)
     logging.getLogger("capkit").info("model: %s%s (%s)", " + ".join(map(str, names)),
@@ -122,7 +122,12 @@ def load_model_from_args(args: argparse.Namespace):
 
 def model_name(args: argparse.Namespace) -> str:
     """What ``add_model_flags``' flags name, in words: ``a + b`` for an ensemble."""
-    return " + ".join(map(str, args.checkpoint or args.model or [args.default_model]))
+    return " + ".join(map(str, _model_names(args)))
+
+
+def _model_names(args: argparse.Namespace) -> list[str | None]:
+    """The ``--checkpoint`` or ``--model`` values given, else the command's default model."""
+    return args.checkpoint or args.model or [args.default_model]
 
 
 def _load_one(args: argparse.Namespace, name: str | None, device):

@@ -27,7 +27,7 @@ from capkit.engine.run_dir import BEST, LAST, RunDir
 from capkit.errors import CapkitError, ConfigError
 from capkit.evaluation import CaptionEvaluator, decode_batches
 from capkit.evaluation.grounding import measure_grounding
-from capkit.recipes.inference import load_eval_split, load_trained, training_captions
+from capkit.recipes.inference import give_training_captions, load_eval_split, load_trained
 from capkit.recipes.train import check_settings, train_experiment
 from capkit.registry import DATASETS
 
@@ -191,9 +191,7 @@ def _score(run: RunDir, split_name: str, plugins: list[str]) -> dict[str, Any]:
     cfg, model = trained.config, trained.model
     split, loader = load_eval_split(trained, split_name)
     evaluator = CaptionEvaluator(list(cfg.eval.metrics), tokenizer=cfg.eval.tokenizer)
-    known = training_captions(trained) if evaluator.wants_training_captions else None
-    if known is not None:
-        evaluator.use_training_captions(known)
+    give_training_captions(evaluator, trained)
     captions, started = {}, time.perf_counter()
     # one timed decoding pass gives the speed, the scored captions and the grounding
     for batch, generation in decode_batches(model, loader, precision=trained.precision, **trained.decoding):

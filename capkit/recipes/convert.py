@@ -14,7 +14,7 @@ from typing import Any
 from capkit.engine.checkpoint import checkpoint_step
 from capkit.engine.run_dir import RunDir
 from capkit.errors import RunDirError
-from capkit.evaluation import CaptionEvaluator
+from capkit.evaluation import CaptionEvaluator, Diversity
 from capkit.pretrained.card import render_card
 from capkit.pretrained.format import CARD_FILE, FILES, is_pretrained_dir, read_config, read_weights
 from capkit.pretrained.model import TrainedCaptioner
@@ -98,7 +98,7 @@ def _score_written(
     evaluator = CaptionEvaluator(list(metrics or e.metrics), tokenizer=tokenizer or e.tokenizer)
     evaluator.check_runtime()
     scored = score_checkpoint(evaluator, written, split, dataset_overrides=dataset_overrides, name=str(out))
-    distinct = len(set(scored.hypotheses.values())) / max(1, len(scored.hypotheses))
+    distinct = Diversity()(scored.hypotheses, scored.references).scores["distinct_captions"]
     card = render_card(name=name, architecture=written.architecture, config=read_config(directory),
                        scores={split: {"distinct_captions": distinct, **scored.scores}}, command=command,
                        parameters=sum(t.numel() for t in read_weights(directory).values()), notes=notes)

@@ -20,7 +20,7 @@ from capkit.evaluation import (
 )
 from capkit.data.build import load_split
 from capkit.pretrained.model import TrainedCaptioner
-from capkit.recipes.inference import load_eval_split, load_trained, training_captions
+from capkit.recipes.inference import give_training_captions, load_eval_split, load_trained
 from capkit.visualization.gallery import GalleryItem, write_gallery
 
 __all__ = ["Scored", "score_checkpoint", "score_files", "describe_decoding"]
@@ -66,10 +66,7 @@ def score_checkpoint(
     trained = checkpoint if isinstance(checkpoint, TrainedCaptioner) else load_trained(checkpoint, device, plugins=plugins)
     decoding = trained.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
     loaded, loader = load_eval_split(trained, split, dataset_overrides)
-    if evaluator.wants_training_captions:
-        captions = training_captions(trained, dataset_overrides)
-        if captions is not None:
-            evaluator.use_training_captions(captions)
+    give_training_captions(evaluator, trained, dataset_overrides)
     run_evaluation(trained.model, loader, evaluator, decode=trained.vocab.decode, precision=trained.precision,
                    **decoding)
     result = evaluator.result

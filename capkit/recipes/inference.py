@@ -12,11 +12,12 @@ from torch.utils.data import DataLoader
 from capkit.config import to_container
 from capkit.data.build import LoadedSplit, load_split
 from capkit.errors import DataError
+from capkit.evaluation import CaptionEvaluator
 from capkit.pretrained.format import is_pretrained_dir
 from capkit.pretrained.model import SAFE_MODEL_KWARGS, TrainedCaptioner
 from capkit.recipes.experiment import build_eval_loader_for
 
-__all__ = ["TrainedCaptioner", "load_trained", "load_eval_split", "training_captions", "SAFE_MODEL_KWARGS"]
+__all__ = ["TrainedCaptioner", "load_trained", "load_eval_split", "give_training_captions", "SAFE_MODEL_KWARGS"]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,17 @@ def load_eval_split(
     return loaded, build_eval_loader_for(trained.config, loaded, trained.model.encoder, trained.device)
 
 
-def training_captions(trained: TrainedCaptioner, dataset_overrides: Mapping[str, Any] | None = None) -> list[str] | None:
-    """The captions of the training split of the dataset the model was trained on (for ``novel_captions``), or
-    None, with a warning, where that split cannot be read."""
+def give_training_captions(
+    evaluator: CaptionEvaluator, trained: TrainedCaptioner, dataset_overrides: Mapping[str, Any] | None = None
+) -> None:
+    """Give ``evaluator``'s metrics that want them (``novel_captions``) the captions of the training split of the
+    dataset the model was trained on; where that split cannot be read they go without, with a warning."""
+    if not evaluator.wants_training_captions:
+        return
     dataset = {**to_container(trained.config.data.dataset), **(dataset_overrides or {})}
     try:
         records = load_split(dataset, "train", skip_missing_images=True).records
     except DataError as err:
         log.warning("novel_captions is not reported: the training captions cannot be read (%s)", err)
-        return None
-    return [caption for record in records for caption in record.captions]
+        return
+    evaluator.use_training_captions(caption for record in records for caption in record.captions)

@@ -180,12 +180,15 @@ def check_disjoint_splits(splits: dict[str, LoadedSplit | None], allowed: bool =
     by_size: dict[int, list[tuple[Path, str]]] = {}
     for name, split in splits.items():
         for record in split.records if split is not None else ():
-            key, shown = _file_identity(record), str(record.path or record.image_id)
+            stat = _stat(record)
+            # a file is its device and inode (every link to it is one file); an image without one, its id
+            key = (stat.st_dev, stat.st_ino) if stat else record.path.resolve() if record.path else record.image_id
+            shown = str(record.path or record.image_id)
             seen = first_split.setdefault(key, (name, shown))
             if seen[0] != name:
                 shared.append((seen[1], seen[0], shown, name))
-            elif record.path is not None and seen[1] == shown:
-                by_size.setdefault(record.path.stat().st_size, []).append((record.path, name))
+            elif stat is not None and seen[1] == shown:
+                by_size.setdefault(stat.st_size, []).append((record.path, name))
     # the same bytes under two files: hashed only where files of one size are in different splits
     for files in by_size.values():
         if len({split for _, split in files}) < 2:
@@ -207,15 +210,14 @@ def check_disjoint_splits(splits: dict[str, LoadedSplit | None], allowed: bool =
     raise DataError(f"{message}; remove it from one split, or set data.allow_split_overlap=true")
 
 
-def _file_identity(record: ImageRecord) -> object:
-    """The file an image record reads (device and inode: every link to it is one file), or its id without one."""
+def _stat(record: ImageRecord) -> os.stat_result | None:
+    """The image file's status, or None for an image without a file or whose file is missing."""
     if record.path is None:
-        return record.image_id
+        return None
     try:
-        stat = record.path.stat()
-    except OSError:  # missing: its path is all there is to compare
-        return record.path.resolve()
-    return (stat.st_dev, stat.st_ino)
+        return record.path.stat()
+    except OSError:
+        return None
 
 
 UNKNOWN_SHARE_ERROR, UNKNOWN_SHARE_WARNING = 0.5, 0.1  # of the training words that would become <unk>
