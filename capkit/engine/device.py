@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from capkit.errors import DeviceUnavailableError
+from capkit.errors import ConfigError, DeviceUnavailableError
 
 __all__ = ["resolve_device", "resolve_amp_dtype", "autocast", "cpu_has_native_bf16", "cpu_name", "AMP_MODES"]
 
@@ -48,18 +48,18 @@ def resolve_amp_dtype(amp: str, device: torch.device, *, key: str = "amp") -> to
     the messages (``train.amp``, ``eval.amp``).
 
     Raises:
-        ValueError: an unknown mode, or fp16 without CUDA.
+        ConfigError: an unknown mode, or fp16 without CUDA (a ValueError too).
         DeviceUnavailableError: bf16 on a device without it.
     """
     if amp not in AMP_MODES:
-        raise ValueError(f"{key} must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     cuda = device.type == "cuda"
     if amp == "none" or (amp == "auto" and not cuda):
         return None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and not cuda:
-        raise ValueError(f"{key}=fp16 needs a CUDA device, this runs on {device}; use {key}=bf16 or none")
+        raise ConfigError(f"{key}=fp16 needs a CUDA device, this runs on {device}; use {key}=bf16 or none")
     if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise DeviceUnavailableError(f"{torch.cuda.get_device_name(device)} does not support bf16; use {key}=fp16 "
                                      f"or auto")
