@@ -82,11 +82,21 @@ class TrainConfig:
     grad_clip: Optional[float] = 5.0
     objective: str = "xent"  # xent (cross-entropy) | scst (self-critical, CIDEr-D reward; start from init_from)
     init_from: Optional[str] = None  # checkpoint whose weights, vocabulary and optimizer moments start the run
+    # continue init_from's Adam moments (true), or start Adam afresh (false): a self-critical gradient is about
+    # ten times smaller than a cross-entropy one, so the carried second moments shrink its steps tenfold until
+    # they decay (hundreds of steps); docs/RESULTS.md, "Self-critical training"
+    init_moments: bool = True
     scst_samples: int = 5  # captions drawn per image by self-critical training
     scst_reward: dict[str, float] = field(default_factory=lambda: {"cider": 1.0})  # weights: cider, bleu4
     # <end> counts as a word of every caption and reference in the reward (as ruotianluo/ImageCaptioning.pytorch
     # scores samples): a caption cut off mid-phrase ("a dog in a") misses the n-grams that end the references
     scst_end_token: bool = True
+    # each sample's baseline: the mean reward of the image's other samples (Luo 2020) | the reward of the
+    # greedy caption, decoded without dropout (Rennie et al. 2017)
+    scst_baseline: str = "mean"
+    scst_temperature: float = 1.0  # the samples are drawn from softmax(logits / temperature)
+    # the captions rewarded: drawn word by word (sample), or the scst_samples best of a beam search (beam)
+    scst_candidates: str = "sample"
     label_smoothing: float = 0.0
     aux_loss_weights: dict[str, float] = field(default_factory=lambda: {"doubly_stochastic": 1.0})
     scheduler: str = "plateau"  # plateau | cosine | warmup_cosine (per step, after warmup_steps) | none
@@ -251,7 +261,10 @@ RULES: dict[str, tuple] = {
     "train.weight_decay": _at_least(0),
     "train.grad_clip": _positive(),
     "train.objective": _one_of("xent", "scst"),
-    "train.scst_samples": _at_least(2),
+    "train.scst_samples": _at_least(1),  # and 2 with the mean baseline: build_criterion
+    "train.scst_baseline": _one_of("mean", "greedy"),
+    "train.scst_candidates": _one_of("sample", "beam"),
+    "train.scst_temperature": _positive(),
     "train.label_smoothing": ((lambda v: 0 <= v < 1), "it must be in [0, 1)"),
     "train.scheduler": _one_of("plateau", "cosine", "warmup_cosine", "none"),
     "train.warmup_steps": _at_least(0),

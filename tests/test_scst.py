@@ -17,6 +17,7 @@ from capkit.engine import (
     Trainer,
     build_optimizer,
     build_train_sampler,
+    load_checkpoint,
     load_optimizer_moments,
     self_critical_loss,
 )
@@ -142,6 +143,87 @@ def test_self_critical_loss_uses_the_other_samples_mean_as_baseline():
         self_critical_loss(SampledCaptions(tokens, log_probs, 1), torch.zeros(4))
 
 
+def test_a_given_baseline_replaces_the_other_samples_mean():
+    """The greedy baseline: one reward per image, subtracted from each of its samples; one sample suffices."""
+    tokens = torch.tensor([[5, EOS_ID], [EOS_ID, PAD_ID], [6, EOS_ID], [7, EOS_ID]])  # 2 images x 2 samples
+    log_probs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-1.5, -1.0], [-0.2, -0.3]], requires_grad=True)
+    samples = SampledCaptions(tokens, log_probs, 2)
+    loss, advantage = self_critical_loss(samples, torch.tensor([1.0, 0.0, 2.0, 2.0]), torch.tensor([0.5, 3.0]))
+    assert advantage.tolist() == [0.5, -0.5, -1.0, -1.0]
+    assert loss.item() == pytest.approx(-(0.5 * -3.0 - 0.5 * -0.5 - 1.0 * -2.5 - 1.0 * -0.5) / 7)
+    one = SampledCaptions(tokens[:2], log_probs[:2], 1)
+    _, advantage = self_critical_loss(one, torch.tensor([1.0, 0.0]), torch.tensor([0.25, 0.5]))
+    assert advantage.tolist() == [0.75, -0.5]
+
+
+def test_the_greedy_baseline_is_the_reward_of_the_dropout_free_greedy_caption():
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    enc = features(3)
+    batch = CaptionBatch(["x", "y", "z"], features=enc, references=[["r"]] * 3)
+    scored = []
+
+    def reward(ids, words):
+        scored.append((list(ids), [list(w) for w in words]))
+        return [float(len(w)) for w in words]
+
+    SelfCriticalCriterion(reward, num_samples=2, max_len=5, baseline="greedy")(model, batch)
+    assert model.training  # back in training mode after the greedy decoding
+    assert scored[1][0] == ["x", "y", "z"]  # the samples first, then one greedy caption per image
+    greedy = model.eval().generate(features=enc, beam_size=1, max_len=5).tokens
+    assert scored[1][1] == [[t for t in g if t != EOS_ID] for g in greedy]
+    with pytest.raises(ValueError, match="choose one of mean, greedy"):
+        SelfCriticalCriterion(reward, baseline="best")
+
+
+def test_beam_candidates_are_the_beam_searchs_n_best_with_teacher_forced_log_probs():
+    torch.manual_seed(3)
+    model = tiny_model().train()
+    enc = features(3)
+    batch = CaptionBatch(["x", "y", "z"], features=enc, references=[["r"]] * 3)
+    scored = []
+
+    def reward(ids, words):
+        scored.append([list(w) for w in words])
+        return [float(len(w)) for w in words]
+
+    criterion = SelfCriticalCriterion(reward, num_samples=3, max_len=5, candidates="beam")
+    loss, parts = criterion(model, batch)
+    assert model.training and loss.requires_grad
+    model.eval()
+    hypotheses = model.generate(features=enc, beam_size=3, n_best=3, max_len=5).hypotheses
+    assert scored[0] == [h.tokens for hyps in hypotheses for h in hyps]  # image-major, best first
+    candidates = criterion._beam_captions(model, batch)  # eval mode now: the log-probs are the search's scores
+    torch.testing.assert_close(
+        candidates.log_probs.sum(dim=1), torch.tensor([h.score for hyps in hypotheses for h in hyps]),
+        rtol=1e-4, atol=1e-4,
+    )
+    with pytest.raises(ValueError, match="choose one of sample, beam"):
+        SelfCriticalCriterion(reward, candidates="top")
+
+
+def test_the_sampling_temperature_sharpens_or_flattens_the_drawn_distribution():
+    """At temperature T the log-probabilities are those of softmax(logits / T): a low T draws the argmax."""
+    torch.manual_seed(2)
+    model = tiny_model().eval()
+    enc = features(4)
+    cold = model.decoder.sample(enc, num_samples=3, max_len=4, temperature=1e-4)
+    greedy = model.generate(features=enc, beam_size=1, max_len=4).tokens
+    assert [w for i, w in enumerate(cold.words()) if i % 3 == 0] == [[t for t in g if t != EOS_ID] for g in greedy]
+    assert torch.allclose(cold.log_probs, torch.zeros_like(cold.log_probs), atol=1e-4)
+    hot = model.decoder.sample(
+        enc, num_samples=3, max_len=4, temperature=2.0, generator=torch.Generator().manual_seed(0)
+    )
+    first = hot.tokens[:, 0]
+    memory = model.decoder.prepare(EncoderOutput(enc.feats.repeat_interleave(3, dim=0), GRID))
+    logits, _, _ = model.decoder.step(torch.full((12,), BOS_ID), model.decoder.init_state(memory), memory)
+    logits[:, [PAD_ID, BOS_ID]] = float("-inf")
+    expected = (logits / 2.0).log_softmax(-1).gather(1, first.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(hot.log_probs[:, 0], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        model.decoder.sample(enc, num_samples=2, temperature=0.0)
+
+
 class ImageBatches(ToyData):
     """ToyData as per-image batches with references (what the self-critical criterion trains on)."""
 
@@ -185,6 +267,7 @@ def test_criteria_name_the_loader_they_need():
         scst(model, captions)
     with pytest.raises(ValueError, match="num_samples >= 2"):
         SelfCriticalCriterion(lambda ids, words: [], num_samples=1)
+    SelfCriticalCriterion(lambda ids, words: [], num_samples=1, baseline="greedy")  # one sample suffices
 
 
 def test_cli_self_critical_stage_starts_from_a_cross_entropy_checkpoint(tmp_path, monkeypatch, capsys):
@@ -213,6 +296,26 @@ def test_cli_self_critical_stage_starts_from_a_cross_entropy_checkpoint(tmp_path
     assert "train.scst_reward: reward weights {'cider': 1.0, 'spice': 1.0}: names come from cider, bleu4" in (
         capsys.readouterr().err
     )
+    scst = [str(config), "train.objective=scst", f"train.init_from={best}"]
+    assert train_cli.main([*scst, "train.scst_samples=1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.scst_samples: the mean baseline averages the other samples of an image, so it needs at least 2" in err
+    assert train_cli.main([*scst, "train.scst_baseline=best"]) == 2
+    assert "train.scst_baseline is 'best'; choose one of mean, greedy" in capsys.readouterr().err
+    assert train_cli.main([*scst, "train.scst_temperature=0"]) == 2
+    assert "train.scst_temperature" in capsys.readouterr().err
+    greedy = [*scst, "train.scst_baseline=greedy", "train.scst_samples=1", "train.scst_temperature=0.5",
+              "train.run_name=greedy", "train.batch_size=2", "train.epochs=2", "train.init_moments=false"]
+    assert train_cli.main(greedy) == 0
+    steps = [json.loads(line) for line in (tmp_path / "runs" / "greedy" / "metrics.jsonl").read_text().splitlines()]
+    assert any(math.isfinite(s.get("loss/scst", math.nan)) for s in steps)
+
+    def adam_steps(run: str) -> float:
+        state = load_checkpoint(tmp_path / "runs" / run / "checkpoints" / "last")["optimizer"]["state"]
+        return float(next(iter(state.values()))["step"])
+
+    # the carried moments continue the cross-entropy run's count; fresh ones count this run's 12 steps alone
+    assert adam_steps("scst") == adam_steps("xent") + 12 and adam_steps("greedy") == 12
 
 
 def test_optimizer_moments_continue_with_this_runs_learning_rate():

@@ -14,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capkit.types import PAD_ID, CaptionBatch, DecoderOutput, SampledCaptions
+from capkit.types import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    CaptionBatch,
+    DecoderOutput,
+    EncoderOutput,
+    Hypothesis,
+    SampledCaptions,
+)
 
 __all__ = ["Criterion", "CrossEntropyCriterion", "SelfCriticalCriterion", "caption_loss", "self_critical_loss"]
 
@@ -71,22 +80,30 @@ def caption_loss(
     return total, parts
 
 
-def self_critical_loss(samples: SampledCaptions, rewards: Tensor) -> tuple[Tensor, Tensor]:
-    """REINFORCE with the other samples' mean reward as the baseline (Luo 2020, "A Better Variant of SCST").
+def self_critical_loss(
+    samples: SampledCaptions, rewards: Tensor, baseline: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE with a baseline: by default each sample's is the mean reward of the image's other samples
+    (Luo 2020, "A Better Variant of SCST"); ``baseline`` gives one per image instead (e.g. the greedy caption's
+    reward, Rennie et al. 2017).
 
     Args:
-        samples: S >= 2 captions per image, with their token log-probabilities (B * S, T).
+        samples: S captions per image (S >= 2 without ``baseline``), with their token log-probabilities (B * S, T).
         rewards: (B * S,) reward of each caption.
+        baseline: (B,) the baseline of every sample of each image, or None.
 
     Returns:
         The loss ``-mean over drawn tokens of (r - b) * log p(token)``, and the advantages r - b (B * S,),
-        which sum to 0 over each image's samples.
+        which sum to 0 over each image's samples under the mean baseline.
     """
     s = samples.num_samples
-    if s < 2:
-        raise ValueError("self-critical training with the mean-of-the-others baseline needs num_samples >= 2")
     per_image = rewards.view(-1, s)  # (B, S)
-    baseline = (per_image.sum(dim=1, keepdim=True) - per_image) / (s - 1)
+    if baseline is not None:
+        baseline = baseline.view(-1, 1)  # (B, 1)
+    elif s < 2:
+        raise ValueError("self-critical training with the mean-of-the-others baseline needs num_samples >= 2")
+    else:
+        baseline = (per_image.sum(dim=1, keepdim=True) - per_image) / (s - 1)
     advantage = (per_image - baseline).view(-1)  # (B * S,)
     mask = samples.mask.float()  # (B * S, T)
     loss = -(advantage.unsqueeze(1) * samples.log_probs * mask).sum() / mask.sum()
@@ -118,21 +135,51 @@ class CrossEntropyCriterion:
 
 class SelfCriticalCriterion:
     """Self-critical sequence training: ``num_samples`` captions drawn per image (dropout on, as in training),
-    rewarded by ``reward`` (e.g. CIDEr-D against the image's references), each sample's baseline being the
-    mean reward of the image's other samples (``self_critical_loss``). Batches of one image per row.
+    rewarded by ``reward`` (e.g. CIDEr-D against the image's references) against a baseline
+    (``self_critical_loss``). Batches of one image per row.
 
     Args:
         reward: (image ids, word-id lists) -> rewards, e.g. ``CiderD`` on decoded captions.
-        num_samples: S >= 2 captions drawn per image.
+        num_samples: S captions drawn per image (S >= 2 with the mean baseline).
         max_len: most words per drawn caption.
+        baseline: ``"mean"``, the mean reward of the image's other samples (Luo 2020), or ``"greedy"``, the
+            reward of the image's greedy caption decoded without dropout (Rennie et al. 2017).
+        temperature: the samples are drawn from softmax(logits / temperature).
+        candidates: ``"sample"``, captions drawn word by word, or ``"beam"``, the ``num_samples`` best captions
+            of a beam search as wide, without dropout, then scored with gradients by teacher forcing in training
+            mode (the meshed-memory Transformer's self-critical stage, Cornia et al. 2020): the policy gradient
+            then moves probability between the captions a beam search returns.
     """
 
-    def __init__(self, reward: Reward, num_samples: int = 5, max_len: int = 16):
-        if num_samples < 2:
-            raise ValueError(f"self-critical training needs num_samples >= 2 (the baseline), got {num_samples}")
+    BASELINES = ("mean", "greedy")
+    CANDIDATES = ("sample", "beam")
+
+    def __init__(
+        self,
+        reward: Reward,
+        num_samples: int = 5,
+        max_len: int = 16,
+        baseline: str = "mean",
+        temperature: float = 1.0,
+        candidates: str = "sample",
+    ):
+        if baseline not in self.BASELINES:
+            raise ValueError(f"self-critical baseline {baseline!r}: choose one of {', '.join(self.BASELINES)}")
+        if candidates not in self.CANDIDATES:
+            raise ValueError(f"self-critical candidates {candidates!r}: choose one of {', '.join(self.CANDIDATES)}")
+        least = 2 if baseline == "mean" else 1
+        if num_samples < least:
+            raise ValueError(
+                f"self-critical training with the {baseline} baseline needs num_samples >= {least}, got {num_samples}"
+            )
+        if not temperature > 0:
+            raise ValueError(f"the sampling temperature must be > 0, got {temperature}")
         self.reward = reward
         self.num_samples = num_samples
         self.max_len = max_len
+        self.baseline = baseline
+        self.temperature = temperature
+        self.candidates = candidates
 
     def __call__(self, model: nn.Module, batch: CaptionBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if batch.references is None:
@@ -140,11 +187,59 @@ class SelfCriticalCriterion:
                 "self-critical training needs batches of images with their references; got caption batches "
                 "(build the train loader with per_image=True)"
             )
-        samples = model(
-            images=batch.images, features=batch.features, num_samples=self.num_samples, max_len=self.max_len
-        )
+        if self.candidates == "beam":
+            samples = self._beam_captions(model, batch)
+        else:
+            samples = model(
+                images=batch.images,
+                features=batch.features,
+                num_samples=self.num_samples,
+                max_len=self.max_len,
+                temperature=self.temperature,
+            )
         image_ids = [i for i in batch.image_ids for _ in range(self.num_samples)]
-        rewards = self.reward(image_ids, samples.words())
-        rewards = torch.tensor(rewards, dtype=torch.float32, device=samples.tokens.device)  # (B * S,)
-        loss, _ = self_critical_loss(samples, rewards)
+        device = samples.tokens.device
+        rewards = torch.tensor(self.reward(image_ids, samples.words()), dtype=torch.float32, device=device)  # (B*S,)
+        baseline = None
+        if self.baseline == "greedy":
+            greedy = self._greedy_words(model, batch)
+            baseline = torch.tensor(self.reward(batch.image_ids, greedy), dtype=torch.float32, device=device)  # (B,)
+        loss, _ = self_critical_loss(samples, rewards, baseline)
         return loss, {"scst": loss.detach(), "reward": rewards.mean()}
+
+    def _greedy_words(self, model: nn.Module, batch: CaptionBatch) -> list[list[int]]:
+        """Each image's greedy caption (word ids, no ``<end>``), decoded in eval mode (no dropout)."""
+        return [hyps[0].tokens for hyps in _search(model, batch, beam_size=1, max_len=self.max_len)]
+
+    def _beam_captions(self, model: nn.Module, batch: CaptionBatch) -> SampledCaptions:
+        """The S best captions of a width-S beam search per image, with their token log-probabilities under
+        teacher forcing in the model's mode (training: dropout on), with gradients."""
+        s = self.num_samples
+        hypotheses = _search(model, batch, beam_size=s, max_len=self.max_len)
+        rows = [hyps[min(k, len(hyps) - 1)].tokens + [EOS_ID] for hyps in hypotheses for k in range(s)]
+        device = (batch.features.feats if batch.features is not None else batch.images).device
+        tokens = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long, device=device)  # (B*S, T)
+        for row, words in zip(tokens, rows):
+            row[: len(words)] = torch.tensor(words)
+        captions = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens], dim=1)  # (B * S, T + 1)
+        if batch.features is not None:
+            feats = batch.features
+            out = model(captions, features=EncoderOutput(feats.feats.repeat_interleave(s, dim=0), feats.grid))
+        else:
+            out = model(captions, images=batch.images.repeat_interleave(s, dim=0))
+        log_probs = out.logits.float().log_softmax(dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)
+        return SampledCaptions(tokens, log_probs.masked_fill(tokens == PAD_ID, 0.0), s)
+
+
+def _search(model: nn.Module, batch: CaptionBatch, *, beam_size: int, max_len: int) -> list[list[Hypothesis]]:
+    """Each image's ``beam_size`` best hypotheses, decoded in eval mode (no dropout, no gradient)."""
+    captioner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    training = captioner.training
+    captioner.eval()
+    try:
+        generation = captioner.generate(
+            images=batch.images, features=batch.features, beam_size=beam_size, n_best=beam_size, max_len=max_len
+        )
+    finally:
+        captioner.train(training)
+    return generation.hypotheses

@@ -40,17 +40,19 @@ class Captioner(nn.Module):
         *,
         num_samples: int = 0,
         max_len: int = 16,
+        temperature: float = 1.0,
     ) -> DecoderOutput | SampledCaptions:
         """Teacher forcing: captions (B, L) -> logits (B, L-1, V), alphas (B, L-1, N), aux losses.
 
-        With ``num_samples`` S > 0 and no captions: S captions drawn per image (at most ``max_len`` words),
-        with gradients, for self-critical training. Both go through ``forward`` so that DistributedDataParallel
-        synchronises the gradients of either.
+        With ``num_samples`` S > 0 and no captions: S captions drawn per image from softmax(logits /
+        ``temperature``) (at most ``max_len`` words), with gradients, for self-critical training. Both go
+        through ``forward`` so that DistributedDataParallel synchronises the gradients of either.
         """
         if (captions is None) == (num_samples == 0):
             raise ValueError("pass captions= (teacher forcing) or num_samples= (sampling), not both or neither")
         if captions is None:
-            return self.decoder.sample(self.image_features(images, features), num_samples=num_samples, max_len=max_len)
+            enc = self.image_features(images, features)
+            return self.decoder.sample(enc, num_samples=num_samples, max_len=max_len, temperature=temperature)
         return self.decoder(self.image_features(images, features), captions)
 
     def log_prob(

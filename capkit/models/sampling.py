@@ -18,10 +18,11 @@ def sample_captions(
     *,
     num_samples: int,
     max_len: int = 16,
+    temperature: float = 1.0,
     share_memory: bool = False,
     generator: torch.Generator | None = None,
 ) -> SampledCaptions:
-    """Draw ``num_samples`` captions per image, every word from the step's softmax.
+    """Draw ``num_samples`` captions per image, every word from the step's softmax at ``temperature``.
 
     The rules match ``beam_search``: ``<pad>`` and ``<start>`` are never drawn (the distribution is
     renormalised over the other words), and a caption that has no ``<end>`` after ``max_len`` words takes it
@@ -33,11 +34,15 @@ def sample_captions(
         memory: attention memory for the B images.
         num_samples: S, captions per image.
         max_len: most words per caption.
+        temperature: words are drawn from softmax(logits / temperature); the log-probabilities returned are
+            those of that distribution, the policy the samples come from.
         share_memory: pass ``memory`` to ``step`` as it is (B rows for B * S queries, see ``Attention``).
         generator: the random generator of the draws (default: the global one).
     """
-    if num_samples < 1 or max_len < 0:
-        raise ValueError(f"need num_samples >= 1 and max_len >= 0, got {num_samples} and {max_len}")
+    if num_samples < 1 or max_len < 0 or not temperature > 0:
+        raise ValueError(
+            f"need num_samples >= 1, max_len >= 0 and temperature > 0, got {num_samples}, {max_len} and {temperature}"
+        )
     batch = memory.values.shape[0]
     device = memory.values.device
     rows = torch.arange(batch, device=device).repeat_interleave(num_samples)  # (B * S,) image of each row
@@ -54,7 +59,7 @@ def sample_captions(
         if t == max_len:  # the last step: <end> only
             banned.fill_(True)
             banned[EOS_ID] = False
-        logp = logits.float().masked_fill(banned, float("-inf")).log_softmax(dim=-1)  # (B * S, V)
+        logp = (logits.float() / temperature).masked_fill(banned, float("-inf")).log_softmax(dim=-1)  # (B * S, V)
         with torch.no_grad():
             tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             tokens = tokens.masked_fill(done, PAD_ID)

@@ -266,7 +266,19 @@ def build_criterion(cfg: DictConfig, records: list[ImageRecord], vocab: Vocabula
     def reward(image_ids: list[str], words: list[list[int]]) -> list[float]:  # <unk> stays, and matches nothing
         return score(image_ids, [" ".join([vocab.itos[w] for w in ws] + end) for ws in words])
 
-    return SelfCriticalCriterion(reward, num_samples=t.scst_samples, max_len=cfg.data.max_caption_len)
+    if t.scst_baseline == "mean" and t.scst_samples < 2:
+        raise ConfigError(
+            f"train.scst_samples: the mean baseline averages the other samples of an image, so it needs at least "
+            f"2 (got {t.scst_samples}); raise it, or set train.scst_baseline=greedy"
+        )
+    return SelfCriticalCriterion(
+        reward,
+        num_samples=t.scst_samples,
+        max_len=cfg.data.max_caption_len,
+        baseline=t.scst_baseline,
+        temperature=t.scst_temperature,
+        candidates=t.scst_candidates,
+    )
 
 
 def build_hooks(exp: Experiment, evaluate_fn, scheduler) -> list[Hook]:
@@ -348,7 +360,7 @@ def train(exp: Experiment, command: str | None = None) -> Trainer:
                               **decoding_settings(e))
 
     optimizer = build_optimizer(model, lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay)
-    if exp.initial is not None and not load_optimizer_moments(optimizer, exp.initial["optimizer"]):
+    if exp.initial is not None and t.init_moments and not load_optimizer_moments(optimizer, exp.initial["optimizer"]):
         log.info("train.init_from: the optimizer state does not fit this run's trainable parameters; fresh state")
     scheduler = build_scheduler(
         optimizer, t.scheduler, epochs=t.epochs, factor=t.lr_decay, patience=t.lr_patience, mode="max",

@@ -93,7 +93,13 @@ class Decoder(nn.Module):
         )
 
     def sample(
-        self, enc: EncoderOutput, *, num_samples: int, max_len: int = 16, generator: torch.Generator | None = None
+        self,
+        enc: EncoderOutput,
+        *,
+        num_samples: int,
+        max_len: int = 16,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
     ) -> SampledCaptions:
         """``num_samples`` captions drawn per image, with gradients (see ``capkit.models.sampling``)."""
         memory = self.prepare(enc)
@@ -103,6 +109,7 @@ class Decoder(nn.Module):
             memory,
             num_samples=num_samples,
             max_len=max_len,
+            temperature=temperature,
             share_memory=self.supports_shared_memory,
             generator=generator,
         )
