@@ -238,7 +238,8 @@ def mean_reward_of_word(model, word: int, n: int = 64) -> float:
     return sum(word in ws for ws in samples.words()) / len(samples.words())
 
 
-def test_self_critical_training_raises_the_reward():
+@pytest.mark.parametrize("candidates", ["sample", "beam"])
+def test_self_critical_training_raises_the_reward(candidates):
     """Rewarding the captions that contain word 7 makes the model draw it more often."""
     torch.manual_seed(0)
     model = tiny_model()
@@ -247,7 +248,7 @@ def test_self_critical_training_raises_the_reward():
     reward = lambda ids, words: [float(7 in ws) for ws in words]  # noqa: E731
     trainer = Trainer(
         model, build_optimizer(model, lr=1e-2), loader, epochs=6, device="cpu",
-        criterion=SelfCriticalCriterion(reward, num_samples=4, max_len=6),
+        criterion=SelfCriticalCriterion(reward, num_samples=4, max_len=6, candidates=candidates),
     )
     before = mean_reward_of_word(model.eval(), 7)
     trainer.fit()
@@ -304,7 +305,11 @@ def test_cli_self_critical_stage_starts_from_a_cross_entropy_checkpoint(tmp_path
     assert "train.scst_baseline is 'best'; choose one of mean, greedy" in capsys.readouterr().err
     assert train_cli.main([*scst, "train.scst_temperature=0"]) == 2
     assert "train.scst_temperature" in capsys.readouterr().err
+    assert train_cli.main([*scst, "train.scst_temperature=0.5"]) == 2
+    assert ("train.scst_temperature=0.5 applies to sampled captions, and train.scst_candidates is beam; set "
+            "train.scst_candidates=sample") in capsys.readouterr().err
     greedy = [*scst, "train.scst_baseline=greedy", "train.scst_samples=1", "train.scst_temperature=0.5",
+              "train.scst_candidates=sample",
               "train.run_name=greedy", "train.batch_size=2", "train.epochs=2", "train.init_moments=false"]
     assert train_cli.main(greedy) == 0
     steps = [json.loads(line) for line in (tmp_path / "runs" / "greedy" / "metrics.jsonl").read_text().splitlines()]

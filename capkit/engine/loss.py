@@ -144,11 +144,11 @@ class SelfCriticalCriterion:
         max_len: most words per drawn caption.
         baseline: ``"mean"``, the mean reward of the image's other samples (Luo 2020), or ``"greedy"``, the
             reward of the image's greedy caption decoded without dropout (Rennie et al. 2017).
-        temperature: the samples are drawn from softmax(logits / temperature).
-        candidates: ``"sample"``, captions drawn word by word, or ``"beam"``, the ``num_samples`` best captions
-            of a beam search as wide, without dropout, then scored with gradients by teacher forcing in training
-            mode (the meshed-memory Transformer's self-critical stage, Cornia et al. 2020): the policy gradient
-            then moves probability between the captions a beam search returns.
+        temperature: sampled candidates are drawn from softmax(logits / temperature).
+        candidates: ``"beam"``, the ``num_samples`` best captions of a beam search as wide, without dropout,
+            then scored with gradients by teacher forcing in training mode (the meshed-memory Transformer's
+            self-critical stage, Cornia et al. 2020): the policy gradient moves probability between the captions
+            a beam search returns; or ``"sample"``, captions drawn word by word.
     """
 
     BASELINES = ("mean", "greedy")
@@ -161,7 +161,7 @@ class SelfCriticalCriterion:
         max_len: int = 16,
         baseline: str = "mean",
         temperature: float = 1.0,
-        candidates: str = "sample",
+        candidates: str = "beam",
     ):
         if baseline not in self.BASELINES:
             raise ValueError(f"self-critical baseline {baseline!r}: choose one of {', '.join(self.BASELINES)}")

@@ -271,6 +271,11 @@ def build_criterion(cfg: DictConfig, records: list[ImageRecord], vocab: Vocabula
             f"train.scst_samples: the mean baseline averages the other samples of an image, so it needs at least "
             f"2 (got {t.scst_samples}); raise it, or set train.scst_baseline=greedy"
         )
+    if t.scst_candidates == "beam" and t.scst_temperature != 1.0:
+        raise ConfigError(
+            f"train.scst_temperature={t.scst_temperature} applies to sampled captions, and train.scst_candidates is "
+            f"beam; set train.scst_candidates=sample, or leave the temperature at 1.0"
+        )
     return SelfCriticalCriterion(
         reward,
         num_samples=t.scst_samples,
