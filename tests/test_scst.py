@@ -156,43 +156,45 @@ def test_a_given_baseline_replaces_the_other_samples_mean():
     assert advantage.tolist() == [0.75, -0.5]
 
 
-def test_the_greedy_baseline_is_the_reward_of_the_dropout_free_greedy_caption():
-    torch.manual_seed(0)
-    model = tiny_model().train()
-    enc = features(3)
-    batch = CaptionBatch(["x", "y", "z"], features=enc, references=[["r"]] * 3)
-    scored = []
+class RecordingReward:
+    """A caption's length as its reward; records each call's image ids and captions."""
 
-    def reward(ids, words):
-        scored.append((list(ids), [list(w) for w in words]))
+    def __init__(self):
+        self.calls: list[tuple[list[str], list[list[int]]]] = []
+
+    def __call__(self, ids, words):
+        self.calls.append((list(ids), [list(w) for w in words]))
         return [float(len(w)) for w in words]
 
+
+def three_images(seed: int):
+    """A tiny model in training mode, and a per-image batch of 3 images with their features."""
+    torch.manual_seed(seed)
+    enc = features(3)
+    return tiny_model().train(), enc, CaptionBatch(["x", "y", "z"], features=enc, references=[["r"]] * 3)
+
+
+def test_the_greedy_baseline_is_the_reward_of_the_dropout_free_greedy_caption():
+    model, enc, batch = three_images(seed=0)
+    reward = RecordingReward()
     SelfCriticalCriterion(reward, num_samples=2, max_len=5, baseline="greedy")(model, batch)
     assert model.training  # back in training mode after the greedy decoding
-    assert scored[1][0] == ["x", "y", "z"]  # the samples first, then one greedy caption per image
+    assert reward.calls[1][0] == ["x", "y", "z"]  # the candidates first, then one greedy caption per image
     greedy = model.eval().generate(features=enc, beam_size=1, max_len=5).tokens
-    assert scored[1][1] == [[t for t in g if t != EOS_ID] for g in greedy]
+    assert reward.calls[1][1] == [[t for t in g if t != EOS_ID] for g in greedy]
     with pytest.raises(ValueError, match="choose one of mean, greedy"):
         SelfCriticalCriterion(reward, baseline="best")
 
 
 def test_beam_candidates_are_the_beam_searchs_n_best_with_teacher_forced_log_probs():
-    torch.manual_seed(3)
-    model = tiny_model().train()
-    enc = features(3)
-    batch = CaptionBatch(["x", "y", "z"], features=enc, references=[["r"]] * 3)
-    scored = []
-
-    def reward(ids, words):
-        scored.append([list(w) for w in words])
-        return [float(len(w)) for w in words]
-
+    model, enc, batch = three_images(seed=3)
+    reward = RecordingReward()
     criterion = SelfCriticalCriterion(reward, num_samples=3, max_len=5, candidates="beam")
     loss, parts = criterion(model, batch)
     assert model.training and loss.requires_grad
     model.eval()
     hypotheses = model.generate(features=enc, beam_size=3, n_best=3, max_len=5).hypotheses
-    assert scored[0] == [h.tokens for hyps in hypotheses for h in hyps]  # image-major, best first
+    assert reward.calls[0][1] == [h.tokens for hyps in hypotheses for h in hyps]  # image-major, best first
     candidates = criterion._beam_captions(model, batch)  # eval mode now: the log-probs are the search's scores
     torch.testing.assert_close(
         candidates.log_probs.sum(dim=1), torch.tensor([h.score for hyps in hypotheses for h in hyps]),
