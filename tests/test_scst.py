@@ -307,6 +307,8 @@ def test_cli_self_critical_stage_starts_from_a_cross_entropy_checkpoint(tmp_path
     assert "train.scst_baseline is 'best'; choose one of mean, greedy" in capsys.readouterr().err
     assert train_cli.main([*scst, "train.scst_temperature=0"]) == 2
     assert "train.scst_temperature" in capsys.readouterr().err
+    assert train_cli.main([*scst, "train.scst_baseline=greedy", "train.scst_samples=1"]) == 2
+    assert "train.scst_samples: a beam of 1 is the greedy caption" in capsys.readouterr().err
     assert train_cli.main([*scst, "train.scst_temperature=0.5"]) == 2
     assert ("train.scst_temperature=0.5 applies to sampled captions, and train.scst_candidates is beam; set "
             "train.scst_candidates=sample") in capsys.readouterr().err

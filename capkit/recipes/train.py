@@ -271,6 +271,12 @@ def build_criterion(cfg: DictConfig, records: list[ImageRecord], vocab: Vocabula
             f"train.scst_samples: the mean baseline averages the other samples of an image, so it needs at least "
             f"2 (got {t.scst_samples}); raise it, or set train.scst_baseline=greedy"
         )
+    if t.scst_candidates == "beam" and t.scst_baseline == "greedy" and t.scst_samples < 2:
+        raise ConfigError(
+            "train.scst_samples: a beam of 1 is the greedy caption, so with train.scst_baseline=greedy every "
+            "advantage would be 0 and nothing would train; raise train.scst_samples, or set "
+            "train.scst_candidates=sample"
+        )
     if t.scst_candidates == "beam" and t.scst_temperature != 1.0:
         raise ConfigError(
             f"train.scst_temperature={t.scst_temperature} applies to sampled captions, and train.scst_candidates is "
