@@ -60,6 +60,23 @@ def test_transparent_pixels_are_laid_over_white(tmp_path, mode):
     assert pixels[0, 0].tolist() != [255, 255, 255]  # the opaque dot keeps its colour
 
 
+def test_the_torch_free_runtime_converts_every_mode_as_capkit_does():
+    """capkit_onnx keeps its own copy of ``to_rgb`` (the runtime imports neither torch nor capkit): both copies
+    must give the same pixels for every awkward mode."""
+    from capkit_onnx.images import to_rgb as runtime_to_rgb
+
+    from capkit.data.images import to_rgb
+
+    pictures = [transparent_black_with_a_red_dot(mode) for mode in ("RGBA", "LA", "P", "L")] + [
+        Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000),  # 16-bit grey
+        Image.fromarray(np.linspace(-0.5, 1.5, 64, dtype=np.float32).reshape(8, 8)),  # float grey, out of range too
+        Image.new("CMYK", (4, 4), (0, 255, 255, 0)),
+        Image.new("RGB", (4, 4), (10, 20, 30)),
+    ]
+    for picture in pictures:
+        assert np.array_equal(np.asarray(runtime_to_rgb(picture)), np.asarray(to_rgb(picture))), picture.mode
+
+
 def test_cmyk_becomes_rgb(tmp_path):
     Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
     red = np.asarray(open_image(tmp_path / "cmyk.jpg"))[0, 0]
