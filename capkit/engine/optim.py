@@ -12,6 +12,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, R
 
 __all__ = [
     "ENCODER_GROUP",
+    "adamw",
     "PER_STEP_SCHEDULERS",
     "SCHEDULERS",
     "build_optimizer",
@@ -49,7 +50,17 @@ def build_optimizer(
     groups = [{"name": "decoder", "params": decoder, "lr": lr}]
     if encoder:
         groups.append({"name": ENCODER_GROUP, "params": encoder, "lr": lr if encoder_lr is None else encoder_lr})
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return adamw(groups, lr=lr, weight_decay=weight_decay)
+
+
+def adamw(params: Iterable, *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """torch's AdamW on ``params`` (tensors or param groups), fused into one kernel over all the parameters where
+    they all live on the CPU or a CUDA device (on the CPU several times faster than the default ``foreach`` step,
+    which reads and writes every moment tensor once per elementwise operation: see ``benchmarks/bench_decoder_train``)."""
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def param_group(optimizer: Optimizer, name: str) -> dict:

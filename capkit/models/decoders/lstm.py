@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from capkit.models.attention.base import AttentionMemory
 from capkit.models.decoders.base import AttentionFactory, Decoder, PackedSteps
 from capkit.models.decoders.word_lstm import step_words, word_gate_cache
+from capkit.models.step_weights import step_weights
 from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
 
 __all__ = ["LSTMDecoder"]
@@ -21,8 +22,8 @@ class LSTMDecoder(Decoder):
     and ``output`` (what ``recur`` returns -> logits). ``step`` is ``output(recur(..))`` for one token, as beam
     search calls it; teacher forcing (``forward``) embeds every input word at once, runs ``recur`` step by step
     on the captions still running (``PackedSteps``) and ``output`` once over all their steps (one large matrix
-    product instead of one per step). Both run the same layers on the same values, so they agree up to float
-    rounding (the tests hold them to 1e-5).
+    product instead of one per step), and the recurrence's weight gradients once per pass (``step_weights``).
+    Both run the same layers on the same values, so they agree up to float rounding (the tests hold them to 1e-5).
 
     ``recur`` must read the memory only through ``self.attention``: beam search then shares each image's memory
     between its beams when the attention supports it (``supports_shared_memory``). Use a ``WordLSTMCell`` for
@@ -85,8 +86,15 @@ class LSTMDecoder(Decoder):
         raise NotImplementedError
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
-        """Per-image work done once: feature mapping and the attention's precomputation."""
-        return self.attention.precompute(self.feature_proj(enc.feats), enc.grid)
+        """Per-image work done once: feature mapping and the attention's precomputation.
+
+        Under autocast the features are cast to its dtype here, once: the attention reads them at every step,
+        and autocast would otherwise cast all of them (B, N, C) again at each step's product."""
+        feats = self.feature_proj(enc.feats)
+        device = feats.device.type
+        if torch.is_autocast_enabled(device):
+            feats = feats.to(torch.get_autocast_dtype(device))
+        return self.attention.precompute(feats, enc.grid)
 
     def init_state(self, memory: AttentionMemory) -> dict[str, Tensor]:
         """LSTM state (h, c) from the mean feature, as in Show, Attend and Tell: each (B, hidden_dim)."""
@@ -113,7 +121,8 @@ class LSTMDecoder(Decoder):
         packed = PackedSteps.of(captions)
         memory = self.prepare(packed.sorted_features(enc))
         inputs = self.embed(packed.inputs)  # (P, E): every input word at once
-        outs, alphas = packed.run(self.recur, inputs, self.init_state(memory), memory)
+        with step_weights():  # the recurrence's weight gradients: once per pass, not once per step
+            outs, alphas = packed.run(self.recur, inputs, self.init_state(memory), memory)
         logits = packed.unpack(self.output(inputs, outs))  # (B, T, V): every step at once
         alphas = packed.unpack(alphas)  # (B, T, N)
         return DecoderOutput(logits, alphas, self.aux_losses(alphas, packed.mask))

@@ -5,7 +5,8 @@ decoding call (``word_gate_cache``, entered by ``LSTMDecoder.generate``) a ``Wor
 it once per word of the call instead of once per hypothesis and step, and then computes only the shares of
 its other input and of h (a fifth less of its largest product at E = 512, X = 2048). The decoder announces each
 step's words and their embedding tensor with ``step_words``; a cell called outside both, with another first
-input, or on another device, runs ``nn.LSTMCell`` on the concatenated input. Elsewhere than on the CPU decoding
+input, or on another device, runs ``nn.LSTMCell`` on the concatenated input. Within teacher forcing's
+``step_weights()`` pass the cell computes its weights' gradients once per pass (see ``capkit.models.step_weights``). Elsewhere than on the CPU decoding
 is bound by kernel launches rather than arithmetic, and ``nn.LSTMCell``'s fused kernel takes fewer of them.
 
 The call's state lives in a context variable, not on the modules, so that concurrent decoding calls (threads of
@@ -19,6 +20,8 @@ from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
+
+from capkit.models.step_weights import in_step_weights, step_linear
 
 __all__ = ["WordLSTMCell", "WordGates", "word_gate_cache", "step_words"]
 
@@ -41,19 +44,26 @@ class WordLSTMCell(nn.LSTMCell):
         self, emb: Tensor, x: Tensor, hx: tuple[Tensor, Tensor]
     ) -> tuple[Tensor, Tensor]:
         """emb (B, E), x (B, X), (h, c) each (B, H) -> (h, c)."""
-        call = _CALL.get()
-        if not (call is not None and call.fits(emb) and self.weight_ih.device.type == "cpu"):
-            return super().forward(torch.cat([emb, x], dim=1), hx)
         h, c = hx
-        gates = torch.addmm(call.gates(self, emb), x, self.weight_ih[:, self.embed_dim :].t())  # out of place: autocast
-        gates = torch.addmm(gates, h, self.weight_hh.t())  # (B, 4H)
-        i, f, g, o = gates.chunk(4, dim=1)  # PyTorch's gate order
-        c = torch.addcmul(f.sigmoid() * c, i.sigmoid(), g.tanh())
-        return o.sigmoid_() * c.tanh(), c
+        call = _CALL.get()
+        if call is not None and call.fits(emb) and self.weight_ih.device.type == "cpu":
+            gates = torch.addmm(call.gates(self, emb), x, self.weight_ih[:, self.embed_dim :].t())  # out of place: autocast
+            return _cell_update(torch.addmm(gates, h, self.weight_hh.t()), c)
+        if in_step_weights() and torch.is_grad_enabled():  # teacher forcing: weight gradients once per pass
+            gates = step_linear(torch.cat([emb, x], dim=1), self.weight_ih) + step_linear(h, self.weight_hh)
+            return _cell_update(gates + (self.bias_ih + self.bias_hh), c)
+        return super().forward(torch.cat([emb, x], dim=1), hx)
 
     def embedding_gates(self, emb: Tensor) -> Tensor:
         """The embedding's share of the gates, biases included: emb (W, E) -> (W, 4H)."""
         return torch.addmm(self.bias_ih + self.bias_hh, emb, self.weight_ih[:, : self.embed_dim].t())
+
+
+def _cell_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM's gates (B, 4H), in PyTorch's order i, f, g, o, and cell c (B, H) -> next (h, c)."""
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.addcmul(f.sigmoid() * c, i.sigmoid(), g.tanh())
+    return o.sigmoid() * c.tanh(), c
 
 
 class WordGates:

@@ -1,0 +1,105 @@
+"""Weights read at every step of a recurrence, their gradient computed once per pass instead of once per step.
+
+Teacher forcing runs a recurrent cell step by step, so autograd computes a product's weight gradient at every step
+(grad_out_t^T @ x_t, a (out, in) matrix) and adds it to the last: for the Show, Attend and Tell LSTM that is 17
+products and additions of a 2048 x 2560 matrix per batch, which cost more than the steps' own products on the
+CPU, and under bf16 autocast the additions run in bf16, slower still. Within ``step_weights()``
+``step_linear(x, weight)`` keeps each step's x and grad_out instead, and computes the weight's gradient as one
+product over every step's rows, once all steps' gradients are known (as cuDNN's RNNs do): the same sum, in one
+large matrix product. The weight is also cast to the autocast dtype once per pass instead of once per step.
+
+The call's state lives in a context variable, not on the modules, so that concurrent passes (threads) never see
+each other's weights. Outside ``step_weights()``, or without autograd, ``step_linear`` is ``F.linear``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["step_weights", "step_linear", "in_step_weights"]
+
+
+class _StepWeight:
+    """One weight (out, in) within one pass: its cast copy, and every step's input and output gradient."""
+
+    def __init__(self, weight: Tensor):
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        self.weight = weight.detach().to(dtype)  # (out, in), cast once per pass
+        self.inputs: list[Tensor] = []  # each step's x (B_t, in), filled during backward
+        self.grads: list[Tensor] = []  # each step's grad_out (B_t, out)
+        # every step's product depends on this token, so autograd runs its backward after all of theirs
+        self.token = _WeightGradient.apply(weight, self)
+
+
+class _WeightGradient(torch.autograd.Function):
+    """weight -> a scalar token; the weight's gradient is computed from the steps' records when the token's is."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, record: _StepWeight) -> Tensor:  # type: ignore[override]
+        ctx.record = record
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _token_grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        record = ctx.record
+        grad = torch.cat(record.grads).t() @ torch.cat(record.inputs)  # (out, in): every step's rows at once
+        record.grads.clear()  # a second backward (retain_graph) records its steps afresh
+        record.inputs.clear()
+        return grad.to(record.token.dtype), None
+
+
+class _StepProduct(torch.autograd.Function):
+    """x @ weight^T for one step; its backward returns x's gradient and records (x, grad_out) for the weight's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token: Tensor, record: _StepWeight) -> Tensor:  # type: ignore[override]
+        x = x.to(record.weight.dtype)
+        ctx.save_for_backward(x)
+        ctx.record = record
+        return x @ record.weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        record = ctx.record
+        grad_out = grad_out.to(record.weight.dtype)
+        record.inputs.append(x)
+        record.grads.append(grad_out)
+        return grad_out @ record.weight, grad_out.new_zeros((), dtype=record.token.dtype), None
+
+
+_PASS: ContextVar[dict[int, _StepWeight] | None] = ContextVar("capkit_step_weights", default=None)
+
+
+@contextmanager
+def step_weights() -> Iterator[None]:
+    """Within: one pass of a recurrence (teacher forcing), whose ``step_linear`` weights stay fixed."""
+    token = _PASS.set({})
+    try:
+        yield
+    finally:
+        _PASS.reset(token)
+
+
+def in_step_weights() -> bool:
+    """Whether a ``step_weights()`` pass is open."""
+    return _PASS.get() is not None
+
+
+def step_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (B, in) @ weight (out, in)^T + bias -> (B, out); within ``step_weights()`` and with autograd, the
+    weight's gradient is computed once for the whole pass (see the module docstring)."""
+    records = _PASS.get()
+    if records is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        return F.linear(x, weight, bias)
+    record = records.get(id(weight))
+    if record is None:
+        record = records[id(weight)] = _StepWeight(weight)
+    out = _StepProduct.apply(x, record.token, record)
+    return out if bias is None else out + bias
