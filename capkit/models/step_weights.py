@@ -1,4 +1,4 @@
-"""Weights read at every step of a recurrence, their gradient computed once per pass instead of once per step.
+"""Weights and memory read at every step of a recurrence, their gradients computed once per pass, not per step.
 
 Teacher forcing runs a recurrent cell step by step, so autograd computes a product's weight gradient at every step
 (grad_out_t^T @ x_t, a (out, in) matrix) and adds it to the last: for the Show, Attend and Tell LSTM that is 17
@@ -8,8 +8,14 @@ CPU, and under bf16 autocast the additions run in bf16, slower still. Within ``s
 product over every step's rows, once all steps' gradients are known (as cuDNN's RNNs do): the same sum, in one
 large matrix product. The weight is also cast to the autocast dtype once per pass instead of once per step.
 
+The memory a recurrence reads at every step (the attention's keys, of the images still running) has the same
+trouble: autograd turns each step's ``x[:rows]`` gradient into a zero-filled (B, ...) tensor and adds it to the
+last, three passes over the whole tensor per step, in bf16 under autocast. ``step_rows(x, rows)`` records each
+step's (rows, ...) gradient instead and sums them once, in fp32, into the first rows of one buffer.
+
 The call's state lives in a context variable, not on the modules, so that concurrent passes (threads) never see
-each other's weights. Outside ``step_weights()``, or without autograd, ``step_linear`` is ``F.linear``.
+each other's weights. Outside ``step_weights()``, or without autograd, ``step_linear`` is ``F.linear`` and
+``step_rows(x, rows)`` is ``x[:rows]``.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["step_weights", "step_linear", "in_step_weights"]
+__all__ = ["step_weights", "step_linear", "step_rows", "in_step_weights", "bucket_rows", "ROW_BUCKET"]
+
+ROW_BUCKET = 64  # see bucket_rows
 
 
 class _StepWeight:
@@ -48,7 +56,8 @@ class _WeightGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _token_grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         record = ctx.record
-        grad = torch.cat(record.grads).t() @ torch.cat(record.inputs)  # (out, in): every step's rows at once
+        # (out, in): every step's rows at once (zero rows added by bucket_rows add nothing)
+        grad = bucket_rows(torch.cat(record.grads)).t() @ bucket_rows(torch.cat(record.inputs))
         record.grads.clear()  # a second backward (retain_graph) records its steps afresh
         record.inputs.clear()
         return grad.to(record.token.dtype), None
@@ -74,7 +83,62 @@ class _StepProduct(torch.autograd.Function):
         return grad_out @ record.weight, grad_out.new_zeros((), dtype=record.token.dtype), None
 
 
-_PASS: ContextVar[dict[int, _StepWeight] | None] = ContextVar("capkit_step_weights", default=None)
+class _StepRows:
+    """One tensor (B, ...) read a leading block of rows at a time within one pass, and each read's gradient."""
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor.detach()
+        self.grads: list[Tensor] = []  # each step's (rows, ...) gradient, filled during backward
+        self.token = _RowsGradient.apply(tensor, self)
+
+
+class _RowsGradient(torch.autograd.Function):
+    """tensor -> a scalar token; the tensor's gradient is the sum of the steps' row gradients, once they are known."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, record: _StepRows) -> Tensor:  # type: ignore[override]
+        ctx.record = record
+        return tensor.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _token_grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        record = ctx.record
+        tensor = record.tensor
+        total = tensor.new_zeros(tensor.shape, dtype=torch.promote_types(tensor.dtype, torch.float32))
+        for grad in record.grads:
+            total[: len(grad)] += grad  # only the rows that step read
+        record.grads.clear()  # a second backward (retain_graph) records its steps afresh
+        return total.to(tensor.dtype), None
+
+
+class _LeadingRows(torch.autograd.Function):
+    """tensor[:rows] for one step; its backward records the (rows, ...) gradient for ``_RowsGradient``."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor, record: _StepRows, rows: int) -> Tensor:  # type: ignore[override]
+        ctx.record = record
+        return record.tensor[:rows]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        ctx.record.grads.append(grad)
+        return grad.new_zeros((), dtype=ctx.record.token.dtype), None, None
+
+
+# one pass's records: ("weight" | "rows", id of the tensor) -> its record
+def bucket_rows(x: Tensor) -> Tensor:
+    """x (P, ...) with zero rows appended up to a multiple of ``ROW_BUCKET`` where its products would run in a
+    reduced precision on the CPU (under CPU autocast, or x itself bf16/fp16 there); x itself elsewhere.
+
+    oneDNN builds a bf16 matrix-product kernel for every new shape it meets, which takes longer than the product,
+    and a teacher-forcing pass's step count P changes with every batch; rounded up, a few shapes recur."""
+    low = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+    if x.device.type != "cpu" or not low or len(x) % ROW_BUCKET == 0:
+        return x
+    return torch.cat([x, x.new_zeros(ROW_BUCKET - len(x) % ROW_BUCKET, *x.shape[1:])])
+
+
+_PASS: ContextVar[dict[tuple[str, int], _StepWeight | _StepRows] | None] = ContextVar("capkit_step_weights", default=None)
 
 
 @contextmanager
@@ -98,8 +162,20 @@ def step_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     records = _PASS.get()
     if records is None or not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
-    record = records.get(id(weight))
+    record = records.get(("weight", id(weight)))
     if record is None:
-        record = records[id(weight)] = _StepWeight(weight)
+        record = records["weight", id(weight)] = _StepWeight(weight)
     out = _StepProduct.apply(x, record.token, record)
     return out if bias is None else out + bias
+
+
+def step_rows(x: Tensor, rows: int) -> Tensor:
+    """x[:rows] for x (B, ...); within ``step_weights()`` and with autograd, x's gradient is summed once for the
+    whole pass (see the module docstring)."""
+    records = _PASS.get()
+    if records is None or not (torch.is_grad_enabled() and x.requires_grad):
+        return x[:rows]
+    record = records.get(("rows", id(x)))
+    if record is None:
+        record = records["rows", id(x)] = _StepRows(x)
+    return _LeadingRows.apply(record.token, record, rows)

@@ -7,6 +7,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from capkit.models.step_weights import step_rows
+
 __all__ = ["Attention", "AttentionMemory", "additive_scores", "beam_groups", "weighted_context"]
 
 # Elements of the (rows, K, N, A) hidden layer of an additive score computed at a time on the CPU: 4 MiB in fp32,
@@ -34,9 +36,10 @@ class AttentionMemory:
         return AttentionMemory(self.values.index_select(0, index), keys, self.grid)
 
     def head(self, rows: int) -> AttentionMemory:
-        """The first ``rows`` images (views, no copy)."""
-        keys = None if self.keys is None else self.keys[:rows]
-        return AttentionMemory(self.values[:rows], keys, self.grid)
+        """The first ``rows`` images (views, no copy; within teacher forcing's pass, their gradients are summed
+        once per pass: ``step_rows``)."""
+        keys = None if self.keys is None else step_rows(self.keys, rows)
+        return AttentionMemory(step_rows(self.values, rows), keys, self.grid)
 
 
 # A pytree (``values`` and ``keys`` the leaves, ``grid`` static), so that ``torch.export`` traces a decoder step

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from capkit.models.attention.base import AttentionMemory
 from capkit.models.decoders.base import AttentionFactory, Decoder, PackedSteps
 from capkit.models.decoders.word_lstm import step_words, word_gate_cache
-from capkit.models.step_weights import step_weights
+from capkit.models.step_weights import bucket_rows, step_weights
 from capkit.types import PAD_ID, DecoderOutput, EncoderOutput, Generation
 
 __all__ = ["LSTMDecoder"]
@@ -123,6 +123,7 @@ class LSTMDecoder(Decoder):
         inputs = self.embed(packed.inputs)  # (P, E): every input word at once
         with step_weights():  # the recurrence's weight gradients: once per pass, not once per step
             outs, alphas = packed.run(self.recur, inputs, self.init_state(memory), memory)
-        logits = packed.unpack(self.output(inputs, outs))  # (B, T, V): every step at once
+        # (B, T, V): every step at once, its rows bucketed so that a bf16 kernel of a few shapes serves every batch
+        logits = packed.unpack(self.output(bucket_rows(inputs), bucket_rows(outs))[: len(outs)])
         alphas = packed.unpack(alphas)  # (B, T, N)
         return DecoderOutput(logits, alphas, self.aux_losses(alphas, packed.mask))
