@@ -55,8 +55,8 @@ def build_optimizer(
 
 def adamw(params: Iterable, *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """torch's AdamW on ``params`` (tensors or param groups), fused into one kernel over all the parameters where
-    they all live on the CPU or a CUDA device (on the CPU several times faster than the default ``foreach`` step,
-    which reads and writes every moment tensor once per elementwise operation: see ``benchmarks/bench_decoder_train``)."""
+    they all live on the CPU or a CUDA device: the default (``foreach``) step reads and writes every moment tensor
+    once per elementwise operation, the fused one once in all (``benchmarks/bench_decoder_train`` steps with it)."""
     params = list(params)
     tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)

@@ -32,6 +32,20 @@ __all__ = ["step_weights", "step_linear", "step_rows", "in_step_weights", "bucke
 ROW_BUCKET = 64  # see bucket_rows
 
 
+class _PassToken(torch.autograd.Function):
+    """tensor -> a scalar token that every step's use of the tensor depends on, so that autograd runs this backward
+    after all of theirs: it returns the tensor's gradient, summed by the record from what the steps recorded."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, record: _StepWeight | _StepRows) -> Tensor:  # type: ignore[override]
+        ctx.record = record
+        return tensor.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _token_grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.record.gradient(), None
+
+
 class _StepWeight:
     """One weight (out, in) within one pass: its cast copy, and every step's input and output gradient."""
 
@@ -39,28 +53,17 @@ class _StepWeight:
         device = weight.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         self.weight = weight.detach().to(dtype)  # (out, in), cast once per pass
+        self.dtype = weight.dtype
         self.inputs: list[Tensor] = []  # each step's x (B_t, in), filled during backward
         self.grads: list[Tensor] = []  # each step's grad_out (B_t, out)
-        # every step's product depends on this token, so autograd runs its backward after all of theirs
-        self.token = _WeightGradient.apply(weight, self)
+        self.token = _PassToken.apply(weight, self)
 
-
-class _WeightGradient(torch.autograd.Function):
-    """weight -> a scalar token; the weight's gradient is computed from the steps' records when the token's is."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, record: _StepWeight) -> Tensor:  # type: ignore[override]
-        ctx.record = record
-        return weight.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _token_grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        record = ctx.record
-        # (out, in): every step's rows at once (zero rows added by bucket_rows add nothing)
-        grad = bucket_rows(torch.cat(record.grads)).t() @ bucket_rows(torch.cat(record.inputs))
-        record.grads.clear()  # a second backward (retain_graph) records its steps afresh
-        record.inputs.clear()
-        return grad.to(record.token.dtype), None
+    def gradient(self) -> Tensor:
+        """(out, in): every step's rows in one product (zero rows added by bucket_rows add nothing)."""
+        grad = bucket_rows(torch.cat(self.grads)).t() @ bucket_rows(torch.cat(self.inputs))
+        self.grads.clear()  # a second backward (retain_graph) records its steps afresh
+        self.inputs.clear()
+        return grad.to(self.dtype)
 
 
 class _StepProduct(torch.autograd.Function):
@@ -80,7 +83,7 @@ class _StepProduct(torch.autograd.Function):
         grad_out = grad_out.to(record.weight.dtype)
         record.inputs.append(x)
         record.grads.append(grad_out)
-        return grad_out @ record.weight, grad_out.new_zeros((), dtype=record.token.dtype), None
+        return grad_out @ record.weight, grad_out.new_zeros((), dtype=record.dtype), None
 
 
 class _StepRows:
@@ -89,30 +92,19 @@ class _StepRows:
     def __init__(self, tensor: Tensor):
         self.tensor = tensor.detach()
         self.grads: list[Tensor] = []  # each step's (rows, ...) gradient, filled during backward
-        self.token = _RowsGradient.apply(tensor, self)
+        self.token = _PassToken.apply(tensor, self)
 
-
-class _RowsGradient(torch.autograd.Function):
-    """tensor -> a scalar token; the tensor's gradient is the sum of the steps' row gradients, once they are known."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, record: _StepRows) -> Tensor:  # type: ignore[override]
-        ctx.record = record
-        return tensor.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _token_grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        record = ctx.record
-        tensor = record.tensor
-        total = tensor.new_zeros(tensor.shape, dtype=torch.promote_types(tensor.dtype, torch.float32))
-        for grad in record.grads:
-            total[: len(grad)] += grad  # only the rows that step read
-        record.grads.clear()  # a second backward (retain_graph) records its steps afresh
-        return total.to(tensor.dtype), None
+    def gradient(self) -> Tensor:
+        """(B, ...): the steps' row gradients summed in fp32 (at least), each into the rows it read."""
+        total = self.tensor.new_zeros(self.tensor.shape, dtype=torch.promote_types(self.tensor.dtype, torch.float32))
+        for grad in self.grads:
+            total[: len(grad)] += grad
+        self.grads.clear()  # a second backward (retain_graph) records its steps afresh
+        return total.to(self.tensor.dtype)
 
 
 class _LeadingRows(torch.autograd.Function):
-    """tensor[:rows] for one step; its backward records the (rows, ...) gradient for ``_RowsGradient``."""
+    """tensor[:rows] for one step; its backward records the (rows, ...) gradient for the record's sum."""
 
     @staticmethod
     def forward(ctx, token: Tensor, record: _StepRows, rows: int) -> Tensor:  # type: ignore[override]
@@ -122,10 +114,9 @@ class _LeadingRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         ctx.record.grads.append(grad)
-        return grad.new_zeros((), dtype=ctx.record.token.dtype), None, None
+        return grad.new_zeros((), dtype=ctx.record.tensor.dtype), None, None
 
 
-# one pass's records: ("weight" | "rows", id of the tensor) -> its record
 def bucket_rows(x: Tensor) -> Tensor:
     """x (P, ...) with zero rows appended up to a multiple of ``ROW_BUCKET`` where its products would run in a
     reduced precision on the CPU (under CPU autocast, or x itself bf16/fp16 there); x itself elsewhere.
@@ -138,7 +129,10 @@ def bucket_rows(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_zeros(ROW_BUCKET - len(x) % ROW_BUCKET, *x.shape[1:])])
 
 
-_PASS: ContextVar[dict[tuple[str, int], _StepWeight | _StepRows] | None] = ContextVar("capkit_step_weights", default=None)
+# one pass's records: ("weight" | "rows", id of the tensor) -> its record
+_PASS: ContextVar[dict[tuple[str, int], _StepWeight | _StepRows] | None] = ContextVar(
+    "capkit_step_weights", default=None
+)
 
 
 @contextmanager

@@ -5,9 +5,11 @@ decoding call (``word_gate_cache``, entered by ``LSTMDecoder.generate``) a ``Wor
 it once per word of the call instead of once per hypothesis and step, and then computes only the shares of
 its other input and of h (a fifth less of its largest product at E = 512, X = 2048). The decoder announces each
 step's words and their embedding tensor with ``step_words``; a cell called outside both, with another first
-input, or on another device, runs ``nn.LSTMCell`` on the concatenated input. Within teacher forcing's
-``step_weights()`` pass the cell computes its weights' gradients once per pass (see ``capkit.models.step_weights``). Elsewhere than on the CPU decoding
+input, or on another device, runs ``nn.LSTMCell`` on the concatenated input. Elsewhere than on the CPU decoding
 is bound by kernel launches rather than arithmetic, and ``nn.LSTMCell``'s fused kernel takes fewer of them.
+
+Within teacher forcing's ``step_weights()`` pass the cell computes its weights' gradients once per pass, not once
+per step (see ``capkit.models.step_weights``).
 
 The call's state lives in a context variable, not on the modules, so that concurrent decoding calls (threads of
 a server) never see each other's words.
@@ -47,7 +49,8 @@ class WordLSTMCell(nn.LSTMCell):
         h, c = hx
         call = _CALL.get()
         if call is not None and call.fits(emb) and self.weight_ih.device.type == "cpu":
-            gates = torch.addmm(call.gates(self, emb), x, self.weight_ih[:, self.embed_dim :].t())  # out of place: autocast
+            # out of place: autocast
+            gates = torch.addmm(call.gates(self, emb), x, self.weight_ih[:, self.embed_dim :].t())
             return _cell_update(torch.addmm(gates, h, self.weight_hh.t()), c)
         if in_step_weights() and torch.is_grad_enabled():  # teacher forcing: weight gradients once per pass
             gates = step_linear(torch.cat([emb, x], dim=1), self.weight_ih) + step_linear(h, self.weight_hh)
