@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from capkit.engine.device import cpu_has_native_bf16
+from capkit.errors import CapkitError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -41,3 +44,12 @@ def write_results(name: str, device: torch.device, payload: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
     print(f"wrote {path}")
     return path
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a probe's ``main()`` from the command line: a user's mistake (a missing dataset or checkpoint, a bad
+    key) ends in capkit's one-line message, not a traceback."""
+    try:
+        main()
+    except CapkitError as err:
+        sys.exit(f"{Path(sys.argv[0]).stem}: error: {err}")

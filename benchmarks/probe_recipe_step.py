@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 import capkit.models.decoders.lstm as lstm_module
 import capkit.models.step_weights as step_weights_module
-from benchmarks.common import write_results
+from benchmarks.common import run_script, write_results
 from capkit.config import load_config
 from capkit.engine import CrossEntropyCriterion, Trainer, build_optimizer
 from capkit.engine.device import cpu_has_native_bf16
@@ -93,4 +93,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.common import write_results
+from benchmarks.common import run_script, write_results
 from capkit.config import load_config
 from capkit.engine import CrossEntropyCriterion, SelfCriticalCriterion, build_optimizer, load_checkpoint
 from capkit.engine.distributed import init_distributed
@@ -132,4 +132,4 @@ def _caption_batch(cfg, exp, model, dist):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
