@@ -6,7 +6,8 @@ teacher-forcing steps and of captions running at each step, and oneDNN builds a 
 (milliseconds each). This probe runs ``Trainer.train_step`` of the config's model (cross-entropy, cached features)
 on the first ``--warmup + --steps`` batches of the training loader's seed-0 order, the same batches for every
 setting, interleaved batch by batch: fp32; bf16 autocast; and bf16 autocast with the rows of the pass-wide
-products left as they come (``--no-buckets``: ``bucket_rows`` made a no-op), each from the same initial weights.
+products left as they come (``ROW_BUCKET`` set to 1, so that ``bucket_rows`` adds no row), each from the same
+initial weights.
 Reports the median step of the timed batches. Needs a native-bf16 CPU and the dataset (its feature cache is
 extracted on first use).
 
@@ -26,7 +27,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-import capkit.models.decoders.lstm as lstm_module
 import capkit.models.step_weights as step_weights_module
 from benchmarks.common import run_script, write_results
 from capkit.config import load_config
@@ -39,13 +39,13 @@ from capkit.recipes.train import prepare
 
 @contextmanager
 def rows_as_they_come():
-    """``bucket_rows`` as a no-op, where the library calls it."""
-    saved = step_weights_module.bucket_rows, lstm_module.bucket_rows
-    step_weights_module.bucket_rows = lstm_module.bucket_rows = lambda x: x
+    """``bucket_rows`` adding no row: every row count is a multiple of a bucket of 1."""
+    saved = step_weights_module.ROW_BUCKET
+    step_weights_module.ROW_BUCKET = 1
     try:
         yield
     finally:
-        step_weights_module.bucket_rows, lstm_module.bucket_rows = saved
+        step_weights_module.ROW_BUCKET = saved
 
 
 def main(argv: list[str] | None = None) -> dict:
