@@ -28,7 +28,7 @@ from capkit.registry import ATTENTIONS  # noqa: E402
 from capkit.types import BOS_ID, EncoderOutput  # noqa: E402
 from toys import tiny_trained, varied_pictures  # noqa: E402
 
-DECODERS = ("show_attend_tell", "transformer")
+DECODERS = ("show_attend_tell", "updown", "transformer")
 
 
 @pytest.fixture(scope="module", params=DECODERS)
@@ -137,9 +137,11 @@ def test_the_export_folder_holds_three_graphs_and_the_config(exported):
         assert {s["initial"] for s in config["state"]} == {"empty"} and config["max_steps"] == 20
         with pytest.raises(ValueError, match="max_len 20 needs 21 decoder positions; this model has 20"):
             runtime.caption(varied_pictures(1)[0], max_len=20)
-    else:
-        assert [s["name"] for s in config["state"]] == ["h", "c"]
-        assert {"tokens", "values", "keys", "state_h", "state_c"} == {i.name for i in runtime.step_session.get_inputs()}
+    else:  # the LSTMs' state, each tensor an input of the step graph
+        names = ["h", "c"] if "show_attend_tell" in config["architecture"] else ["h", "c", "h_att", "c_att", "mean"]
+        assert [s["name"] for s in config["state"]] == names
+        assert {"tokens", "values", "keys", *(f"state_{n}" for n in names)} == {
+            i.name for i in runtime.step_session.get_inputs()}
 
 
 @pytest.mark.parametrize("mode, size", [("center", (160, 160)), ("squash", (96, 96))])

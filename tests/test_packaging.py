@@ -14,7 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from capkit.cli.main import main
+from capkit.builder import build_captioner
 from capkit.config import bundled_configs, load_config
+from capkit.registry import DECODERS
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "capkit" / "configs"
@@ -41,6 +43,16 @@ def test_a_bundled_config_loads_by_name_from_any_directory(tmp_path, monkeypatch
     assert OmegaConf.to_container(load_config("demo")) == OmegaConf.to_container(by_path)
     assert OmegaConf.to_container(load_config("demo.yaml")) == OmegaConf.to_container(by_path)
     assert OmegaConf.to_container(load_config("demo", ["train.lr=0.5"]).train)["lr"] == 0.5
+
+
+@pytest.mark.parametrize("name", [n for n in bundled_configs() if not n.startswith("ablation")])  # those: capkit ablate
+def test_every_bundled_experiment_config_validates_and_builds_its_decoder(name):
+    cfg = load_config(name)  # validates every value
+    model = OmegaConf.to_container(cfg.model)
+    # the encoder as configured (it may need weights from a hub), replaced by a small random one of the same kind
+    small = {"name": "timm", "model_name": "resnet18", "weights": None, "finetune": "none"}
+    captioner = build_captioner({**model, "encoder": small}, vocab_size=10)
+    assert type(captioner.decoder) is DECODERS.get(model["decoder"]["name"])
 
 
 def test_bundled_configs_are_the_yaml_files_of_the_package():

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 import capkit.models.decoders.lstm as lstm_module
 from capkit.engine.device import cpu_has_native_bf16
 from capkit.models.attention.bahdanau import BahdanauAttention
+from capkit.models.decoders.luong import LuongDecoder
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
+from capkit.models.decoders.updown import UpDownDecoder
 from capkit.models.step_weights import ROW_BUCKET, bucket_rows, step_linear, step_rows, step_weights
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
 
@@ -77,10 +79,10 @@ def test_outside_a_pass_or_without_autograd_they_are_f_linear_and_a_slice():
         assert torch.equal(step_rows(memory, 2), memory[:2])
 
 
-def test_the_lstm_decoders_teacher_forcing_gradients_are_unchanged(monkeypatch):
+@pytest.mark.parametrize("decoder_class", [ShowAttendTellDecoder, LuongDecoder, UpDownDecoder])
+def test_the_lstm_decoders_teacher_forcing_gradients_are_unchanged(decoder_class, monkeypatch):
     torch.manual_seed(0)
-    decoder = ShowAttendTellDecoder(partial(BahdanauAttention, attn_dim=8), 6, 20, embed_dim=8, hidden_dim=8,
-                                    dropout=0.0)
+    decoder = decoder_class(partial(BahdanauAttention, attn_dim=8), 6, 20, embed_dim=8, hidden_dim=8, dropout=0.0)
     enc = EncoderOutput(torch.randn(3, 4, 6), (2, 2))
     captions = torch.tensor([[BOS_ID, 5, 6, 7, EOS_ID], [BOS_ID, 8, EOS_ID, PAD_ID, PAD_ID],
                              [BOS_ID, 9, 10, EOS_ID, PAD_ID]])

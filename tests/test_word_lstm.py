@@ -13,6 +13,7 @@ from capkit.models.beam_search import beam_search
 from capkit.models.decoders.luong import LuongDecoder
 from capkit.models.decoders.show_attend_tell import ShowAttendTellDecoder
 from capkit.models.decoders.transformer import TransformerDecoder
+from capkit.models.decoders.updown import UpDownDecoder
 from capkit.models.decoders.word_lstm import WordGates, WordLSTMCell, step_words, word_gate_cache
 from capkit.types import EncoderOutput
 
@@ -98,7 +99,7 @@ def plain_search(decoder, enc, **kwargs):
     return beam_search(decoder.step, decoder.init_state(memory), memory, share_memory=True, **kwargs)
 
 
-@pytest.mark.parametrize("decoder_class", [ShowAttendTellDecoder, LuongDecoder])
+@pytest.mark.parametrize("decoder_class", [ShowAttendTellDecoder, LuongDecoder, UpDownDecoder])
 def test_generate_decodes_with_word_gates_and_equals_the_plain_step(decoder_class, monkeypatch):
     decoder, enc = decoder_and_features(decoder_class)
     fed = []
@@ -112,7 +113,7 @@ def test_generate_decodes_with_word_gates_and_equals_the_plain_step(decoder_clas
     assert torch.allclose(generation.scores, plain.scores, atol=1e-5)
 
 
-@pytest.mark.parametrize("decoder_class", [ShowAttendTellDecoder, LuongDecoder])
+@pytest.mark.parametrize("decoder_class", [ShowAttendTellDecoder, LuongDecoder, UpDownDecoder])
 def test_word_gates_under_cpu_autocast_give_the_plain_steps_captions(decoder_class):
     decoder, enc = decoder_and_features(decoder_class)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -104,6 +104,8 @@ def write_checkpoint(path: Path, model_cfg: dict, stored_model_cfg: dict | None 
 TINY_DECODERS = {
     "show_attend_tell": ({"name": "bahdanau", "attn_dim": 16},
                          {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 32}),
+    "updown": ({"name": "bahdanau", "attn_dim": 16},
+               {"name": "updown", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 32}),
     "transformer": ({"name": "none"},
                     {"name": "transformer", "d_model": 32, "num_heads": 2, "num_layers": 1, "ffn_dim": 64,
                      "max_len": 20}),

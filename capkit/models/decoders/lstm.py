@@ -14,7 +14,7 @@ __all__ = ["LSTMDecoder"]
 
 
 class LSTMDecoder(Decoder):
-    """Base class of the LSTM decoders (``show_attend_tell``, ``luong``).
+    """Base class of the LSTM decoders (``show_attend_tell``, ``luong``, ``updown``).
 
     It builds what they share (the optional feature mapping, the attention, the word embedding, the dropout and
     the initial state from the mean feature), then calls ``build_layers()``, where a subclass creates its own

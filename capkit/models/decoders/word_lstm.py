@@ -9,7 +9,8 @@ input, or on another device, runs ``nn.LSTMCell`` on the concatenated input. Els
 is bound by kernel launches rather than arithmetic, and ``nn.LSTMCell``'s fused kernel takes fewer of them.
 
 Within teacher forcing's ``step_weights()`` pass the cell computes its weights' gradients once per pass, not once
-per step (see ``capkit.models.step_weights``).
+per step (see ``capkit.models.step_weights``); ``StepLSTMCell`` does only that, for a cell whose input is not led
+by the word's embedding.
 
 The call's state lives in a context variable, not on the modules, so that concurrent decoding calls (threads of
 a server) never see each other's words.
@@ -25,10 +26,23 @@ from torch import Tensor, nn
 
 from capkit.models.step_weights import in_step_weights, step_linear
 
-__all__ = ["WordLSTMCell", "WordGates", "word_gate_cache", "step_words"]
+__all__ = ["StepLSTMCell", "WordLSTMCell", "WordGates", "word_gate_cache", "step_words"]
 
 
-class WordLSTMCell(nn.LSTMCell):
+class StepLSTMCell(nn.LSTMCell):
+    """``nn.LSTMCell`` (same parameters, same state dict) whose weight gradients, within teacher forcing's
+    ``step_weights()`` pass, are computed once per pass rather than once per step."""
+
+    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """x (B, I), (h, c) each (B, H) -> (h, c)."""
+        if in_step_weights() and torch.is_grad_enabled():
+            h, c = hx
+            gates = step_linear(x, self.weight_ih) + step_linear(h, self.weight_hh)
+            return _cell_update(gates + (self.bias_ih + self.bias_hh), c)
+        return super().forward(x, hx)
+
+
+class WordLSTMCell(StepLSTMCell):
     """``nn.LSTMCell`` (same parameters, same state dict) over the input [emb; x]: the embedding (B, E) of the
     previous word, then other features (B, X), passed apart. ``emb`` must be a function of the word alone.
 
@@ -52,9 +66,6 @@ class WordLSTMCell(nn.LSTMCell):
             # out of place: autocast
             gates = torch.addmm(call.gates(self, emb), x, self.weight_ih[:, self.embed_dim :].t())
             return _cell_update(torch.addmm(gates, h, self.weight_hh.t()), c)
-        if in_step_weights() and torch.is_grad_enabled():  # teacher forcing: weight gradients once per pass
-            gates = step_linear(torch.cat([emb, x], dim=1), self.weight_ih) + step_linear(h, self.weight_hh)
-            return _cell_update(gates + (self.bias_ih + self.bias_hh), c)
         return super().forward(torch.cat([emb, x], dim=1), hx)
 
     def embedding_gates(self, emb: Tensor) -> Tensor:
