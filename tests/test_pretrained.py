@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import capkit
@@ -498,6 +499,28 @@ def test_a_permuted_vocabulary_is_refused_in_a_lone_checkpoint_and_in_a_saved_mo
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"m/config.json: its vocabulary is not the one the weights were saved "
                        r"with"):
+        capkit.from_pretrained(saved)
+
+
+def test_weights_changed_after_saving_are_refused_even_when_finite(trained, tmp_path):
+    saved = trained.save_pretrained(tmp_path / "m")
+    path = saved / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    weights = load_file(path)
+    key = next(k for k in weights if k.startswith("decoder.") and weights[k].is_floating_point())
+    weights[key].view(-1)[0] += 1.0  # an edit that keeps the file's metadata
+    save_file(weights, path, metadata=metadata)
+    refused = r"/model.safetensors: the weights are not the ones saved .*: the file is damaged or was edited"
+    with pytest.raises(CheckpointError, match="m" + refused):
+        capkit.from_pretrained(saved)
+    saved = trained.save_pretrained(tmp_path / "n")
+    path = saved / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-2:] = b"\x00\x3c"  # damage on disk: the last value's high bytes, still a finite number
+    path.write_bytes(bytes(data))
+    assert all(t.isfinite().all() for t in load_file(path).values())
+    with pytest.raises(CheckpointError, match="n" + refused):
         capkit.from_pretrained(saved)
 
 

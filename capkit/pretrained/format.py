@@ -12,6 +12,9 @@
 - ``dtype`` of the stored weights (``float32`` or ``float16``; loading casts them to the model's float32);
 - ``training``: the rest of the experiment config (data, train, eval) it was trained with.
 
+``model.safetensors`` records in its metadata the digests of the vocabulary and of its own tensors: a file damaged
+or edited after saving is refused, whatever values it then holds.
+
 Reading it runs nothing: JSON and safetensors only, and the sections pass through the same filter as a
 training checkpoint's (no remote code, no plugin imported).
 """
@@ -56,6 +59,7 @@ FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)  # what a download fetches
 ENCODER_WEIGHTS = ("included", "source")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ENCODER_PREFIX = "encoder."  # the encoder's keys in the captioner's state dict
+WEIGHTS_DIGEST = "capkit_weights_sha256"  # model.safetensors' metadata: state_sha256 of its tensors
 
 DECODING_KEYS = ("beam_size", "max_len", "length_penalty")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
@@ -163,7 +167,8 @@ def write_weights(
     directory: Path, state: Mapping[str, torch.Tensor], *, dtype: str, without_encoder: bool, vocabulary: list[str]
 ) -> None:
     """``model.safetensors``: ``state`` with its floating-point tensors in ``dtype``; the encoder's keys left out
-    when ``without_encoder``; its metadata records the digest of ``vocabulary`` (config.json's)."""
+    when ``without_encoder``; its metadata records the digests of ``vocabulary`` (config.json's) and of the
+    tensors themselves."""
     cast = DTYPES[dtype]
     tensors = {
         key: (t.to(cast) if t.is_floating_point() else t).detach().to("cpu", copy=True).contiguous()
@@ -171,23 +176,28 @@ def write_weights(
         if not (without_encoder and key.startswith(ENCODER_PREFIX))
     }
     path = directory / WEIGHTS_FILE
-    metadata = {"format": "pt", "capkit_format": str(FORMAT_VERSION), VOCAB_DIGEST: json_sha256(list(vocabulary))}
+    metadata = {"format": "pt", "capkit_format": str(FORMAT_VERSION), VOCAB_DIGEST: json_sha256(list(vocabulary)),
+                WEIGHTS_DIGEST: state_sha256(tensors)}
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o644)  # safetensors writes it owner-only; a model is for sharing
 
 
 def read_weights(directory: str | os.PathLike, vocabulary: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The weights of ``model.safetensors``, checked to be finite and, given config.json's ``vocabulary``, to have
-    been saved with it (models saved before the digest was recorded pass)."""
+    """The weights of ``model.safetensors``, checked to be the tensors it was saved with, finite and, given
+    config.json's ``vocabulary``, saved with it (files saved before a digest was recorded pass that check)."""
     path = Path(directory) / WEIGHTS_FILE
     try:
         weights = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            recorded = (f.metadata() or {}).get(VOCAB_DIGEST)
+            metadata = f.metadata() or {}
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); download or save the "
                               f"model again") from err
+    if WEIGHTS_DIGEST in metadata and state_sha256(weights) != metadata[WEIGHTS_DIGEST]:
+        raise CheckpointError(f"{path}: the weights are not the ones saved (their digest differs from the one the file "
+                              f"records): the file is damaged or was edited; download or save the model again")
     check_finite(weights, path)
+    recorded = metadata.get(VOCAB_DIGEST)
     if vocabulary is not None and recorded is not None and json_sha256(list(vocabulary)) != recorded:
         raise CheckpointError(
             f"{Path(directory) / CONFIG_FILE}: its vocabulary is not the one the weights were saved with ({WEIGHTS_FILE} "
