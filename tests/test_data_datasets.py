@@ -12,6 +12,7 @@ from capkit.data import (
     build_loader,
     load_split,
 )
+from capkit.errors import CaptionFileError, ConfigError
 from capkit.registry import DATASETS
 
 
@@ -27,6 +28,25 @@ def test_flickr8k_splits_captions_and_bogus_entries(flickr8k_copy):
     all_ids = {r.image_id for s in ("train", "val", "test") for r in DATASETS.build(
         {"name": "flickr8k", "root": str(flickr8k_copy)}, split=s).records}
     assert not any("bogus" in i for i in all_ids)  # the bogus .jpg.1 entries are dropped
+
+
+def test_flickr8k_split_files_replace_the_standard_list_of_the_splits_they_name(flickr8k_copy, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("t2.jpg\nt0.jpg\n")
+    (flickr8k_copy / "Flickr8k_text" / "first.txt").write_text("t1.jpg\n")
+    dataset = {"name": "flickr8k", "root": str(flickr8k_copy), "split_files": {"train": str(held_out)}}
+    assert [r.image_id for r in load_split(dataset, "train")[1]] == ["t2.jpg", "t0.jpg"]  # absolute, in its order
+    assert [r.image_id for r in load_split(dataset, "val")[1]] == ["v0.jpg", "v1.jpg"]  # not named: the standard list
+    relative = {**dataset, "split_files": {"train": "first.txt"}}  # relative to root/Flickr8k_text
+    assert [r.image_id for r in load_split(relative, "train")[1]] == ["t1.jpg"]
+    with pytest.raises(ConfigError, match=r"data.dataset.split_files: \['dev'\] are no flickr8k splits; name train, "
+                                          r"val, test"):
+        load_split({**dataset, "split_files": {"dev": str(held_out)}}, "train")
+    with pytest.raises(ConfigError, match=r"data.dataset.split_files.train: .*nope.txt is no file"):
+        load_split({**dataset, "split_files": {"train": "nope.txt"}}, "train")
+    held_out.write_text("t0.jpg\nz9.jpg\n")
+    with pytest.raises(CaptionFileError, match=r"held_out.txt: 1 images have no caption in .*: \['z9.jpg'\]"):
+        load_split(dataset, "train")
 
 
 def test_flickr8k_missing_images_error_or_skip(flickr8k_copy):

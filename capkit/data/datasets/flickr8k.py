@@ -5,11 +5,12 @@ import logging
 import os
 import re
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from capkit.data.datasets.base import CaptionDataset, caption_text, read_text, require_file, resolve_root
 from capkit.data.records import ImageRecord
-from capkit.errors import CaptionFileError
+from capkit.errors import CaptionFileError, ConfigError
 from capkit.registry import DATASETS
 
 __all__ = ["Flickr8kDataset"]
@@ -36,16 +37,31 @@ class Flickr8kDataset(CaptionDataset):
     Args:
         split: ``train``, ``val`` or ``test``.
         root: folder holding ``Flickr8k_text/`` and ``Flicker8k_Dataset/`` (default ``$CAPKIT_DATA/flickr8k``).
+        split_files: split -> a list of image names (one per line) to use instead of the standard list, e.g.
+            ``{train: /data/first_5000.txt}`` to hold some training images out; a path is relative to
+            ``root/Flickr8k_text`` unless absolute. Splits not named keep the standard lists.
     """
 
     name = "flickr8k"
 
-    def __init__(self, split: str = "train", root: str | os.PathLike | None = None):
+    def __init__(
+        self, split: str = "train", root: str | os.PathLike | None = None, split_files: Mapping[str, str] | None = None
+    ):
         super().__init__(split)
         self.root = resolve_root(root, "flickr8k")
         text = self.root / "Flickr8k_text"
         tokens = require_file(text / "Flickr8k.token.txt", self.name, DOWNLOAD)
-        names_file = require_file(text / f"Flickr_8k.{SPLIT_FILES[split]}.txt", self.name, DOWNLOAD)
+        split_files = dict(split_files or {})
+        unknown = sorted(set(split_files) - set(SPLIT_FILES))
+        if unknown:
+            raise ConfigError(f"data.dataset.split_files: {unknown} are no flickr8k splits; name "
+                              f"{', '.join(SPLIT_FILES)}")
+        if split in split_files:
+            names_file = text / split_files[split]  # an absolute path stands alone
+            if not names_file.is_file():
+                raise ConfigError(f"data.dataset.split_files.{split}: {names_file} is no file")
+        else:
+            names_file = require_file(text / f"Flickr_8k.{SPLIT_FILES[split]}.txt", self.name, DOWNLOAD)
         image_dir = require_file(self.root / "Flicker8k_Dataset", self.name, DOWNLOAD)
 
         captions: dict[str, list[str]] = defaultdict(list)
