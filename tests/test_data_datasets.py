@@ -37,6 +37,10 @@ def test_flickr8k_split_files_replace_the_standard_list_of_the_splits_they_name(
     dataset = {"name": "flickr8k", "root": str(flickr8k_copy), "split_files": {"train": str(held_out)}}
     assert [r.image_id for r in load_split(dataset, "train")[1]] == ["t2.jpg", "t0.jpg"]  # absolute, in its order
     assert [r.image_id for r in load_split(dataset, "val")[1]] == ["v0.jpg", "v1.jpg"]  # not named: the standard list
+    # the feature cache's key: the replaced list's file where there is one; the standard splits' keys unchanged
+    assert DATASETS.build(dataset, split="train").identity()["split_file"] == str(held_out)
+    standard = {"name": "flickr8k", "root": str(flickr8k_copy)}
+    assert DATASETS.build(dataset, split="val").identity() == DATASETS.build(standard, split="val").identity()
     relative = {**dataset, "split_files": {"train": "first.txt"}}  # relative to root/Flickr8k_text
     assert [r.image_id for r in load_split(relative, "train")[1]] == ["t1.jpg"]
     with pytest.raises(ConfigError, match=r"data.dataset.split_files: \['dev'\] are no flickr8k splits; name train, "

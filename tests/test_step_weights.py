@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import capkit.models.decoders.lstm as lstm_module
+import capkit.models.decoders.word_lstm as word_lstm
 from capkit.engine.device import cpu_has_native_bf16
 from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.decoders.luong import LuongDecoder
@@ -93,7 +94,12 @@ def test_the_lstm_decoders_teacher_forcing_gradients_are_unchanged(decoder_class
         out.logits.logsumexp(-1).sum().backward()
         return {name: p.grad.clone() for name, p in decoder.named_parameters()}
 
-    deferred = grads()
+    products = []
+    with monkeypatch.context() as patch:  # which weights take the once-per-pass path
+        patch.setattr(word_lstm, "step_linear", lambda x, w, *a: products.append(w) or step_linear(x, w, *a))
+        deferred = grads()
+    lstm_weights = [p for name, p in decoder.named_parameters() if "lstm" in name and ".weight_" in name]
+    assert lstm_weights and all(any(w is p for p in products) for w in lstm_weights)
     monkeypatch.setattr(lstm_module, "step_weights", contextlib.nullcontext)  # autograd's per-step sums
     per_step = grads()
     assert deferred.keys() == per_step.keys()

@@ -9,14 +9,19 @@ from torch import nn
 import capkit
 from capkit.models.attention.bahdanau import BahdanauAttention
 from capkit.models.decoders.updown import UpDownDecoder
+from capkit.models.decoders.word_lstm import StepLSTMCell
 from capkit.types import BOS_ID, EOS_ID, PAD_ID, EncoderOutput
 
 C, E, H, V = 6, 5, 4, 12
 
 
-def decoder_and_memory(**kwargs):
+F = 7  # the features are mapped from C to F first
+
+
+def decoder_and_memory():
     torch.manual_seed(0)
-    decoder = UpDownDecoder(partial(BahdanauAttention, attn_dim=8), C, V, embed_dim=E, hidden_dim=H, **kwargs).eval()
+    decoder = UpDownDecoder(partial(BahdanauAttention, attn_dim=8), C, V, embed_dim=E, hidden_dim=H,
+                            feature_dim=F).eval()
     enc = EncoderOutput(torch.randn(3, 4, C), (2, 2))
     return decoder, enc, decoder.prepare(enc)
 
@@ -26,11 +31,12 @@ def test_it_is_registered_and_built_from_a_config():
                                     attention=partial(BahdanauAttention, attn_dim=8), encoder_dim=C, vocab_size=V)
     assert isinstance(decoder, UpDownDecoder)
     assert decoder.attention_lstm.input_size == E + H + C and decoder.language_lstm.input_size == H + C
+    assert type(decoder.language_lstm) is StepLSTMCell  # its weight gradients once per teacher-forcing pass
 
 
 def test_one_step_is_anderson_et_als_equations():
     decoder, enc, memory = decoder_and_memory()
-    attention_lstm, language_lstm = nn.LSTMCell(E + H + C, H), nn.LSTMCell(H + C, H)
+    attention_lstm, language_lstm = nn.LSTMCell(E + H + F, H), nn.LSTMCell(H + F, H)
     attention_lstm.load_state_dict(decoder.attention_lstm.state_dict())
     language_lstm.load_state_dict(decoder.language_lstm.state_dict())
     tokens = torch.tensor([BOS_ID, 7, 9])
@@ -38,7 +44,7 @@ def test_one_step_is_anderson_et_als_equations():
         state = decoder.init_state(memory)
         logits, alpha, new = decoder.step(tokens, state, memory)
 
-        mean = enc.feats.mean(dim=1)  # (B, C)
+        mean = decoder.feature_proj(enc.feats).mean(dim=1)  # (B, F): the mean of the mapped features
         h2, c2 = decoder.init_h(mean).tanh(), decoder.init_c(mean).tanh()  # the language LSTM's, from the mean
         zeros = torch.zeros(3, H)  # the attention LSTM's
         h1, c1 = attention_lstm(torch.cat([decoder.embed(tokens), h2, mean], dim=1), (zeros, zeros))

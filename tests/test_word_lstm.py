@@ -163,3 +163,19 @@ def test_concurrent_decoding_calls_keep_their_own_words():
     with ThreadPoolExecutor(2) as pool:
         together = list(pool.map(lambda h: decoder.generate(h, beam_size=3, max_len=6).tokens, halves * 4))
     assert together == alone * 4
+
+
+@pytest.mark.parametrize("bias, batched", [(True, True), (False, True), (True, False)])
+def test_a_step_cell_in_a_teacher_forcing_pass_is_the_lstm_cell(bias, batched):
+    from capkit.models.decoders.word_lstm import StepLSTMCell
+    from capkit.models.step_weights import step_weights
+
+    torch.manual_seed(0)
+    cell, reference = StepLSTMCell(X, H, bias=bias), nn.LSTMCell(X, H, bias=bias)
+    reference.load_state_dict(cell.state_dict())
+    shape = (3,) if batched else ()
+    x, hx = torch.randn(*shape, X), (torch.randn(*shape, H), torch.randn(*shape, H))
+    with step_weights():  # no bias or an unbatched input: nn.LSTMCell's own path
+        got = cell(x, hx)
+    for a, b in zip(got, reference(x, hx)):
+        torch.testing.assert_close(a, b)

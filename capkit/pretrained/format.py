@@ -13,7 +13,8 @@
 - ``training``: the rest of the experiment config (data, train, eval) it was trained with.
 
 ``model.safetensors`` records in its metadata the digests of the vocabulary and of its own tensors: a file damaged
-or edited after saving is refused, whatever values it then holds.
+on disk, or edited with its metadata kept, is refused whatever values it then holds. (A file written again
+without that metadata reads as one saved before the digests existed.)
 
 Reading it runs nothing: JSON and safetensors only, and the sections pass through the same filter as a
 training checkpoint's (no remote code, no plugin imported).

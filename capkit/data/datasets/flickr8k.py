@@ -6,6 +6,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from capkit.data.datasets.base import CaptionDataset, caption_text, read_text, require_file, resolve_root
@@ -37,9 +38,9 @@ class Flickr8kDataset(CaptionDataset):
     Args:
         split: ``train``, ``val`` or ``test``.
         root: folder holding ``Flickr8k_text/`` and ``Flicker8k_Dataset/`` (default ``$CAPKIT_DATA/flickr8k``).
-        split_files: split -> a list of image names (one per line) to use instead of the standard list, e.g.
-            ``{train: /data/first_5000.txt}`` to hold some training images out; a path is relative to
-            ``root/Flickr8k_text`` unless absolute. Splits not named keep the standard lists.
+        split_files: split -> the path of a file listing image names (one per line) to use instead of the
+            standard list, e.g. ``{train: /data/first_5000.txt}`` to hold some training images out; a path is
+            relative to ``root/Flickr8k_text`` unless absolute. Splits not named keep the standard lists.
     """
 
     name = "flickr8k"
@@ -51,13 +52,13 @@ class Flickr8kDataset(CaptionDataset):
         self.root = resolve_root(root, "flickr8k")
         text = self.root / "Flickr8k_text"
         tokens = require_file(text / "Flickr8k.token.txt", self.name, DOWNLOAD)
-        split_files = dict(split_files or {})
+        self.split_files = split_files = {k: str(v) for k, v in (split_files or {}).items()}
         unknown = sorted(set(split_files) - set(SPLIT_FILES))
         if unknown:
             raise ConfigError(f"data.dataset.split_files: {unknown} are no flickr8k splits; name "
                               f"{', '.join(SPLIT_FILES)}")
         if split in split_files:
-            names_file = text / split_files[split]  # an absolute path stands alone
+            names_file = text / Path(split_files[split]).expanduser()  # an absolute path stands alone
             if not names_file.is_file():
                 raise ConfigError(f"data.dataset.split_files.{split}: {names_file} is no file")
         else:
@@ -93,4 +94,7 @@ class Flickr8kDataset(CaptionDataset):
                      bogus, tokens)
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "root": str(self.root.resolve())}
+        identity = {**super().identity(), "root": str(self.root.resolve())}
+        if self.split in self.split_files:  # only then: the standard lists' features stay cached under their key
+            identity["split_file"] = self.split_files[self.split]
+        return identity

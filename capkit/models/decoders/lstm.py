@@ -27,7 +27,8 @@ class LSTMDecoder(Decoder):
 
     ``recur`` must read the memory only through ``self.attention``: beam search then shares each image's memory
     between its beams when the attention supports it (``supports_shared_memory``). Use a ``WordLSTMCell`` for
-    the LSTM: decoding on the CPU computes its gates' word share once per word (see ``word_lstm``).
+    an LSTM whose input starts with the word's embedding (decoding on the CPU computes its gates' word share once
+    per word, see ``word_lstm``) and a ``StepLSTMCell`` for any other (its weight gradients once per pass).
 
     Args:
         attention: factory that builds the attention, called with ``query_dim`` (``hidden_dim``) and ``key_dim``.

@@ -35,7 +35,7 @@ class StepLSTMCell(nn.LSTMCell):
 
     def forward(self, x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """x (B, I), (h, c) each (B, H) -> (h, c)."""
-        if in_step_weights() and torch.is_grad_enabled():
+        if in_step_weights() and torch.is_grad_enabled() and self.bias and x.dim() == 2:
             h, c = hx
             gates = step_linear(x, self.weight_ih) + step_linear(h, self.weight_hh)
             return _cell_update(gates + (self.bias_ih + self.bias_hh), c)
