@@ -53,10 +53,11 @@ def test_the_card_lists_exactly_the_commands_and_note_of_reproduce_sh():
 
     script = MODEL.parents[1] / "reproduce.sh"
     definitions = "\n".join(line for line in script.read_text().splitlines() if not line.startswith(("eval ", "set ")))
-    printed = subprocess.run(["bash", "-c", definitions + '\nprintf "%s\\n" "$STAGE1" "$STAGE2" "$CONVERT" "$PACKAGE" '
-                              '"$NOTE"'], capture_output=True, text=True, check=True).stdout.splitlines()
+    printed = subprocess.run(["bash", "-uc", definitions + '\nprintf "%s\\n" "$STAGE1" "$CONVERT" "$PACKAGE" "$NOTE"'],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
     text = ModelCard.load(MODEL / "README.md").text
-    assert len(printed) == 5 and all(line in text for line in printed), [l for l in printed if l not in text]
+    assert len(printed) == 4 and all(printed), printed  # bash -u: each is defined, and none is empty
+    assert all(line in text for line in printed), [line for line in printed if line not in text]
 
 
 def test_it_loads_offline_by_name_and_captions_a_dev_photo(flickr8k_root, monkeypatch):
