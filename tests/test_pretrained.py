@@ -524,6 +524,22 @@ def test_weights_changed_after_saving_are_refused_even_when_finite(trained, tmp_
         capkit.from_pretrained(saved)
 
 
+def test_a_checkpoint_whose_weights_were_damaged_is_refused(run, tmp_path):
+    from capkit.engine import load_checkpoint
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(run.best, checkpoint)
+    load_checkpoint(checkpoint)  # intact: loads
+    path = checkpoint / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-2:] = b"\x00\x3c"  # the last value's high bytes: still finite
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"ckpt: its weights are not the ones saved \(model.safetensors records "
+                                              r"another digest\): the file is damaged or was edited; use another "
+                                              r"checkpoint"):
+        load_checkpoint(checkpoint)
+
+
 def test_models_saved_before_the_vocabulary_digest_still_load(trained, images, tmp_path):
     saved = trained.save_pretrained(tmp_path / "m")
     weights = load_file(saved / "model.safetensors")

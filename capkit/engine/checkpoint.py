@@ -5,7 +5,9 @@ A checkpoint directory (its files are named in ``capkit.engine.run_dir``) holds 
 ...) in a second, and the rest (numbers, strings, lists, dicts) as JSON, tensors replaced by references
 ``{"__tensor__": key}`` into the second file.
 
-Loading reads safetensors and JSON only, so a checkpoint can never run code (unlike pickle).
+Loading reads safetensors and JSON only, so a checkpoint can never run code (unlike pickle). The model file's
+metadata records the digests of the vocabulary and of the weights themselves; loading refuses a file whose
+weights or vocabulary no longer match them.
 
 Atomicity. ``save_checkpoint(path, ...)`` writes a complete copy into a fresh hidden sibling directory (every
 file fsynced, then the directory), and then publishes it with two renames: ``NAME -> NAME.old`` and the copy
@@ -50,6 +52,9 @@ FORMAT_VERSION = 1
 # The model file's metadata records the digest of ``state["vocab"]`` (in state.json): the word list must stay
 # the one the weights were trained with.
 VOCAB_DIGEST = "vocab_sha256"
+# ... and the digest of its own tensors (``state_sha256``): weights damaged on disk no longer match, even where
+# every value stays finite
+WEIGHTS_DIGEST = "weights_sha256"
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -73,7 +78,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         model = {k: _cpu(v) for k, v in state["model"].items()}
         tensors: dict[str, Tensor] = {}
         rest = {k: _encode(v, k, tensors) for k, v in state.items() if k != "model"}
-        metadata = {"format": str(FORMAT_VERSION)}
+        metadata = {"format": str(FORMAT_VERSION), WEIGHTS_DIGEST: state_sha256(model)}
         if isinstance(state.get("vocab"), (list, tuple)):
             metadata[VOCAB_DIGEST] = json_sha256(list(state["vocab"]))
         _write(tmp / CHECKPOINT_MODEL, lambda f: save_file(model, f, metadata=metadata))
@@ -105,6 +110,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         tensors = load_file(path / CHECKPOINT_TENSORS)
         state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
         state["model"] = load_file(path / CHECKPOINT_MODEL)
+        if not weights_match_digest(state["model"], path / CHECKPOINT_MODEL):
+            raise CheckpointError(
+                f"{path}: its weights are not the ones saved ({CHECKPOINT_MODEL} records another digest): the file is "
+                f"damaged or was edited; use another checkpoint (checkpoints/last and checkpoints/best are separate "
+                f"copies) or train again"
+            )
         check_finite(state["model"], path)
         _check_vocab_digest(path, state.get("vocab"))
     except (OSError, ValueError, KeyError, SafetensorError) as err:
@@ -145,6 +156,24 @@ def json_sha256(value: Any) -> str:
     a list that was permuted, edited or taken from another model no longer matches, where the ids would silently
     map to other words."""
     return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()
+
+
+def state_sha256(state: Mapping[str, Tensor]) -> str:
+    """A digest of a state dict's names, dtypes, shapes and values (in name order): equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_match_digest(weights: Mapping[str, Tensor], file: Path) -> bool:
+    """Whether ``weights``, read from the safetensors ``file``, are the tensors its metadata's ``WEIGHTS_DIGEST``
+    records (true for files written before the digest was recorded)."""
+    with safe_open(file, "pt") as f:
+        recorded = (f.metadata() or {}).get(WEIGHTS_DIGEST)
+    return recorded is None or state_sha256(weights) == recorded
 
 
 def _check_vocab_digest(path: Path, vocab: Any) -> None:

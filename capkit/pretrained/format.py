@@ -21,7 +21,6 @@ training checkpoint's (no remote code, no plugin imported).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from capkit.engine.checkpoint import VOCAB_DIGEST, check_finite, json_sha256
+from capkit.engine.checkpoint import (
+    VOCAB_DIGEST,
+    WEIGHTS_DIGEST,
+    check_finite,
+    json_sha256,
+    state_sha256,
+    weights_match_digest,
+)
 from capkit.errors import CheckpointError
 
 __all__ = [
@@ -60,7 +66,6 @@ FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)  # what a download fetches
 ENCODER_WEIGHTS = ("included", "source")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ENCODER_PREFIX = "encoder."  # the encoder's keys in the captioner's state dict
-WEIGHTS_DIGEST = "capkit_weights_sha256"  # model.safetensors' metadata: state_sha256 of its tensors
 
 DECODING_KEYS = ("beam_size", "max_len", "length_penalty")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
@@ -190,28 +195,18 @@ def read_weights(directory: str | os.PathLike, vocabulary: list[str] | None = No
     try:
         weights = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
+            recorded = (f.metadata() or {}).get(VOCAB_DIGEST)
+        matches = weights_match_digest(weights, path)
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); download or save the "
                               f"model again") from err
-    if WEIGHTS_DIGEST in metadata and state_sha256(weights) != metadata[WEIGHTS_DIGEST]:
+    if not matches:
         raise CheckpointError(f"{path}: the weights are not the ones saved (their digest differs from the one the file "
                               f"records): the file is damaged or was edited; download or save the model again")
     check_finite(weights, path)
-    recorded = metadata.get(VOCAB_DIGEST)
     if vocabulary is not None and recorded is not None and json_sha256(list(vocabulary)) != recorded:
         raise CheckpointError(
             f"{Path(directory) / CONFIG_FILE}: its vocabulary is not the one the weights were saved with ({WEIGHTS_FILE} "
             f"records another digest): it was edited or comes from another model; download or save the model again"
         )
     return weights
-
-
-def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """A digest of a state dict's names, dtypes, shapes and values (in name order): equal digests, equal weights."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
