@@ -46,6 +46,8 @@ def test_flickr8k_split_files_replace_the_standard_list_of_the_splits_they_name(
     with pytest.raises(ConfigError, match=r"data.dataset.split_files: \['dev'\] are no flickr8k splits; name train, "
                                           r"val, test"):
         load_split({**dataset, "split_files": {"dev": str(held_out)}}, "train")
+    with pytest.raises(ConfigError, match=r"data.dataset.split_files is 'oops'; it maps splits to list files"):
+        load_split({**dataset, "split_files": "oops"}, "train")
     with pytest.raises(ConfigError, match=r"data.dataset.split_files.train: .*nope.txt is no file"):
         load_split({**dataset, "split_files": {"train": "nope.txt"}}, "train")
     held_out.write_text("t0.jpg\nz9.jpg\n")

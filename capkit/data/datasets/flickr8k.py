@@ -52,6 +52,9 @@ class Flickr8kDataset(CaptionDataset):
         self.root = resolve_root(root, "flickr8k")
         text = self.root / "Flickr8k_text"
         tokens = require_file(text / "Flickr8k.token.txt", self.name, DOWNLOAD)
+        if not isinstance(split_files, (Mapping, type(None))):
+            raise ConfigError(f"data.dataset.split_files is {split_files!r}; it maps splits to list files, e.g. "
+                              f"{{train: my_train_images.txt}}")
         self.split_files = split_files = {k: str(v) for k, v in (split_files or {}).items()}
         unknown = sorted(set(split_files) - set(SPLIT_FILES))
         if unknown:
