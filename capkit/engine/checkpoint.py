@@ -110,14 +110,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         tensors = load_file(path / CHECKPOINT_TENSORS)
         state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
         state["model"] = load_file(path / CHECKPOINT_MODEL)
-        if not weights_match_digest(state["model"], path / CHECKPOINT_MODEL):
+        metadata = weights_metadata(path / CHECKPOINT_MODEL)
+        if not weights_match_digest(state["model"], metadata):
             raise CheckpointError(
                 f"{path}: its weights are not the ones saved ({CHECKPOINT_MODEL} records another digest): the file is "
                 f"damaged or was edited; use another checkpoint (checkpoints/last and checkpoints/best are separate "
                 f"copies) or train again"
             )
         check_finite(state["model"], path)
-        _check_vocab_digest(path, state.get("vocab"))
+        _check_vocab_digest(path, state.get("vocab"), metadata)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         if isinstance(err, CheckpointError):
             raise
@@ -168,19 +169,23 @@ def state_sha256(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def weights_match_digest(weights: Mapping[str, Tensor], file: Path) -> bool:
-    """Whether ``weights``, read from the safetensors ``file``, are the tensors its metadata's ``WEIGHTS_DIGEST``
-    records (true for files written before the digest was recorded)."""
+def weights_metadata(file: Path) -> dict[str, str]:
+    """The metadata of the safetensors ``file`` (empty where it has none)."""
     with safe_open(file, "pt") as f:
-        recorded = (f.metadata() or {}).get(WEIGHTS_DIGEST)
+        return f.metadata() or {}
+
+
+def weights_match_digest(weights: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bool:
+    """Whether ``weights`` are the tensors the ``WEIGHTS_DIGEST`` of their file's ``metadata`` records (true for
+    files written before the digest was recorded)."""
+    recorded = metadata.get(WEIGHTS_DIGEST)
     return recorded is None or state_sha256(weights) == recorded
 
 
-def _check_vocab_digest(path: Path, vocab: Any) -> None:
-    """``state["vocab"]`` is the list the weights were saved with (checkpoints from before the digest pass; one
-    that is no list is refused by its reader, naming its type)."""
-    with safe_open(path / CHECKPOINT_MODEL, "pt") as f:
-        recorded = (f.metadata() or {}).get(VOCAB_DIGEST)
+def _check_vocab_digest(path: Path, vocab: Any, metadata: Mapping[str, str]) -> None:
+    """``state["vocab"]`` is the list the weights (with the model file's ``metadata``) were saved with (checkpoints
+    from before the digest pass; one that is no list is refused by its reader, naming its type)."""
+    recorded = metadata.get(VOCAB_DIGEST)
     if recorded is not None and isinstance(vocab, list) and json_sha256(vocab) != recorded:
         raise CheckpointError(
             f"{path}: the vocabulary in {CHECKPOINT_JSON} is not the one its weights were saved with ({CHECKPOINT_MODEL} "

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from capkit.engine.checkpoint import (
@@ -39,6 +39,7 @@ from capkit.engine.checkpoint import (
     json_sha256,
     state_sha256,
     weights_match_digest,
+    weights_metadata,
 )
 from capkit.errors import CheckpointError
 
@@ -194,16 +195,15 @@ def read_weights(directory: str | os.PathLike, vocabulary: list[str] | None = No
     path = Path(directory) / WEIGHTS_FILE
     try:
         weights = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            recorded = (f.metadata() or {}).get(VOCAB_DIGEST)
-        matches = weights_match_digest(weights, path)
+        metadata = weights_metadata(path)
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); download or save the "
                               f"model again") from err
-    if not matches:
+    if not weights_match_digest(weights, metadata):
         raise CheckpointError(f"{path}: the weights are not the ones saved (their digest differs from the one the file "
                               f"records): the file is damaged or was edited; download or save the model again")
     check_finite(weights, path)
+    recorded = metadata.get(VOCAB_DIGEST)
     if vocabulary is not None and recorded is not None and json_sha256(list(vocabulary)) != recorded:
         raise CheckpointError(
             f"{Path(directory) / CONFIG_FILE}: its vocabulary is not the one the weights were saved with ({WEIGHTS_FILE} "
