@@ -99,6 +99,9 @@ class TrainConfig:
     # docs/RESULTS.md, "Self-critical training": beam gains more CIDEr and keeps the captions varied
     scst_candidates: str = "beam"
     label_smoothing: float = 0.0
+    # keep an exponential moving average of the weights; evaluation, the best checkpoint and a saved model use it
+    # (its decay warms up as 1 - (1 + step)^(-3/4) to this cap; 0.999 averages the last ~1,000 steps); null: none
+    ema_decay: Optional[float] = None
     aux_loss_weights: dict[str, float] = field(default_factory=lambda: {"doubly_stochastic": 1.0})
     scheduler: str = "plateau"  # plateau | cosine | warmup_cosine (per step, after warmup_steps) | none
     warmup_steps: int = 0  # linear warm-up of warmup_cosine, in optimizer steps
@@ -267,6 +270,7 @@ RULES: dict[str, tuple] = {
     "train.scst_candidates": _one_of("sample", "beam"),
     "train.scst_temperature": _positive(),
     "train.label_smoothing": ((lambda v: 0 <= v < 1), "it must be in [0, 1)"),
+    "train.ema_decay": ((lambda v: 0 < v < 1), "it must be in (0, 1), e.g. 0.999; null: no moving average"),
     "train.scheduler": _one_of("plateau", "cosine", "warmup_cosine", "none"),
     "train.warmup_steps": _at_least(0),
     "train.lr_decay": ((lambda v: 0 < v <= 1), "it must be in (0, 1]"),

@@ -180,6 +180,7 @@ SETTING_CASES = {
     "beam size 0": (["eval.beam_size=0"], r"eval\.beam_size is 0; it must be at least 1"),
     "negative max_len": (["eval.max_len=-1"], r"eval\.max_len is -1; it must be at least 1"),
     "label smoothing 1": (["train.label_smoothing=1.0"], r"train\.label_smoothing is 1\.0; it must be in \[0, 1\)"),
+    "ema decay 1": (["train.ema_decay=1"], r"train\.ema_decay is 1\.0; it must be in \(0, 1\), e\.g\. 0\.999"),
     "fp16 on the CPU": (["train.amp=fp16", "train.device=cpu"],
                         r"train\.amp=fp16 needs a CUDA device, this runs on cpu; use train\.amp=bf16 or none"),
     "unknown scheduler": (["train.scheduler=step"], r"train\.scheduler is 'step'; choose one of plateau, cosine, warmup_cosine, none"),

@@ -303,6 +303,52 @@ def test_eval_runs_in_eval_mode_without_grad_and_leaves_the_rng_alone():
         assert torch.equal(value, evaluated.module.state_dict()[key]), key
 
 
+class WeightsAfterEachStep(Hook):
+    def __init__(self):
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def after_step(self, trainer, loss):
+        self.weights.append({k: v.clone() for k, v in trainer.module.state_dict().items()})
+
+
+def test_ema_averages_the_trained_weights_with_a_warming_decay_and_is_what_is_evaluated_and_saved(tmp_path):
+    trained, evaluated = WeightsAfterEachStep(), []
+    trainer = make_trainer(
+        [trained, EvalHook(lambda m: evaluated.append(m) or {"score": 1.0}), PeriodicCheckpointHook(tmp_path)],
+        n=12, epochs=1, ema_decay=0.5,
+    )
+    trainer.fit()
+    # the update after step k uses decay 0 (a copy) at k = 1, then min(cap, 1 - k ** -0.75): 0.4054, then 0.5
+    decays = [0.0, 1 - 2**-0.75, 0.5]
+    expected = {k: v.clone() for k, v in trained.weights[0].items()}
+    for decay, weights in zip(decays, trained.weights):
+        for key, value in weights.items():
+            if value.is_floating_point():
+                expected[key] = decay * expected[key] + (1 - decay) * value
+    averaged, final = trainer.eval_module.state_dict(), trainer.module.state_dict()
+    moved = 0
+    for key, value in expected.items():
+        torch.testing.assert_close(averaged[key], value, rtol=0, atol=1e-6, msg=key)
+        moved += not torch.equal(averaged[key], final[key])
+    assert moved > 0  # the average is not the last weights
+    assert evaluated == [trainer.eval_module] and trainer.eval_module is not trainer.module
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last")
+    for key, value in averaged.items():
+        assert torch.equal(saved["model"][key], value) and torch.equal(saved["training_model"][key], final[key]), key
+
+
+def test_a_checkpoint_without_an_average_starts_one_from_its_weights():
+    plain = make_trainer(epochs=1)
+    plain.fit()
+    averaged = make_trainer(epochs=1, ema_decay=0.9)
+    averaged.load_state_dict(plain.state_dict())
+    for key, value in plain.module.state_dict().items():
+        assert torch.equal(averaged.module.state_dict()[key], value) and torch.equal(
+            averaged.eval_module.state_dict()[key], value), key
+    with pytest.raises(ValueError, match=r"ema_decay must be in \(0, 1\), got 1"):
+        make_trainer(ema_decay=1)
+
+
 def test_same_seed_same_weights_and_different_seed_differs():
     w = []
     for seed in (3, 3, 4):

@@ -87,7 +87,8 @@ class KillAt(Hook):
 
 def train(run_dir: Path, kill_at: int | None = None, resume: bool = False) -> Trainer:
     """Everything the resumed state must carry: dropout, AdamW moments, grad clipping, a plateau schedule,
-    early stopping, encoder fine-tuning (BN statistics) from epoch 1, a per-(seed, epoch) shuffle."""
+    early stopping, encoder fine-tuning (BN statistics) from epoch 1, a per-(seed, epoch) shuffle, a moving
+    average of the weights."""
     torch.set_num_threads(1)
     seed_everything(SEED)
     model = tiny_model(finetune="last")
@@ -116,7 +117,7 @@ def train(run_dir: Path, kill_at: int | None = None, resume: bool = False) -> Tr
               BestCheckpointHook(run_dir, metric="logp", **contents)]
     trainer = Trainer(
         model, optimizer, loader, epochs=EPOCHS, hooks=hooks, device="cpu", grad_clip=1.0,
-        criterion=CrossEntropyCriterion(AUX, label_smoothing=0.1),
+        criterion=CrossEntropyCriterion(AUX, label_smoothing=0.1), ema_decay=0.9,
     )
     if resume:
         trainer.resume(run_dir / "checkpoints" / "last")
@@ -154,10 +155,11 @@ def test_sigkilled_run_resumes_exactly(tmp_path, reference, kill_at, saved_posit
     trainer = train(run_dir, resume=True)
 
     assert (trainer.epoch, trainer.global_step) == (ref.epoch, ref.global_step)
-    ref_state, state = ref.module.state_dict(), trainer.module.state_dict()
-    assert ref_state.keys() == state.keys()
-    worst = max((ref_state[k].double() - state[k].double()).abs().max().item() for k in ref_state)
-    assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
+    for weights in ("module", "eval_module"):  # the trained weights and their moving average
+        ref_state, state = getattr(ref, weights).state_dict(), getattr(trainer, weights).state_dict()
+        assert ref_state.keys() == state.keys()
+        worst = max((ref_state[k].double() - state[k].double()).abs().max().item() for k in ref_state)
+        assert worst <= 1e-6, f"resumed {weights} weights differ from the uninterrupted run by {worst}"
     # the plateau schedule decayed both groups' LRs identically (it did decay: the run is not trivial)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [g["lr"] for g in ref.optimizer.param_groups]
     assert trainer.optimizer.param_groups[0]["lr"] < 3e-3
@@ -215,8 +217,10 @@ def test_checkpoint_position_and_content(reference):
         "EncoderFinetuneHook", "EvalHook", "LRSchedulerHook", "EarlyStoppingHook", "LoggingHook", "PeriodicCheckpointHook",
         "BestCheckpointHook",
     }
-    for key, value in ref.module.state_dict().items():
+    for key, value in ref.eval_module.state_dict().items():  # what captions: the moving average
         assert torch.equal(last["model"][key], value), key
+    for key, value in ref.module.state_dict().items():
+        assert torch.equal(last["training_model"][key], value), key
     best = load_checkpoint(ref_dir / "checkpoints" / "best")
     assert best["hooks"]["BestCheckpointHook"]["best"] == best["hooks"]["EarlyStoppingHook"]["best"]
 

@@ -1,12 +1,21 @@
-"""tools/train.py fails fast and clearly: missing data, and pretrained weights that cannot be downloaded."""
+"""tools/train.py fails fast and clearly (missing data, pretrained weights that cannot be downloaded), and a run
+with a moving average of its weights evaluates and ships the average."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from capkit.cli import train as train_cli
+from capkit.engine import load_checkpoint
+from capkit.evaluation import CaptionEvaluator
+from capkit.recipes.evaluate import score_checkpoint
+from toys import TINY_SHAPES_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
@@ -36,3 +45,17 @@ def test_offline_inception_weights_point_to_the_offline_config(tmp_path):
     assert done.returncode == 2
     assert "could not download the pretrained weights of 'inception_v3'" in done.stderr
     assert "show_attend_tell_flickr8k_offline.yaml" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_with_a_moving_average_scores_and_saves_the_average(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    assert train_cli.main(["tiny.yaml", "train.run_name=ema", "train.epochs=2", "train.ema_decay=0.9"]) == 0
+    run = tmp_path / "runs" / "ema"
+    best = load_checkpoint(run / "checkpoints" / "best")
+    assert any(not torch.equal(best["model"][k], best["training_model"][k]) for k in best["model"])
+    # the checkpoint's model is the one that was scored: its test scores are the run's
+    scored = score_checkpoint(CaptionEvaluator(["sacrebleu"], tokenizer="none"), run / "checkpoints" / "best")
+    recorded = json.loads((run / "test_metrics.json").read_text())
+    assert scored.scores["sacrebleu"] == pytest.approx(recorded["sacrebleu"], abs=1e-9)

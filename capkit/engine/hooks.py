@@ -67,7 +67,7 @@ class EvalHook(Hook):
             self._announce(trainer)
 
     def _announce(self, trainer: Trainer) -> None:
-        metrics = self._evaluate(trainer.module) if trainer.is_main else None
+        metrics = self._evaluate(trainer.eval_module) if trainer.is_main else None
         trainer.call("after_eval", metrics=broadcast_object(metrics))
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -290,7 +290,7 @@ class CaptionSamplesHook(Hook):
     def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if not self._open:
             return
-        model, step, writer = trainer.module, trainer.global_step, self.tensorboard.writer
+        model, step, writer = trainer.eval_module, trainer.global_step, self.tensorboard.writer
         images = torch.stack([s.pixels for s in self.samples]).to(trainer.device)
         rng, was_training = get_rng_state(), model.training
         model.eval()

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from capkit.engine.checkpoint import load_checkpoint
@@ -61,12 +62,18 @@ class Trainer:
         amp: ``auto`` | ``bf16`` | ``fp16`` | ``none`` (``resolve_amp_dtype``); fp16 uses a GradScaler.
         channels_last: on CUDA, keep images and the model in channels-last memory format.
         criterion: (model, batch) -> (loss, parts) (``capkit.engine.loss``); default ``CrossEntropyCriterion()``.
+        ema_decay: keep an exponential moving average of the weights (timm's ``ModelEmaV3``), updated after every
+            optimizer step; its decay warms up as ``1 - (1 + step) ** -0.75`` to this cap. The average is what
+            hooks evaluate and what checkpoints hold as ``model`` (what captions); the trained weights are
+            checkpointed beside it as ``training_model``. None: no average.
 
     Attributes:
         epoch, global_step, batch_in_epoch: the position; ``batch_in_epoch`` batches of ``epoch`` are done.
         captions_seen: training captions this process has stepped on since it started.
         module: the unwrapped model; ``model``, what the criterion calls, may be its DistributedDataParallel
-            wrapper (``DistributedDataParallelHook``). Hooks evaluate ``module``.
+            wrapper (``DistributedDataParallelHook``).
+        eval_module: the weights hooks evaluate and checkpoints hold as ``model``: ``module``, or its moving
+            average with ``ema_decay``.
         loss_parts: the last step's loss parts (floats).
     """
 
@@ -74,7 +81,7 @@ class Trainer:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader: DataLoader, *, epochs: int,
         hooks: Iterable[Hook] = (), device: str | torch.device = "auto", grad_clip: float | None = None,
         amp: str = "auto", channels_last: bool = True, criterion: Criterion | None = None,
-        max_steps: int | None = None,
+        max_steps: int | None = None, ema_decay: float | None = None,
     ):
         self.device = resolve_device(device)
         self.amp_dtype = resolve_amp_dtype(amp, self.device, key="train.amp")
@@ -83,6 +90,12 @@ class Trainer:
         if self.channels_last:
             self.module.to(memory_format=torch.channels_last)
         self.model: nn.Module = self.module
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        # power 3/4: timm's advice for runs under ~100k steps (the decay reaches 0.999 after 10k steps)
+        self.ema = None if ema_decay is None else ModelEmaV3(self.module, decay=ema_decay, use_warmup=True,
+                                                             warmup_power=0.75)
+        self.eval_module: nn.Module = self.module if self.ema is None else self.ema.module
         self.optimizer, self.train_loader, self.epochs, self.hooks = optimizer, train_loader, epochs, list(hooks)
         names = [h.name for h in self.hooks]
         if len(set(names)) != len(names):
@@ -165,21 +178,27 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.module, step=self.global_step + 1)  # its first update copies the weights
         return value
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly from here (the checkpoint's content, minus config and vocab)."""
         epoch, batch = (self.epoch + 1, 0) if self._epoch_done else (self.epoch, self.batch_in_epoch)
+        trained = {} if self.ema is None else {"training_model": self.module.state_dict()}
         return {
-            "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.eval_module.state_dict(), **trained, "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": self.replay.state_dict(self.train_loader, mid_epoch=batch > 0),
             "epoch": epoch, "batch_in_epoch": batch, "global_step": self.global_step,
             "hooks": {h.name: h.state_dict() for h in self.hooks},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a ``state_dict()``; the RNG state is restored when ``fit`` reaches the saved position."""
-        self.module.load_state_dict(state["model"])
+        """Restore a ``state_dict()``; the RNG state is restored when ``fit`` reaches the saved position. A state
+        saved without a moving average starts one from its weights."""
+        self.module.load_state_dict(state.get("training_model", state["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

@@ -380,7 +380,7 @@ def train(exp: Experiment, command: str | None = None) -> Trainer:
     trainer = Trainer(
         model, optimizer, train_loader, epochs=t.epochs, hooks=build_hooks(exp, evaluate, scheduler),
         device=dist.device, grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last,
-        criterion=criterion, max_steps=t.max_steps,
+        criterion=criterion, max_steps=t.max_steps, ema_decay=t.ema_decay,
     )
     if exp.resumed is not None:
         trainer.load_state_dict(exp.resumed)
@@ -453,7 +453,7 @@ def train_experiment(
             _refuse_a_taken_run(run, dist, resume is None, overwrite, replace=True)  # again, now that it is ours
             trainer = train(exp, command)
             if dist.is_main:
-                test(exp, trainer.module, samples=samples)
+                test(exp, trainer.eval_module, samples=samples)
         return run.root
     finally:
         destroy_distributed()
