@@ -99,8 +99,9 @@ class TrainConfig:
     # docs/RESULTS.md, "Self-critical training": beam gains more CIDEr and keeps the captions varied
     scst_candidates: str = "beam"
     label_smoothing: float = 0.0
-    # keep an exponential moving average of the weights; evaluation, the best checkpoint and a saved model use it
-    # (its decay warms up as 1 - (1 + step)^(-3/4) to this cap; 0.999 averages the last ~1,000 steps); null: none
+    # keep an exponential moving average of the weights; evaluation, the best checkpoint and a saved model use it.
+    # Its decay warms up as 1 - (1 + step)^(-3/4) and stops at this cap (0.998 after 4,000 steps, 0.999 after
+    # 10,000: the average spans the last ~1 / (1 - decay) steps); null: none
     ema_decay: Optional[float] = None
     aux_loss_weights: dict[str, float] = field(default_factory=lambda: {"doubly_stochastic": 1.0})
     scheduler: str = "plateau"  # plateau | cosine | warmup_cosine (per step, after warmup_steps) | none
