@@ -46,7 +46,8 @@ from capkit.engine.run_dir import (
 from capkit.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "resolve_checkpoint", "check_finite",
-           "json_sha256", "FORMAT_VERSION"]
+           "json_sha256", "state_sha256", "weights_metadata", "weights_match_digest", "FORMAT_VERSION",
+           "VOCAB_DIGEST", "WEIGHTS_DIGEST"]
 
 FORMAT_VERSION = 1
 # The model file's metadata records the digest of ``state["vocab"]`` (in state.json): the word list must stay
