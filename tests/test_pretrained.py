@@ -540,6 +540,20 @@ def test_a_checkpoint_whose_weights_were_damaged_is_refused(run, tmp_path):
         load_checkpoint(checkpoint)
 
 
+def test_a_checkpoint_whose_training_state_was_damaged_is_refused(run, tmp_path):
+    from capkit.engine import load_checkpoint
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(run.best, checkpoint)
+    path = checkpoint / "state.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # a moment or an RNG state byte: no check of values would see it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"ckpt: its training state is not the one saved \(state.safetensors "
+                                              r"records another digest\): the file is damaged or was edited"):
+        load_checkpoint(checkpoint)
+
+
 def test_models_saved_before_the_vocabulary_digest_still_load(trained, images, tmp_path):
     saved = trained.save_pretrained(tmp_path / "m")
     weights = load_file(saved / "model.safetensors")

@@ -6,8 +6,9 @@ A checkpoint directory (its files are named in ``capkit.engine.run_dir``) holds 
 ``{"__tensor__": key}`` into the second file.
 
 Loading reads safetensors and JSON only, so a checkpoint can never run code (unlike pickle). The model file's
-metadata records the digests of the vocabulary and of the weights themselves; loading refuses a file whose
-weights or vocabulary no longer match them.
+metadata records the digests of the vocabulary and of the weights themselves, the second file's the digest of its
+tensors (optimizer moments, the trained weights beside a moving average); loading refuses a file whose tensors or
+vocabulary no longer match them.
 
 Atomicity. ``save_checkpoint(path, ...)`` writes a complete copy into a fresh hidden sibling directory (every
 file fsynced, then the directory), and then publishes it with two renames: ``NAME -> NAME.old`` and the copy
@@ -83,7 +84,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         if isinstance(state.get("vocab"), (list, tuple)):
             metadata[VOCAB_DIGEST] = json_sha256(list(state["vocab"]))
         _write(tmp / CHECKPOINT_MODEL, lambda f: save_file(model, f, metadata=metadata))
-        _write(tmp / CHECKPOINT_TENSORS, lambda f: save_file(tensors, f))
+        tensors_metadata = {WEIGHTS_DIGEST: state_sha256(tensors)}
+        _write(tmp / CHECKPOINT_TENSORS, lambda f: save_file(tensors, f, metadata=tensors_metadata))
         text = json.dumps({"format": FORMAT_VERSION, "state": rest})
         _write(tmp / CHECKPOINT_JSON, lambda f: Path(f).write_text(text))
         _fsync_dir(tmp)
@@ -109,6 +111,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         doc = _read_json(path)
         tensors = load_file(path / CHECKPOINT_TENSORS)
+        if not weights_match_digest(tensors, weights_metadata(path / CHECKPOINT_TENSORS)):
+            raise CheckpointError(
+                f"{path}: its training state is not the one saved ({CHECKPOINT_TENSORS} records another digest): the "
+                f"file is damaged or was edited; use another checkpoint (checkpoints/last and checkpoints/best are "
+                f"separate copies) or train again"
+            )
         state = {k: _decode(v, tensors) for k, v in doc["state"].items()}
         state["model"] = load_file(path / CHECKPOINT_MODEL)
         metadata = weights_metadata(path / CHECKPOINT_MODEL)
