@@ -69,7 +69,10 @@ class DataConfig:
     skip_missing_images: bool = False
     skip_corrupt_images: bool = False  # also leaves out images over max_image_pixels
     max_image_pixels: Optional[int] = 178_956_970  # larger images are refused (decompression bombs); null: no limit
-    augment: bool = False
+    augment: bool = False  # timm's training transform on the training images (no flips, crops keep half)
+    # with augment and a frozen encoder whose features are cached: cache this many augmented views of each training
+    # image (one extraction each) and draw one per caption each epoch; 0: augment the images at every step
+    augment_views: int = 0
     allow_split_overlap: bool = False  # an image in two splits (train and test, ...) is an error unless set
 
 
@@ -260,6 +263,7 @@ RULES: dict[str, tuple] = {
     "data.vocab_max_size": _at_least(len(SPECIAL_TOKENS) + 1),  # room for one word beside the special tokens
     "data.num_workers": _at_least(0),
     "data.max_image_pixels": _at_least(1),
+    "data.augment_views": _at_least(0),
     "train.epochs": _at_least(1),
     "train.batch_size": _at_least(1),
     "train.lr": _positive(),

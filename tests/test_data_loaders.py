@@ -78,3 +78,116 @@ def test_train_and_eval_loaders_on_shapes_with_and_without_cache(tiny_encoder, t
     raw_val = build_eval_loader(val, tiny_encoder, batch_size=8, cache_features=False, **common)
     out = tiny_encoder(next(iter(raw_val)).images)
     assert torch.allclose(out.feats, first_val.features.feats, atol=0.05, rtol=0.01)  # float16 cache
+
+
+def _augment_source(tiny_encoder, seed):
+    from capkit.data import ImageSource, build_transform
+
+    train = load_split(SHAPES, "train")
+    return ImageSource(train.records, build_transform(tiny_encoder.data_config, augment=True), seed=seed)
+
+
+def test_a_seeded_image_source_gives_each_image_one_fixed_augmented_view(tiny_encoder):
+    import random
+
+    import numpy as np
+
+    view0, view0_again, view1 = (_augment_source(tiny_encoder, s) for s in (0, 0, 1))
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    assert torch.equal(view0[3], view0_again[3])  # the same view, whatever came before
+    assert not torch.equal(view0[3], view1[3]) and not torch.equal(view0[3], view0[4])
+    # the callers' random streams are left where they were
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == (
+        random.Random(7).random(), np.random.RandomState(7).rand(), torch.rand(1, generator=torch.Generator().manual_seed(7)).item()
+    )
+    unseeded = _augment_source(tiny_encoder, None)
+    assert not torch.equal(unseeded[3], unseeded[3])  # without a seed, a new draw each time
+
+
+class _ViewSource(_Source):  # view v of image i is the constant 10 * v + i
+    def __init__(self, n, view):
+        super().__init__(n)
+        self.view = view
+
+    def __getitem__(self, i):
+        return torch.full((3, 4, 4), 10.0 * self.view + i)
+
+
+def test_the_view_sampler_gives_every_pair_once_an_epoch_with_a_view_drawn_from_seed_and_epoch():
+    from capkit.data import AugmentedViews
+
+    vocab = Vocabulary.build(["a dog", "a cat"], min_count=1)
+    views = AugmentedViews([TrainingDataset(_ViewSource(6, v), _records(6), vocab, max_len=16) for v in range(3)])
+    assert len(views) == 36 and views.items == 12
+
+    def epoch(e, seed=0, rank=0, world_size=1):  # (image, caption id, view) of each sample
+        loader = build_loader(views, 4, shuffle=True, seed=seed, rank=rank, world_size=world_size)
+        loader.sampler.set_epoch(e)
+        out = []
+        for b in loader:
+            for x, iid, caption in zip(b.images, b.image_ids, b.captions.tolist()):
+                view, image = divmod(int(x[0, 0, 0]), 10)
+                assert f"img{image}" == iid
+                out.append((iid, tuple(t for t in caption if t != PAD_ID), view))
+        return out
+
+    first = epoch(0)
+    pairs = sorted((f"img{i}", tuple(c)) for i, c in views.views[0].pairs)
+    assert sorted(p[:2] for p in first) == pairs and len(pairs) == 12  # every (image, caption) pair once
+    assert first == epoch(0)  # set_epoch repeats an epoch exactly
+    seen = {p[2] for e in range(4) for p in epoch(e)}
+    assert seen == {0, 1, 2}  # every view is drawn
+    by_pair = {e: {p[:2]: p[2] for p in epoch(e)} for e in range(2)}
+    assert by_pair[0] != by_pair[1] and epoch(0, seed=1) != first  # a new draw each epoch and seed
+    shards = [epoch(2, rank=r, world_size=2) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(epoch(2))  # two ranks: each pair once, the same views
+
+
+def test_augmented_views_are_extracted_once_and_trained_on_in_turn(tiny_encoder, tmp_path):
+    from capkit.data import FeatureStore, build_view_sources
+
+    train = load_split(SHAPES, "train")
+    vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
+    calls = []
+    handle = tiny_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        options = dict(batch_size=8, augment=True, augment_views=2, cache_dir=tmp_path, num_workers=0)
+        loader = build_train_loader(train, tiny_encoder, vocab, **options)
+        assert len(calls) == 2 * 2  # 12 images in batches of 8, for each view
+        stores = build_view_sources(train, tiny_encoder, 2, cache_dir=tmp_path, batch_size=8)
+        assert len(calls) == 4 and all(isinstance(s, FeatureStore) for s in stores)  # read from the cache
+        assert sorted(p.name.split("_")[2] for p in tmp_path.glob("*.npy")) == ["view0", "view1"]
+        assert not torch.equal(stores[0][0], stores[1][0])
+        again = build_train_loader(train, tiny_encoder, vocab, **options)
+        assert len(calls) == 4 and len(again) == len(loader) == 60 // 8 + 1
+    finally:
+        handle.remove()
+    row = {store.image_ids[i]: [s[i] for s in stores] for i, store in enumerate([stores[0]] * len(stores[0]))}
+    drawn = set()
+    for e in range(3):
+        loader.sampler.set_epoch(e)
+        for batch in loader:
+            assert batch.images is None and batch.features.grid == (5, 5)
+            for iid, feats in zip(batch.image_ids, batch.features.feats):
+                view = [v for v, cached in enumerate(row[iid]) if torch.equal(cached.float(), feats)]
+                assert len(view) == 1
+                drawn.add(view[0])
+    assert drawn == {0, 1}
+    eval_loader = build_eval_loader(load_split(SHAPES, "val"), tiny_encoder, batch_size=8, cache_dir=tmp_path,
+                                    num_workers=0)
+    assert len(list(tmp_path.glob("*_val_*.npy"))) == 1 and "view" not in next(tmp_path.glob("*_val_*.npy")).name
+    assert len(eval_loader.dataset) == 4
+
+
+def test_augmented_views_need_augmentation_and_a_frozen_encoder(tiny_encoder, tmp_path):
+    import pytest
+
+    from capkit.data import build_view_sources
+    from toys import tiny_model
+
+    train = load_split(SHAPES, "train")
+    vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
+    with pytest.raises(ValueError, match="augment_views=2 caches augmented features: it needs augment=True"):
+        build_train_loader(train, tiny_encoder, vocab, batch_size=8, augment_views=2, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="augmented views cache a frozen encoder's features"):
+        build_view_sources(train, tiny_model(finetune="last").encoder, 2, cache_dir=tmp_path)

@@ -1,5 +1,6 @@
-"""tools/train.py fails fast and clearly (missing data, pretrained weights that cannot be downloaded), and a run
-with a moving average of its weights evaluates and ships the average."""
+"""tools/train.py fails fast and clearly (missing data, pretrained weights that cannot be downloaded), a run
+with a moving average of its weights evaluates and ships the average, and a run over cached augmented views
+trains on them and resumes exactly."""
 from __future__ import annotations
 
 import json
@@ -59,3 +60,19 @@ def test_a_run_with_a_moving_average_scores_and_saves_the_average(tmp_path, monk
     scored = score_checkpoint(CaptionEvaluator(["sacrebleu"], tokenizer="none"), run / "checkpoints" / "best")
     recorded = json.loads((run / "test_metrics.json").read_text())
     assert scored.scores["sacrebleu"] == pytest.approx(recorded["sacrebleu"], abs=1e-9)
+
+
+def test_a_run_over_cached_augmented_views_trains_on_them_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    views = ["tiny.yaml", "train.epochs=2", "data.augment=true", "data.augment_views=2"]
+    assert train_cli.main([*views, "train.run_name=whole"]) == 0
+    cached = sorted(p.name for p in (tmp_path / "cache" / "features").glob("*.npy"))
+    assert [name.split("_")[2] for name in cached if "_train_" in name] == ["view0", "view1"]
+    assert len(cached) == 4 and all("view" not in name for name in cached if "_train_" not in name)  # val, test
+    # 60 captions in batches of 16: 4 steps an epoch; stopped in the second epoch, then resumed
+    assert train_cli.main([*views, "train.run_name=cut", "train.max_steps=6"]) == 0
+    assert train_cli.main(["--resume", "runs/cut", *views, "train.run_name=cut", "train.max_steps=null"]) == 0
+    whole, cut = (load_checkpoint(tmp_path / "runs" / name / "checkpoints" / "last")["model"] for name in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -1,14 +1,30 @@
 """The data layer: datasets (registered in ``DATASETS``), vocabulary, transforms, feature cache, loaders."""
 from capkit.data import datasets  # noqa: F401  (registers the builtin datasets)
-from capkit.data.build import LoadedSplit, build_eval_loader, build_source, build_train_loader, load_split
+from capkit.data.build import (
+    LoadedSplit,
+    build_eval_loader,
+    build_source,
+    build_train_loader,
+    build_view_sources,
+    load_split,
+)
 from capkit.data.datasets.base import CaptionDataset, DatasetNotFoundError
 from capkit.data.feature_cache import FeatureStore, cached_features, default_cache_dir
-from capkit.data.loaders import EvaluationDataset, ImageSource, TrainingDataset, build_loader, collate_batch
+from capkit.data.loaders import (
+    AugmentedViews,
+    EvaluationDataset,
+    ImageSource,
+    TrainingDataset,
+    ViewSampler,
+    build_loader,
+    collate_batch,
+)
 from capkit.data.records import Box, CorruptImageError, ImageRecord, MissingImagesError, drop_missing
 from capkit.data.transforms import build_transform
 from capkit.data.vocab import Vocabulary, tokenize
 
 __all__ = [
+    "AugmentedViews",
     "Box",
     "CaptionDataset",
     "CorruptImageError",
@@ -20,11 +36,13 @@ __all__ = [
     "LoadedSplit",
     "MissingImagesError",
     "TrainingDataset",
+    "ViewSampler",
     "Vocabulary",
     "build_eval_loader",
     "build_loader",
     "build_source",
     "build_train_loader",
+    "build_view_sources",
     "build_transform",
     "cached_features",
     "collate_batch",

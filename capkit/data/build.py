@@ -13,13 +13,13 @@ from torch.utils.data import DataLoader
 from capkit.data.datasets.base import CaptionDataset
 from capkit.data.feature_cache import cached_features
 from capkit.data.images import DEFAULT_MAX_PIXELS
-from capkit.data.loaders import EvaluationDataset, ImageSource, Source, TrainingDataset, build_loader
+from capkit.data.loaders import AugmentedViews, EvaluationDataset, ImageSource, Source, TrainingDataset, build_loader
 from capkit.data.records import ImageRecord, drop_missing
 from capkit.data.transforms import build_transform
 from capkit.data.vocab import Vocabulary
 from capkit.registry import DATASETS
 
-__all__ = ["LoadedSplit", "load_split", "build_source", "build_train_loader", "build_eval_loader"]
+__all__ = ["LoadedSplit", "load_split", "build_source", "build_view_sources", "build_train_loader", "build_eval_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,34 @@ def build_source(
     return ImageSource(split.records, transform, skip_corrupt_images, max_image_pixels)
 
 
+def build_view_sources(
+    split: LoadedSplit,
+    encoder: nn.Module,
+    views: int,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    skip_corrupt_images: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    num_workers: int = 0,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> list[Source]:
+    """The cached features of ``views`` augmented views of every image (the training transform, view k seeded
+    by k), extracted on first use: augmentation for a frozen encoder at the cost of ``views`` extractions."""
+    if not getattr(encoder, "frozen", False):
+        raise ValueError("augmented views cache a frozen encoder's features; a trained encoder needs its images "
+                         "augmented at every step (views=0)")
+    transform = build_transform(encoder.data_config, augment=True)
+    return [
+        cached_features(
+            split.records, encoder, transform, identity=split.data.identity(), cache_dir=cache_dir,
+            batch_size=batch_size, num_workers=num_workers, device=device, skip_corrupt=skip_corrupt_images,
+            max_pixels=max_image_pixels, view_seed=view,
+        )
+        for view in range(views)
+    ]
+
+
 def build_train_loader(
     split: LoadedSplit,
     encoder: nn.Module,
@@ -70,6 +98,7 @@ def build_train_loader(
     batch_size: int,
     max_caption_len: int = 16,
     augment: bool = False,
+    augment_views: int = 0,
     cache_features: bool = True,
     cache_dir: str | os.PathLike | None = None,
     skip_corrupt_images: bool = False,
@@ -85,17 +114,24 @@ def build_train_loader(
     With ``per_image``, one sample per image with all its references instead (self-critical training).
 
     With a frozen encoder and ``cache_features`` (and no augmentation), batches carry cached ``features``
-    (extracted on ``device`` the first time) instead of ``images``.
+    (extracted on ``device`` the first time) instead of ``images``. With ``augment`` and ``augment_views`` K > 0,
+    they carry the features of one of K cached augmented views of each image, drawn anew each epoch
+    (``ViewSampler``); with ``augment`` alone, augmented images.
     """
-    source = build_source(
-        split, encoder, augment=augment, cache_features=cache_features, cache_dir=cache_dir,
-        skip_corrupt_images=skip_corrupt_images, max_image_pixels=max_image_pixels, num_workers=num_workers,
-        batch_size=batch_size, device=device,
-    )
-    if per_image:
-        dataset: TrainingDataset | EvaluationDataset = EvaluationDataset(source, split.records)
+    if augment_views and not (augment and cache_features):
+        raise ValueError(f"augment_views={augment_views} caches augmented features: it needs augment=True and "
+                         f"cache_features=True")
+    options = dict(cache_dir=cache_dir, skip_corrupt_images=skip_corrupt_images, max_image_pixels=max_image_pixels,
+                   num_workers=num_workers, batch_size=batch_size, device=device)
+    if augment_views:
+        sources = build_view_sources(split, encoder, augment_views, **options)
     else:
-        dataset = TrainingDataset(source, split.records, vocab, max_caption_len)
+        sources = [build_source(split, encoder, augment=augment, cache_features=cache_features, **options)]
+    if per_image:
+        datasets = [EvaluationDataset(source, split.records) for source in sources]
+    else:
+        datasets = [TrainingDataset(source, split.records, vocab, max_caption_len) for source in sources]
+    dataset = AugmentedViews(datasets) if augment_views else datasets[0]
     return build_loader(
         dataset, batch_size, shuffle=True, seed=seed, num_workers=num_workers, rank=rank, world_size=world_size
     )

@@ -75,17 +75,20 @@ def cached_features(
     device: str | torch.device = "cpu",
     skip_corrupt: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    view_seed: int | None = None,
 ) -> FeatureStore:
     """The split's features from the cache, extracting them first when absent or incomplete.
 
     Args:
         records: the split's images.
         encoder: a frozen encoder with ``cache_key()``; it is run in eval mode.
-        transform: the (deterministic) image transform fed to the encoder.
+        transform: the image transform fed to the encoder: deterministic, or random with ``view_seed``.
         identity: what identifies the split (``CaptionDataset.identity()``: dataset, split, root, ...).
         cache_dir: default ``default_cache_dir()``.
         skip_corrupt: leave undecodable images out of the cache (with a warning) instead of raising.
         max_pixels: the largest image accepted (see ``open_image``).
+        view_seed: for a random (augmenting) transform: each image's randomness comes from (view_seed, its index),
+            so the entry holds one fixed augmented view of each image (``ImageSource``'s ``seed``).
     """
     ids = [r.image_id for r in records]
     key = {
@@ -99,8 +102,11 @@ def cached_features(
         "skip_corrupt": skip_corrupt,
         "max_pixels": max_pixels,
     }
+    if view_seed is not None:  # absent otherwise, so that the entries made before views keep their names
+        key["view_seed"] = view_seed
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    stem = f"{identity.get('dataset', 'data')}_{identity.get('split', 'split')}_{digest}"
+    view = "" if view_seed is None else f"_view{view_seed}"
+    stem = f"{identity.get('dataset', 'data')}_{identity.get('split', 'split')}{view}_{digest}"
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data_path, meta_path = directory / f"{stem}.npy", directory / f"{stem}.json"
     directory.mkdir(parents=True, exist_ok=True)
@@ -115,7 +121,7 @@ def cached_features(
         if not os.access(directory, os.W_OK):
             raise DataError(f"the feature cache {directory} is not writable and holds no complete entry for "
                             f"{stem}; set data.cache_dir (or ${CACHE_ENV}) to a folder you can write")
-        source = ImageSource(records, transform, skip_corrupt, max_pixels)
+        source = ImageSource(records, transform, skip_corrupt, max_pixels, seed=view_seed)
         kept, grid = _extract(source, encoder, data_path, batch_size, num_workers, device)
         shape = list(np.load(data_path, mmap_mode="r").shape)
         partial_meta = _partial(meta_path)

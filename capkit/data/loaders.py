@@ -1,11 +1,13 @@
 """Torch datasets over images or cached features, collation into ``CaptionBatch``, and the DataLoader."""
 from __future__ import annotations
 
+import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -17,7 +19,10 @@ from capkit.data.records import CorruptImageError, ImageRecord
 from capkit.data.vocab import Vocabulary
 from capkit.types import PAD_ID, CaptionBatch, EncoderOutput
 
-__all__ = ["Source", "ImageSource", "Sample", "TrainingDataset", "EvaluationDataset", "collate_batch", "build_loader"]
+__all__ = [
+    "Source", "ImageSource", "Sample", "TrainingDataset", "EvaluationDataset", "AugmentedViews", "ViewSampler",
+    "collate_batch", "build_loader",
+]
 
 
 class Source(Protocol):
@@ -40,6 +45,8 @@ class ImageSource:
         skip_corrupt: warn and skip an undecodable file (or one over ``max_pixels``) instead of raising
             ``CorruptImageError``.
         max_pixels: the largest image accepted (decompression bombs); None: no limit.
+        seed: when set, the randomness of image i's transform is drawn from (seed, i) alone, so a random
+            (augmenting) transform gives each image one fixed view: the same in every epoch, process and worker.
     """
 
     grid = None
@@ -50,8 +57,10 @@ class ImageSource:
         transform: Callable[[Image.Image], Tensor],
         skip_corrupt: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        seed: int | None = None,
     ):
         self.records, self.transform, self.skip_corrupt, self.max_pixels = records, transform, skip_corrupt, max_pixels
+        self.seed = seed
         self.image_ids = [r.image_id for r in records]
 
     def __len__(self) -> int:
@@ -65,7 +74,25 @@ class ImageSource:
                 raise
             warnings.warn(f"{err} Skipped (data.skip_corrupt_images=true).", stacklevel=2)
             return None
-        return self.transform(image)
+        if self.seed is None:
+            return self.transform(image)
+        return _seeded(self.transform, image, [self.seed, index])
+
+
+def _seeded(transform: Callable[[Image.Image], Tensor], image: Image.Image, entropy: list[int]) -> Tensor:
+    """``transform(image)`` with python's, numpy's and torch's RNGs seeded from ``entropy``, then put back as they
+    were (timm's crops draw from ``random``, torchvision's colour jitter from torch)."""
+    seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            return transform(image)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class Sample(NamedTuple):
@@ -113,6 +140,60 @@ class EvaluationDataset(Dataset):
         return Sample(self.source.image_ids[index], self.source[index], None, self.references[index])
 
 
+class AugmentedViews(Dataset):
+    """K datasets over K cached views of the same images, as one: index ``view * n + i`` is item i of view ``view``.
+
+    Drawn by a ``ViewSampler``, which gives each item one view per epoch. The views share their images' order,
+    so item i is the same (image, caption) pair in each.
+    """
+
+    def __init__(self, views: Sequence[TrainingDataset | EvaluationDataset]):
+        sizes = {len(v) for v in views}
+        ids = {tuple(v.source.image_ids) for v in views}
+        if not views or len(sizes) != 1 or len(ids) != 1:
+            raise ValueError("augmented views must be at least one, over the same images in the same order")
+        self.views, self.items = list(views), sizes.pop()
+        self.source = self.views[0].source  # what build_loader's collation reads (the grid)
+
+    def __len__(self) -> int:
+        return len(self.views) * self.items
+
+    def __getitem__(self, index: int) -> Sample:
+        view, item = divmod(index, self.items)
+        return self.views[view][item]
+
+
+class ViewSampler(Sampler[int]):
+    """Each epoch, every item of an ``AugmentedViews`` once, in the order a ``DistributedSampler`` gives, each
+    with one view drawn from (seed, epoch): ``set_epoch`` makes the epoch repeatable, as resuming needs.
+
+    Args:
+        dataset: the views; an epoch has ``dataset.items`` samples (shared among ``world_size`` ranks).
+        shuffle, seed, rank, world_size, drop_last: as ``DistributedSampler``'s.
+    """
+
+    def __init__(
+        self, dataset: AugmentedViews, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        self.order = DistributedSampler(
+            range(dataset.items), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.items, self.num_views, self.seed, self.epoch = dataset.items, len(dataset.views), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        # one draw for every item, the same on every rank; a stream apart from the order's (seed + epoch)
+        views = np.random.default_rng([self.seed, self.epoch, 1]).integers(self.num_views, size=self.items)
+        return (int(views[i]) * self.items + i for i in self.order)
+
+
 def collate_batch(samples: list[Sample], grid: tuple[int, int] | None = None) -> CaptionBatch:
     """Stack samples into a ``CaptionBatch``: images when ``grid`` is None, else ``features`` on that grid.
 
@@ -135,7 +216,7 @@ def collate_batch(samples: list[Sample], grid: tuple[int, int] | None = None) ->
 
 
 def build_loader(
-    dataset: TrainingDataset | EvaluationDataset,
+    dataset: TrainingDataset | EvaluationDataset | AugmentedViews,
     batch_size: int,
     *,
     shuffle: bool = False,
@@ -151,12 +232,17 @@ def build_loader(
 
     Shuffling (or sharding when ``world_size > 1``) uses a ``DistributedSampler`` seeded with ``seed``: call
     ``loader.sampler.set_epoch(epoch)`` before each epoch and the order is a function of (seed, epoch),
-    which exact resume needs. Pass ``sampler`` to use your own instead.
+    which exact resume needs. An ``AugmentedViews`` dataset gets a ``ViewSampler`` (the same order, one view
+    per item). Pass ``sampler`` to use your own instead.
 
     Args:
         pin_memory: default: when CUDA is available.
     """
-    if sampler is None and (shuffle or world_size > 1):
+    if sampler is None and isinstance(dataset, AugmentedViews):
+        sampler = ViewSampler(
+            dataset, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last
+        )
+    elif sampler is None and (shuffle or world_size > 1):
         sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )

@@ -40,6 +40,7 @@ def build_train_loader_for(
     t, d = cfg.train, cfg.data
     return build_train_loader(
         split, encoder, vocab, batch_size=t.batch_size, max_caption_len=d.max_caption_len, augment=d.augment,
+        augment_views=d.augment_views,
         seed=t.seed, rank=dist.rank, world_size=dist.world_size, per_image=t.objective == "scst",
         **_source_options(cfg, dist.device),
     )
