@@ -50,6 +50,22 @@ def test_second_epoch_over_cache_does_no_forward_pass(split, tiny_encoder, tmp_p
         handle.remove()
 
 
+def test_a_cache_the_disk_cannot_hold_is_refused_before_anything_is_written(split, tiny_encoder, tmp_path,
+                                                                           monkeypatch):
+    import shutil
+
+    from capkit.errors import DataError
+
+    data, records = split
+    free = 10 * 25 * 256 * 2 - 1  # one byte short of 10 images of 25 x 256 float16 features
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+    with pytest.raises(DataError, match=r"the features of shapes_train_\w+ need 0\.1 MB, and .* has 0\.1 MB free; "
+                                        r"free some space there, or set data\.cache_dir"):
+        cached_features(records, tiny_encoder, build_transform(tiny_encoder.data_config), identity=data.identity(),
+                        cache_dir=tmp_path, batch_size=4)
+    assert not list(tmp_path.glob("*.npy*")) and not list(tmp_path.glob("*.json*"))
+
+
 def test_interrupted_cache_is_not_used_and_rerun_restarts(split, tiny_encoder, tmp_path):
     data, records = split
     transform = build_transform(tiny_encoder.data_config)

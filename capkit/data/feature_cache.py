@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -191,6 +192,15 @@ def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], data_path: P
     return True
 
 
+def _check_free_space(path: Path, size: int) -> None:
+    """A memory-mapped array whose disk fills up kills the process (SIGBUS) on a later write: refuse it first."""
+    free = shutil.disk_usage(path.parent).free
+    if size > free:
+        raise DataError(f"the features of {path.name.split('.')[0]} need {size / 1e6:,.1f} MB, and {path.parent} has "
+                        f"{free / 1e6:,.1f} MB free; free some space there, or set data.cache_dir (or ${CACHE_ENV}) "
+                        f"to a disk with room")
+
+
 def _partial(path: Path) -> Path:
     """Where this process writes ``path`` before publishing it."""
     return path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -220,6 +230,7 @@ def _extract(
             if array is None:  # rows for every image; skipped corrupt ones leave unused rows at the end
                 grid = out.grid
                 shape = (len(records), *out.feats.shape[1:])
+                _check_free_space(partial_path, int(np.prod(shape)) * np.dtype(np.float16).itemsize)
                 array = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float16, shape=shape)
             array[len(kept) : len(kept) + len(batch)] = out.feats.to("cpu", torch.float16).numpy()
             kept.extend(batch.image_ids)
