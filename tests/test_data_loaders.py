@@ -144,7 +144,7 @@ def test_the_view_sampler_gives_every_pair_once_an_epoch_with_a_view_drawn_from_
 
 
 def test_augmented_views_are_extracted_once_and_trained_on_in_turn(tiny_encoder, tmp_path):
-    from capkit.data import FeatureStore, build_view_sources
+    from capkit.data import FeatureStore, build_source
 
     train = load_split(SHAPES, "train")
     vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
@@ -154,7 +154,8 @@ def test_augmented_views_are_extracted_once_and_trained_on_in_turn(tiny_encoder,
         options = dict(batch_size=8, augment=True, augment_views=2, cache_dir=tmp_path, num_workers=0)
         loader = build_train_loader(train, tiny_encoder, vocab, **options)
         assert len(calls) == 2 * 2  # 12 images in batches of 8, for each view
-        stores = build_view_sources(train, tiny_encoder, 2, cache_dir=tmp_path, batch_size=8)
+        stores = [build_source(train, tiny_encoder, augment=True, view_seed=k, cache_dir=tmp_path, batch_size=8)
+                  for k in range(2)]
         assert len(calls) == 4 and all(isinstance(s, FeatureStore) for s in stores)  # read from the cache
         assert sorted(p.name.split("_")[2] for p in tmp_path.glob("*.npy")) == ["view0", "view1"]
         assert not torch.equal(stores[0][0], stores[1][0])
@@ -182,12 +183,14 @@ def test_augmented_views_are_extracted_once_and_trained_on_in_turn(tiny_encoder,
 def test_augmented_views_need_augmentation_and_a_frozen_encoder(tiny_encoder, tmp_path):
     import pytest
 
-    from capkit.data import build_view_sources
+    from capkit.data import build_source
     from toys import tiny_model
 
     train = load_split(SHAPES, "train")
     vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
-    with pytest.raises(ValueError, match="augment_views=2 caches augmented features: it needs augment=True"):
+    needs = "an augmented view caches a frozen encoder's augmented features: it needs augment=True"
+    with pytest.raises(ValueError, match=needs):
         build_train_loader(train, tiny_encoder, vocab, batch_size=8, augment_views=2, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="augmented views cache a frozen encoder's features"):
-        build_view_sources(train, tiny_model(finetune="last").encoder, 2, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=needs):
+        build_source(train, tiny_model(finetune="last").encoder, augment=True, view_seed=0, cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything is extracted

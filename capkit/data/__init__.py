@@ -1,13 +1,6 @@
 """The data layer: datasets (registered in ``DATASETS``), vocabulary, transforms, feature cache, loaders."""
 from capkit.data import datasets  # noqa: F401  (registers the builtin datasets)
-from capkit.data.build import (
-    LoadedSplit,
-    build_eval_loader,
-    build_source,
-    build_train_loader,
-    build_view_sources,
-    load_split,
-)
+from capkit.data.build import LoadedSplit, build_eval_loader, build_source, build_train_loader, load_split
 from capkit.data.datasets.base import CaptionDataset, DatasetNotFoundError
 from capkit.data.feature_cache import FeatureStore, cached_features, default_cache_dir
 from capkit.data.loaders import (
@@ -42,7 +35,6 @@ __all__ = [
     "build_loader",
     "build_source",
     "build_train_loader",
-    "build_view_sources",
     "build_transform",
     "cached_features",
     "collate_batch",

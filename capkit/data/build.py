@@ -19,7 +19,7 @@ from capkit.data.transforms import build_transform
 from capkit.data.vocab import Vocabulary
 from capkit.registry import DATASETS
 
-__all__ = ["LoadedSplit", "load_split", "build_source", "build_view_sources", "build_train_loader", "build_eval_loader"]
+__all__ = ["LoadedSplit", "load_split", "build_source", "build_train_loader", "build_eval_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def build_source(
     encoder: nn.Module,
     *,
     augment: bool = False,
+    view_seed: int | None = None,
     cache_features: bool = True,
     cache_dir: str | os.PathLike | None = None,
     skip_corrupt_images: bool = False,
@@ -51,43 +52,25 @@ def build_source(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> Source:
-    """Cached features when ``cache_features`` and the encoder is frozen and nothing is augmented, else images."""
-    if cache_features and not augment and getattr(encoder, "frozen", False):
-        return cached_features(
-            split.records, encoder, build_transform(encoder.data_config), identity=split.data.identity(),
-            cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, device=device,
-            skip_corrupt=skip_corrupt_images, max_pixels=max_image_pixels,
-        )
+    """Cached features when ``cache_features`` and the encoder is frozen and nothing is augmented, else images.
+
+    With ``augment`` and a ``view_seed``, the cached features of one augmented view of every image (the training
+    transform, its randomness drawn from the seed and the image): augmentation for a frozen encoder at the cost of
+    one extraction per view.
+    """
+    frozen = getattr(encoder, "frozen", False)
+    if view_seed is not None and not (augment and cache_features and frozen):
+        raise ValueError("an augmented view caches a frozen encoder's augmented features: it needs augment=True, "
+                         "cache_features=True and a frozen encoder (a trained one needs its images augmented at "
+                         "every step)")
     transform = build_transform(encoder.data_config, augment)
-    return ImageSource(split.records, transform, skip_corrupt_images, max_image_pixels)
-
-
-def build_view_sources(
-    split: LoadedSplit,
-    encoder: nn.Module,
-    views: int,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    skip_corrupt_images: bool = False,
-    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
-    num_workers: int = 0,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-) -> list[Source]:
-    """The cached features of ``views`` augmented views of every image (the training transform, view k seeded
-    by k), extracted on first use: augmentation for a frozen encoder at the cost of ``views`` extractions."""
-    if not getattr(encoder, "frozen", False):
-        raise ValueError("augmented views cache a frozen encoder's features; a trained encoder needs its images "
-                         "augmented at every step (views=0)")
-    transform = build_transform(encoder.data_config, augment=True)
-    return [
-        cached_features(
+    if cache_features and frozen and (not augment or view_seed is not None):
+        return cached_features(
             split.records, encoder, transform, identity=split.data.identity(), cache_dir=cache_dir,
             batch_size=batch_size, num_workers=num_workers, device=device, skip_corrupt=skip_corrupt_images,
-            max_pixels=max_image_pixels, view_seed=view,
+            max_pixels=max_image_pixels, view_seed=view_seed,
         )
-        for view in range(views)
-    ]
+    return ImageSource(split.records, transform, skip_corrupt_images, max_image_pixels)
 
 
 def build_train_loader(
@@ -118,15 +101,11 @@ def build_train_loader(
     they carry the features of one of K cached augmented views of each image, drawn anew each epoch
     (``ViewSampler``); with ``augment`` alone, augmented images.
     """
-    if augment_views and not (augment and cache_features):
-        raise ValueError(f"augment_views={augment_views} caches augmented features: it needs augment=True and "
-                         f"cache_features=True")
-    options = dict(cache_dir=cache_dir, skip_corrupt_images=skip_corrupt_images, max_image_pixels=max_image_pixels,
+    options = dict(augment=augment, cache_features=cache_features, cache_dir=cache_dir,
+                   skip_corrupt_images=skip_corrupt_images, max_image_pixels=max_image_pixels,
                    num_workers=num_workers, batch_size=batch_size, device=device)
-    if augment_views:
-        sources = build_view_sources(split, encoder, augment_views, **options)
-    else:
-        sources = [build_source(split, encoder, augment=augment, cache_features=cache_features, **options)]
+    seeds = range(augment_views) if augment_views else [None]  # view k is seeded by k
+    sources = [build_source(split, encoder, view_seed=seed, **options) for seed in seeds]
     if per_image:
         datasets = [EvaluationDataset(source, split.records) for source in sources]
     else:
