@@ -66,6 +66,25 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_anything_is_written(spli
     assert not list(tmp_path.glob("*.npy*")) and not list(tmp_path.glob("*.json*"))
 
 
+def test_augmented_views_the_disk_cannot_all_hold_are_refused_before_the_first(tiny_encoder, tmp_path, monkeypatch):
+    import shutil
+
+    from capkit.data import Vocabulary, build_train_loader, load_split
+    from capkit.errors import DataError
+
+    train = load_split(SHAPES, "train")
+    vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
+    free = 2 * 10 * 25 * 256 * 2  # room for 2 views of 10 images of 25 x 256 float16 features, not 3
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+    options = dict(batch_size=4, augment=True, cache_dir=tmp_path, num_workers=0)
+    with pytest.raises(DataError, match=r"the features of shapes_train_view0_\w+ and 2 more views need 0\.4 MB, and "
+                                        r".* has 0\.3 MB free"):
+        build_train_loader(train, tiny_encoder, vocab, augment_views=3, **options)
+    assert not list(tmp_path.glob("*.npy*"))
+    build_train_loader(train, tiny_encoder, vocab, augment_views=2, **options)  # two fit
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
 def test_interrupted_cache_is_not_used_and_rerun_restarts(split, tiny_encoder, tmp_path):
     data, records = split
     transform = build_transform(tiny_encoder.data_config)

@@ -44,6 +44,7 @@ def build_source(
     *,
     augment: bool = False,
     view_seed: int | None = None,
+    space_for: int = 1,
     cache_features: bool = True,
     cache_dir: str | os.PathLike | None = None,
     skip_corrupt_images: bool = False,
@@ -56,7 +57,8 @@ def build_source(
 
     With ``augment`` and a ``view_seed``, the cached features of one augmented view of every image (the training
     transform, its randomness drawn from the seed and the image): augmentation for a frozen encoder at the cost of
-    one extraction per view.
+    one extraction per view. An extraction first checks that the cache's disk holds ``space_for`` entries of its
+    size (itself and the views still to come).
     """
     frozen = getattr(encoder, "frozen", False)
     if view_seed is not None and not (augment and cache_features and frozen):
@@ -68,7 +70,7 @@ def build_source(
         return cached_features(
             split.records, encoder, transform, identity=split.data.identity(), cache_dir=cache_dir,
             batch_size=batch_size, num_workers=num_workers, device=device, skip_corrupt=skip_corrupt_images,
-            max_pixels=max_image_pixels, view_seed=view_seed,
+            max_pixels=max_image_pixels, view_seed=view_seed, space_for=space_for,
         )
     return ImageSource(split.records, transform, skip_corrupt_images, max_image_pixels)
 
@@ -105,7 +107,8 @@ def build_train_loader(
                    skip_corrupt_images=skip_corrupt_images, max_image_pixels=max_image_pixels,
                    num_workers=num_workers, batch_size=batch_size, device=device)
     seeds = range(augment_views) if augment_views else [None]  # view k is seeded by k
-    sources = [build_source(split, encoder, view_seed=seed, **options) for seed in seeds]
+    sources = [build_source(split, encoder, view_seed=seed, space_for=len(seeds) - k, **options)
+               for k, seed in enumerate(seeds)]
     if per_image:
         datasets = [EvaluationDataset(source, split.records) for source in sources]
     else:

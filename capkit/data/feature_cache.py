@@ -77,6 +77,7 @@ def cached_features(
     skip_corrupt: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     view_seed: int | None = None,
+    space_for: int = 1,
 ) -> FeatureStore:
     """The split's features from the cache, extracting them first when absent or incomplete.
 
@@ -90,6 +91,8 @@ def cached_features(
         max_pixels: the largest image accepted (see ``open_image``).
         view_seed: for a random (augmenting) transform: each image's randomness comes from (view_seed, its index),
             so the entry holds one fixed augmented view of each image (``ImageSource``'s ``seed``).
+        space_for: an extraction first checks that the disk holds this many entries of its size (itself and the
+            augmented views still to come), so that a run needing more than the disk has stops before the first.
     """
     ids = [r.image_id for r in records]
     key = {
@@ -123,7 +126,7 @@ def cached_features(
             raise DataError(f"the feature cache {directory} is not writable and holds no complete entry for "
                             f"{stem}; set data.cache_dir (or ${CACHE_ENV}) to a folder you can write")
         source = ImageSource(records, transform, skip_corrupt, max_pixels, seed=view_seed)
-        kept, grid = _extract(source, encoder, data_path, batch_size, num_workers, device)
+        kept, grid = _extract(source, encoder, data_path, batch_size, num_workers, device, space_for)
         shape = list(np.load(data_path, mmap_mode="r").shape)
         partial_meta = _partial(meta_path)
         meta = {"key": key, "image_ids": kept, "grid": list(grid), "shape": shape, "files": files}
@@ -192,13 +195,14 @@ def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], data_path: P
     return True
 
 
-def _check_free_space(path: Path, size: int) -> None:
-    """A memory-mapped array whose disk fills up kills the process (SIGBUS) on a later write: refuse it first."""
-    free = shutil.disk_usage(path.parent).free
-    if size > free:
-        raise DataError(f"the features of {path.name.split('.')[0]} need {size / 1e6:,.1f} MB, and {path.parent} has "
-                        f"{free / 1e6:,.1f} MB free; free some space there, or set data.cache_dir (or ${CACHE_ENV}) "
-                        f"to a disk with room")
+def _check_free_space(data_path: Path, size: int, entries: int) -> None:
+    """A memory-mapped array whose disk fills up kills the process (SIGBUS) on a later write: refuse it first,
+    and ``entries`` - 1 more of its size (augmented views still to extract)."""
+    free = shutil.disk_usage(data_path.parent).free
+    if size * entries > free:
+        what = f"the features of {data_path.stem}" + (f" and {entries - 1} more views" if entries > 1 else "")
+        raise DataError(f"{what} need {size * entries / 1e6:,.1f} MB, and {data_path.parent} has {free / 1e6:,.1f} "
+                        f"MB free; free some space there, or set data.cache_dir (or ${CACHE_ENV}) to a disk with room")
 
 
 def _partial(path: Path) -> Path:
@@ -214,6 +218,7 @@ def _extract(
     batch_size: int,
     num_workers: int,
     device: str | torch.device,
+    space_for: int = 1,
 ) -> tuple[list[str], tuple[int, int]]:
     """Write (len(kept), N, C) float16 features to ``data_path``; return the kept image ids and the grid."""
     records = source.records
@@ -230,7 +235,7 @@ def _extract(
             if array is None:  # rows for every image; skipped corrupt ones leave unused rows at the end
                 grid = out.grid
                 shape = (len(records), *out.feats.shape[1:])
-                _check_free_space(partial_path, int(np.prod(shape)) * np.dtype(np.float16).itemsize)
+                _check_free_space(data_path, int(np.prod(shape)) * np.dtype(np.float16).itemsize, space_for)
                 array = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float16, shape=shape)
             array[len(kept) : len(kept) + len(batch)] = out.feats.to("cpu", torch.float16).numpy()
             kept.extend(batch.image_ids)

@@ -46,7 +46,8 @@ class ImageSource:
             ``CorruptImageError``.
         max_pixels: the largest image accepted (decompression bombs); None: no limit.
         seed: when set, the randomness of image i's transform is drawn from (seed, i) alone, so a random
-            (augmenting) transform gives each image one fixed view: the same in every epoch, process and worker.
+            (augmenting) transform gives each image one fixed view: the same in every epoch, process and worker
+            for this list of records (i is the image's place in it).
     """
 
     grid = None
