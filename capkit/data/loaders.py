@@ -81,15 +81,16 @@ class ImageSource:
 
 
 def _seeded(transform: Callable[[Image.Image], Tensor], image: Image.Image, entropy: list[int]) -> Tensor:
-    """``transform(image)`` with python's, numpy's and torch's RNGs seeded from ``entropy``, then put back as they
-    were (timm's crops draw from ``random``, torchvision's colour jitter from torch)."""
+    """``transform(image)`` with python's, numpy's and torch's CPU RNGs seeded from ``entropy``, then put back as
+    they were (timm's crops draw from ``random``, torchvision's colour jitter from torch's CPU generator). Not
+    ``seed_everything``: ``torch.manual_seed`` would reseed the CUDA generators too, which nothing here restores."""
     seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             np.random.seed(seed)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return transform(image)
     finally:
         random.setstate(python_state)
