@@ -37,10 +37,13 @@ class EncoderOutput:
     Attributes:
         feats: (B, N, C) features, the grid's positions flattened row-major, N == H * W.
         grid: (H, W) of the grid, for local attention windows and the visualiser.
+        unfinished: the output of the encoder's frozen part only (the feature cache of an encoder whose last
+            stages train); ``Encoder.finish`` runs the rest on it. False for an encoder's whole output.
     """
 
     feats: Tensor
     grid: tuple[int, int]
+    unfinished: bool = False
 
     def __post_init__(self) -> None:
         h, w = self.grid
@@ -48,17 +51,21 @@ class EncoderOutput:
             raise ValueError(f"EncoderOutput feats {tuple(self.feats.shape)} do not match grid {self.grid}")
 
     def to(self, *args, **kwargs) -> EncoderOutput:
-        return EncoderOutput(self.feats.to(*args, **kwargs), self.grid)
+        return self.with_feats(self.feats.to(*args, **kwargs))
+
+    def with_feats(self, feats: Tensor) -> EncoderOutput:
+        """The same grid (and stage) with other rows of features, e.g. selected or repeated: (B', N, C)."""
+        return EncoderOutput(feats, self.grid, self.unfinished)
 
 
-# A pytree (``feats`` the leaf, ``grid`` static), so that ``torch.export`` traces encoders that return it; the
+# A pytree (``feats`` the leaf, ``grid`` and ``unfinished`` static), so that ``torch.export`` traces encoders that return it; the
 # serialized name keeps ``torch.export.save`` working (a name is needed there, not at trace time).
 pytree.register_pytree_node(
     EncoderOutput,
-    lambda out: ([out.feats], out.grid),
-    lambda leaves, grid: EncoderOutput(leaves[0], grid),
+    lambda out: ([out.feats], (out.grid, out.unfinished)),
+    lambda leaves, context: EncoderOutput(leaves[0], *context),
     serialized_type_name="capkit.types.EncoderOutput",
-    flatten_with_keys_fn=lambda out: ([(pytree.GetAttrKey("feats"), out.feats)], out.grid),
+    flatten_with_keys_fn=lambda out: ([(pytree.GetAttrKey("feats"), out.feats)], (out.grid, out.unfinished)),
 )
 
 
@@ -173,5 +180,5 @@ class CaptionBatch:
 
         features = None
         if self.features is not None:
-            features = EncoderOutput(self.features.feats.to(device, non_blocking=non_blocking), self.features.grid)
+            features = self.features.with_feats(self.features.feats.to(device, non_blocking=non_blocking))
         return CaptionBatch(self.image_ids, move(self.captions), move(self.images), features, self.references)

@@ -185,10 +185,11 @@ SETTING_CASES = {
                                              r"data\.augment_views is 2, but data\.augment is false: the views are "
                                              r"augmented copies of the images; set data\.augment=true"),
     "augmented views without a cache": (["data.augment=true", "data.augment_views=2", "data.cache_features=false"],
-                                        r"data\.augment_views is 2, but this run does not cache features"),
+                                        r"data\.augment_views is 2, but data\.cache_features is false: the views "
+                                        r"are cached features"),
     "augmented views of a trained encoder": (["data.augment=true", "data.augment_views=2",
-                                              "model.encoder.finetune=last"],
-                                             r"data\.augment_views is 2, but the encoder trains"),
+                                              "model.encoder.finetune=all"],
+                                             r"data\.augment_views is 2, but the encoder trains as a whole"),
     "negative augmented views": (["data.augment_views=-1"], r"data\.augment_views is -1; it must be at least 0"),
     "fp16 on the CPU": (["train.amp=fp16", "train.device=cpu"],
                         r"train\.amp=fp16 needs a CUDA device, this runs on cpu; use train\.amp=bf16 or none"),

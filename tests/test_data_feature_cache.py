@@ -50,6 +50,34 @@ def test_second_epoch_over_cache_does_no_forward_pass(split, tiny_encoder, tmp_p
         handle.remove()
 
 
+def test_an_entry_holds_the_features_of_the_weights_the_encoders_frozen_part_holds(split, tmp_path):
+    """Weights loaded from a checkpoint (``train.init_from``) under the same model name get their own entry;
+    an encoder that trains its last stages keys its trunk's entry by the trunk's weights alone."""
+    data, records = split
+
+    def entry(encoder):
+        transform = build_transform(encoder.data_config)
+        return cached_features(records, encoder, transform, identity=data.identity(), cache_dir=tmp_path).path
+
+    torch.manual_seed(0)
+    frozen = ENCODERS.build({"name": "timm", "model_name": "test_efficientnet"})
+    first = entry(frozen)
+    assert entry(frozen) == first
+    with torch.no_grad():
+        frozen.model.conv_head.weight.add_(0.1)
+    assert entry(frozen) != first  # the same name and config, other weights
+
+    split_encoder = ENCODERS.build({"name": "timm", "model_name": "test_efficientnet", "finetune": "last"})
+    trunk = entry(split_encoder)
+    with torch.no_grad():
+        split_encoder.model.conv_head.weight.add_(0.1)  # trains: not part of what is cached
+    assert entry(split_encoder) == trunk
+    with torch.no_grad():
+        split_encoder.model.blocks[0][0].conv.weight.add_(0.1)
+    assert entry(split_encoder) != trunk
+    assert len(list(tmp_path.glob("*.npy"))) == 4
+
+
 def test_a_cache_the_disk_cannot_hold_is_refused_before_anything_is_written(split, tiny_encoder, tmp_path,
                                                                            monkeypatch):
     import shutil
@@ -112,9 +140,10 @@ def test_interrupted_cache_is_not_used_and_rerun_restarts(split, tiny_encoder, t
 
 def test_kill_9_mid_extraction_leaves_no_complete_cache(tmp_path):
     script = f"""
-import time, capkit
+import time, capkit, torch
 from capkit.data import build_transform, cached_features, load_split
 from capkit.registry import ENCODERS
+torch.manual_seed(0)  # the same random weights in both: the same features, one cache entry
 enc = ENCODERS.build({{"name": "timm", "model_name": "test_efficientnet"}})
 enc.register_forward_hook(lambda *_: (print("batch", flush=True), time.sleep(30)))
 data, records = load_split({SHAPES!r}, "train")
@@ -149,9 +178,10 @@ def test_encoder_or_transform_change_makes_a_new_cache(split, tiny_encoder, tmp_
 def test_two_processes_extracting_one_cache_at_once_share_one_extraction(tmp_path):
     """The second waits on the entry's lock and reads what the first wrote."""
     script = f"""
-import time, capkit
+import time, capkit, torch
 from capkit.data import build_transform, cached_features, load_split
 from capkit.registry import ENCODERS
+torch.manual_seed(0)  # the same random weights in both: the same features, one cache entry
 enc = ENCODERS.build({{"name": "timm", "model_name": "test_efficientnet"}})
 enc.register_forward_hook(lambda *_: print("batch", flush=True) or time.sleep(0.5))  # the two runs overlap
 data, records = load_split({SHAPES!r}, "train")

@@ -16,7 +16,7 @@ SHAPES = {"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 2, "image
 
 
 class _Source:  # a stand-in image source: image i is a constant tensor
-    grid = None
+    grid, unfinished = None, False
 
     def __init__(self, n):
         self.image_ids = [f"img{i}" for i in range(n)]
@@ -78,6 +78,39 @@ def test_train_and_eval_loaders_on_shapes_with_and_without_cache(tiny_encoder, t
     raw_val = build_eval_loader(val, tiny_encoder, batch_size=8, cache_features=False, **common)
     out = tiny_encoder(next(iter(raw_val)).images)
     assert torch.allclose(out.feats, first_val.features.feats, atol=0.05, rtol=0.01)  # float16 cache
+
+
+def test_an_encoder_training_its_last_stages_trains_on_its_cached_trunk_as_on_images(tmp_path):
+    import json
+
+    import capkit
+
+    train = load_split(SHAPES, "train")
+    vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
+    model = capkit.build_captioner({
+        "encoder": {"name": "timm", "model_name": "test_efficientnet", "finetune": "last"},
+        "attention": {"name": "bahdanau", "attn_dim": 16},
+        "decoder": {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32},
+    }, vocab_size=len(vocab)).eval()  # eval: no dropout, the same computation from either input
+    common = dict(batch_size=8, num_workers=0, cache_dir=tmp_path)
+    cached = next(iter(build_train_loader(train, model.encoder, vocab, **common)))
+    raw = next(iter(build_train_loader(train, model.encoder, vocab, cache_features=False, **common)))
+    assert cached.images is None and cached.features.unfinished and raw.features is None
+    assert cached.image_ids == raw.image_ids and torch.equal(cached.captions, raw.captions)
+    trunk_channels = model.encoder.model.blocks[3][-1].conv_pwl.out_channels
+    assert cached.features.feats.shape == (8, 100, trunk_channels) and cached.features.grid == (10, 10)
+    [sidecar] = tmp_path.glob("*.json")
+    assert json.loads(sidecar.read_text())["unfinished"] is True
+    val = next(iter(build_eval_loader(load_split(SHAPES, "val"), model.encoder, **common)))
+    assert val.features.unfinished  # evaluation reads the trunk too
+
+    head = model.encoder.model.conv_head.weight
+    grads = []
+    for batch in (cached, raw):
+        loss = -model.log_prob(batch.captions, images=batch.images, features=batch.features).sum()
+        grads.append(torch.autograd.grad(loss, head)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=0.01, atol=1e-5)  # the trunk's float16 cache
+    assert grads[0].abs().sum() > 0
 
 
 def _augment_source(tiny_encoder, seed):
@@ -180,7 +213,7 @@ def test_augmented_views_are_extracted_once_and_trained_on_in_turn(tiny_encoder,
     assert len(eval_loader.dataset) == 4
 
 
-def test_augmented_views_need_augmentation_and_a_frozen_encoder(tiny_encoder, tmp_path):
+def test_augmented_views_need_augmentation_and_an_encoder_with_a_frozen_part(tiny_encoder, tmp_path):
     import pytest
 
     from capkit.data import build_source
@@ -192,5 +225,5 @@ def test_augmented_views_need_augmentation_and_a_frozen_encoder(tiny_encoder, tm
     with pytest.raises(ValueError, match=needs):
         build_train_loader(train, tiny_encoder, vocab, batch_size=8, augment_views=2, cache_dir=tmp_path)
     with pytest.raises(ValueError, match=needs):
-        build_source(train, tiny_model(finetune="last").encoder, augment=True, view_seed=0, cache_dir=tmp_path)
+        build_source(train, tiny_model(finetune="all").encoder, augment=True, view_seed=0, cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())  # refused before anything is extracted

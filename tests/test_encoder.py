@@ -66,6 +66,51 @@ def test_finetune_last_stage_only():
         TimmEncoder(model_name="test_efficientnet", finetune="last", finetune_stages=99)
 
 
+def test_an_efficientnet_training_its_last_stages_splits_into_a_frozen_trunk_and_the_stages_that_train():
+    images = torch.randn(3, 3, 96, 64)
+    for stages, trunk_blocks in ((1, 4), (2, 3), (5, 0)):
+        enc = TimmEncoder(model_name="test_efficientnet", finetune="last", finetune_stages=stages).eval()
+        assert enc.cacheable and enc.trunk_blocks == trunk_blocks
+        assert not any(p.requires_grad for p in enc.model.blocks[:trunk_blocks].parameters())
+        assert all(p.requires_grad for p in enc.model.blocks[trunk_blocks].parameters())
+        trunk = enc.forward_frozen(images)
+        assert trunk.unfinished and not trunk.feats.requires_grad
+        assert trunk.feats.shape[2] != enc.out_channels  # the trunk's channels, not the encoder's
+        whole = enc.model.forward_features(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        assert torch.equal(enc.finish(trunk).feats, whole) and torch.equal(enc(images).feats, whole)
+        assert not enc(images).unfinished and enc(images).grid == (3, 2)
+    assert enc.cache_key() == {"encoder": "timm", "model_name": "test_efficientnet", "weights": "random",
+                               "trunk_blocks": 0}
+    assert "trunk_blocks" not in TimmEncoder(model_name="test_efficientnet").cache_key()  # old entries keep names
+
+
+def test_only_the_stages_that_train_get_gradients_and_the_trunk_keeps_its_batch_norm_statistics():
+    enc = TimmEncoder(model_name="test_efficientnet", finetune="last", finetune_stages=1).train()
+    trunk_stats = enc.model.blocks[0][0].bn1.running_mean.clone()
+    head_stats = enc.model.bn2.running_mean.clone()
+    trunk = enc.forward_frozen(torch.randn(4, 3, 64, 64))
+    enc.finish(trunk).feats.square().mean().backward()
+    assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in enc.model.blocks[:4].parameters())
+    assert enc.training and not enc.model.blocks[0].training and enc.model.blocks[4].training
+    assert torch.equal(enc.model.blocks[0][0].bn1.running_mean, trunk_stats)  # as if read from the cache
+    assert not torch.equal(enc.model.bn2.running_mean, head_stats)
+
+
+def test_encoders_that_cannot_split_train_on_images():
+    whole = TimmEncoder(model_name="test_efficientnet", finetune="all")
+    vit = TimmEncoder(model_name="test_vit", finetune="last", model_kwargs={"img_size": 64})
+    for enc in (whole, vit):
+        assert not enc.cacheable and enc.trunk_blocks is None
+        with pytest.raises(RuntimeError, match="trains as a whole: no part of it has an output to cache"):
+            enc.forward_frozen(torch.randn(1, 3, 64, 64))
+    frozen = TimmEncoder(model_name="test_efficientnet")
+    assert frozen.cacheable and not frozen.forward_frozen(torch.randn(1, 3, 64, 64)).unfinished
+    unfinished = EncoderOutput(torch.zeros(1, 4, 8), (2, 2), unfinished=True)
+    with pytest.raises(NotImplementedError, match="cannot finish unfinished features"):
+        vit.finish(unfinished)
+
+
 def test_bad_finetune_mode():
     with pytest.raises(ValueError, match="none, last, all"):
         TimmEncoder(model_name="test_efficientnet", finetune="some")

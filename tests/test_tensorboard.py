@@ -27,7 +27,6 @@ from capkit.engine.monitor import (
     flatten_hparams,
 )
 from capkit.errors import MissingDependencyError
-from capkit.recipes.experiment import caches_features
 from toys import TINY_SHAPES_CONFIG, make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +75,7 @@ def runs(tmp_path_factory) -> dict[str, RunDir]:
 
 def test_every_evaluation_shows_the_same_sample_images_captions_and_attention(runs):
     run = runs["samples"]
-    assert caches_features(load_config(run.config))  # training read cached features; the samples are images
+    assert load_config(run.config).data.cache_features  # training read cached features; the samples are images
     steps = eval_steps(run)
     assert len(steps) == 2
     board = events(run)

@@ -1,6 +1,7 @@
 """tools/train.py fails fast and clearly (missing data, pretrained weights that cannot be downloaded), a run
-with a moving average of its weights evaluates and ships the average, and a run over cached augmented views
-trains on them and resumes exactly."""
+with a moving average of its weights evaluates and ships the average, a run over cached augmented views
+trains on them and resumes exactly, and a run that fine-tunes an encoder's last stages reads its frozen trunk
+from the cache."""
 from __future__ import annotations
 
 import json
@@ -76,3 +77,23 @@ def test_a_run_over_cached_augmented_views_trains_on_them_and_resumes_exactly(tm
     assert train_cli.main(["--resume", "runs/cut", *views, "train.run_name=cut", "train.max_steps=null"]) == 0
     whole, cut = (load_checkpoint(tmp_path / "runs" / name / "checkpoints" / "last")["model"] for name in ("whole", "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_a_run_fine_tuning_the_encoders_last_stages_reads_its_frozen_trunk_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+    run = ["tiny.yaml", "train.epochs=2", "model.encoder.finetune=last", "train.finetune_encoder_from_epoch=1"]
+    assert train_cli.main([*run, "train.run_name=whole"]) == 0
+    sidecars = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "features").glob("*.json")]
+    assert len(sidecars) == 3 and all(s["unfinished"] and s["key"]["encoder"]["trunk_blocks"] == 4 for s in sidecars)
+    # 60 captions in batches of 16: 4 steps an epoch, so "first" stops before fine-tuning starts
+    assert train_cli.main([*run, "train.run_name=first", "train.max_steps=4"]) == 0
+    first, whole = (load_checkpoint(tmp_path / "runs" / name / "checkpoints" / "last")["model"]
+                    for name in ("first", "whole"))
+    encoder = [k for k in whole if k.startswith("encoder.")]
+    trunk = [k for k in encoder if k.startswith(("encoder.model.conv_stem", "encoder.model.bn1",
+                                                  *(f"encoder.model.blocks.{i}." for i in range(4))))]
+    head = [k for k in encoder if k not in trunk and k.endswith(".weight")]
+    assert trunk and head and all(torch.equal(first[k], whole[k]) for k in trunk)  # statistics too
+    assert all(not torch.equal(first[k], whole[k]) for k in head)  # trained in the second epoch

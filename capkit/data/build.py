@@ -53,20 +53,21 @@ def build_source(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> Source:
-    """Cached features when ``cache_features`` and the encoder is frozen and nothing is augmented, else images.
+    """Cached features when ``cache_features`` and the encoder is ``cacheable`` (frozen, or frozen but for its
+    last stages) and nothing is augmented, else images.
 
     With ``augment`` and a ``view_seed``, the cached features of one augmented view of every image (the training
     transform, its randomness drawn from the seed and the image): augmentation for a frozen encoder at the cost of
     one extraction per view. An extraction first checks that the cache's disk holds ``space_for`` entries of its
     size (itself and the views still to come).
     """
-    frozen = getattr(encoder, "frozen", False)
-    if view_seed is not None and not (augment and cache_features and frozen):
+    cacheable = getattr(encoder, "cacheable", False)
+    if view_seed is not None and not (augment and cache_features and cacheable):
         raise ValueError("an augmented view caches a frozen encoder's augmented features: it needs augment=True, "
-                         "cache_features=True and a frozen encoder (a trained one needs its images augmented at "
-                         "every step)")
+                         "cache_features=True and an encoder with a frozen part (one that trains as a whole needs "
+                         "its images augmented at every step)")
     transform = build_transform(encoder.data_config, augment)
-    if cache_features and frozen and (not augment or view_seed is not None):
+    if cache_features and cacheable and (not augment or view_seed is not None):
         return cached_features(
             split.records, encoder, transform, identity=split.data.identity(), cache_dir=cache_dir,
             batch_size=batch_size, num_workers=num_workers, device=device, skip_corrupt=skip_corrupt_images,
@@ -98,7 +99,7 @@ def build_train_loader(
     """One (image, caption) sample per caption, shuffled by (seed, epoch): call ``sampler.set_epoch(epoch)``.
     With ``per_image``, one sample per image with all its references instead (self-critical training).
 
-    With a frozen encoder and ``cache_features`` (and no augmentation), batches carry cached ``features``
+    With a ``cacheable`` encoder and ``cache_features`` (and no augmentation), batches carry cached ``features``
     (extracted on ``device`` the first time) instead of ``images``. With ``augment`` and ``augment_views`` K > 0,
     they carry the features of one of K cached augmented views of each image, drawn anew each epoch
     (``ViewSampler``); with ``augment`` alone, augmented images.

@@ -1,7 +1,11 @@
 """On-disk cache of a frozen encoder's features: one float16 ``.npy`` (memory-mapped) + JSON sidecar per split.
 
+What is cached is ``encoder.forward_frozen(images)``: the whole encoder's output when it is frozen, its frozen
+trunk's (``unfinished``) when it trains its last stages.
+
 A cache file is named ``<dataset>_<split>_<hash>`` where the hash covers everything that decides the
-features: the encoder's ``cache_key()`` (model and weights), the transform and the split's identity
+features: the encoder's ``cache_key()`` (model and weights) and the digest of the weights its frozen part holds
+(``frozen_state``: the same model name can hold weights loaded from a checkpoint), the transform and the split's identity
 (dataset, root/seed, image ids). Extraction writes ``*.partial-<pid>`` files and publishes them with
 ``os.replace``, the sidecar last, so an interrupted run (even ``kill -9``) never leaves a cache that reads
 as complete, and the next run starts over. Extraction holds a file lock on its cache entry: a second process
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 from capkit.data.images import DEFAULT_MAX_PIXELS
 from capkit.data.loaders import EvaluationDataset, ImageSource, build_loader
 from capkit.data.records import ImageRecord
+from capkit.digests import state_sha256
 from capkit.errors import DataError
 
 __all__ = ["FeatureStore", "default_cache_dir", "cached_features"]
@@ -48,8 +53,8 @@ class FeatureStore:
     The array is memory-mapped on first access in each process (DataLoader workers included).
     """
 
-    def __init__(self, path: Path, image_ids: list[str], grid: tuple[int, int]):
-        self.path, self.image_ids, self.grid = path, image_ids, grid
+    def __init__(self, path: Path, image_ids: list[str], grid: tuple[int, int], unfinished: bool = False):
+        self.path, self.image_ids, self.grid, self.unfinished = path, image_ids, grid, unfinished
         self._array: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -83,7 +88,8 @@ def cached_features(
 
     Args:
         records: the split's images.
-        encoder: a frozen encoder with ``cache_key()``; it is run in eval mode.
+        encoder: an encoder with ``cache_key()`` whose ``forward_frozen`` is cached (``cacheable``); it is run in
+            eval mode.
         transform: the image transform fed to the encoder: deterministic, or random with ``view_seed``.
         identity: what identifies the split (``CaptionDataset.identity()``: dataset, split, root, ...).
         cache_dir: default ``default_cache_dir()``.
@@ -97,6 +103,7 @@ def cached_features(
     ids = [r.image_id for r in records]
     key = {
         "encoder": encoder.cache_key(),
+        "frozen_weights": state_sha256(encoder.frozen_state()),
         "transform": repr(transform),
         "decoding": IMAGE_DECODING,
         "data": identity,
@@ -119,20 +126,21 @@ def cached_features(
         if meta_path.is_file() and data_path.is_file():
             meta = _read_sidecar(meta_path)
             if meta is not None and meta["key"] == key and _still_valid(meta, files, data_path):
-                return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]))
+                return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]), meta.get("unfinished", False))
         for stale in directory.glob(f"{stem}.*.partial-*"):  # a killed extraction's (the lock is ours now)
             stale.unlink()
         if not os.access(directory, os.W_OK):
             raise DataError(f"the feature cache {directory} is not writable and holds no complete entry for "
                             f"{stem}; set data.cache_dir (or ${CACHE_ENV}) to a folder you can write")
         source = ImageSource(records, transform, skip_corrupt, max_pixels, seed=view_seed)
-        kept, grid = _extract(source, encoder, data_path, batch_size, num_workers, device, space_for)
+        kept, grid, unfinished = _extract(source, encoder, data_path, batch_size, num_workers, device, space_for)
         shape = list(np.load(data_path, mmap_mode="r").shape)
         partial_meta = _partial(meta_path)
-        meta = {"key": key, "image_ids": kept, "grid": list(grid), "shape": shape, "files": files}
+        meta = {"key": key, "image_ids": kept, "grid": list(grid), "unfinished": unfinished, "shape": shape,
+                "files": files}
         partial_meta.write_text(json.dumps(meta))
         os.replace(partial_meta, meta_path)  # the sidecar marks the cache complete
-    return FeatureStore(data_path, kept, grid)
+    return FeatureStore(data_path, kept, grid, unfinished)
 
 
 @contextmanager
@@ -219,21 +227,22 @@ def _extract(
     num_workers: int,
     device: str | torch.device,
     space_for: int = 1,
-) -> tuple[list[str], tuple[int, int]]:
-    """Write (len(kept), N, C) float16 features to ``data_path``; return the kept image ids and the grid."""
+) -> tuple[list[str], tuple[int, int], bool]:
+    """Write (len(kept), N, C) float16 features to ``data_path``; return the kept image ids, the grid and whether
+    the features are ``unfinished``."""
     records = source.records
     loader = build_loader(EvaluationDataset(source, records), batch_size, num_workers=num_workers)
     partial_path = _partial(data_path)
     was_training, home = encoder.training, next(encoder.parameters()).device
     encoder.eval().to(device)  # extraction runs on ``device``; the encoder goes back where it was afterwards
-    array, kept, grid = None, [], (0, 0)
+    array, kept, grid, unfinished = None, [], (0, 0), False
     try:
         for batch in tqdm(loader, desc=f"features {data_path.stem}", unit="batch"):
             if not batch.image_ids:
                 continue
-            out = encoder(batch.images.to(device))  # feats (B, N, C)
+            out = encoder.forward_frozen(batch.images.to(device))  # feats (B, N, C)
             if array is None:  # rows for every image; skipped corrupt ones leave unused rows at the end
-                grid = out.grid
+                grid, unfinished = out.grid, out.unfinished
                 shape = (len(records), *out.feats.shape[1:])
                 _check_free_space(data_path, int(np.prod(shape)) * np.dtype(np.float16).itemsize, space_for)
                 array = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float16, shape=shape)
@@ -246,4 +255,4 @@ def _extract(
     array.flush()
     del array
     os.replace(partial_path, data_path)
-    return kept, grid
+    return kept, grid, unfinished

@@ -26,10 +26,12 @@ __all__ = [
 
 
 class Source(Protocol):
-    """Per-image inputs: ``ImageSource`` (pixels) or ``FeatureStore`` (cached features, ``grid`` set)."""
+    """Per-image inputs: ``ImageSource`` (pixels) or ``FeatureStore`` (cached features, ``grid`` set; ``unfinished``
+    when they are the output of the encoder's frozen part only, see ``Encoder.forward_frozen``)."""
 
     image_ids: list[str]
     grid: tuple[int, int] | None
+    unfinished: bool
 
     def __len__(self) -> int: ...
 
@@ -51,6 +53,7 @@ class ImageSource:
     """
 
     grid = None
+    unfinished = False
 
     def __init__(
         self,
@@ -196,8 +199,9 @@ class ViewSampler(Sampler[int]):
         return (int(views[i]) * self.items + i for i in self.order)
 
 
-def collate_batch(samples: list[Sample], grid: tuple[int, int] | None = None) -> CaptionBatch:
-    """Stack samples into a ``CaptionBatch``: images when ``grid`` is None, else ``features`` on that grid.
+def collate_batch(samples: list[Sample], grid: tuple[int, int] | None = None, unfinished: bool = False) -> CaptionBatch:
+    """Stack samples into a ``CaptionBatch``: images when ``grid`` is None, else ``features`` on that grid
+    (``unfinished``: the encoder's frozen part's, see ``EncoderOutput``).
 
     Skipped (corrupt) images are left out, so a batch can be smaller than asked, even empty.
     """
@@ -212,7 +216,7 @@ def collate_batch(samples: list[Sample], grid: tuple[int, int] | None = None) ->
         image_ids=[s.image_id for s in samples],
         captions=captions,
         images=x if grid is None else None,
-        features=None if grid is None else EncoderOutput(x.float(), grid),
+        features=None if grid is None else EncoderOutput(x.float(), grid, unfinished),
         references=None if samples[0].references is None else [s.references for s in samples],
     )
 
@@ -253,7 +257,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=partial(collate_batch, grid=dataset.source.grid),
+        collate_fn=partial(collate_batch, grid=dataset.source.grid, unfinished=dataset.source.unfinished),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         persistent_workers=num_workers > 0,

@@ -20,7 +20,6 @@ therefore never loses the previous checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
@@ -44,6 +43,7 @@ from capkit.engine.run_dir import (
     resolve_checkpoint,
     staging_prefix,
 )
+from capkit.digests import json_sha256, state_sha256
 from capkit.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "resolve_checkpoint", "check_finite",
@@ -159,23 +159,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: the checkpoint is damaged ({CHECKPOINT_JSON} holds no state mapping); use "
                               f"another one (checkpoints/last and checkpoints/best are separate copies) or train again")
     return doc
-
-
-def json_sha256(value: Any) -> str:
-    """A digest of a JSON-able value (a vocabulary's id -> word list), stored beside the weights trained with it:
-    a list that was permuted, edited or taken from another model no longer matches, where the ids would silently
-    map to other words."""
-    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()
-
-
-def state_sha256(state: Mapping[str, Tensor]) -> str:
-    """A digest of a state dict's names, dtypes, shapes and values (in name order): equal digests, equal weights."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def weights_metadata(file: Path) -> dict[str, str]:

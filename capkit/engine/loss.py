@@ -20,7 +20,6 @@ from capkit.types import (
     PAD_ID,
     CaptionBatch,
     DecoderOutput,
-    EncoderOutput,
     Hypothesis,
     SampledCaptions,
 )
@@ -224,7 +223,7 @@ class SelfCriticalCriterion:
         captions = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens], dim=1)  # (B * S, T + 1)
         if batch.features is not None:
             feats = batch.features
-            out = model(captions, features=EncoderOutput(feats.feats.repeat_interleave(s, dim=0), feats.grid))
+            out = model(captions, features=feats.with_feats(feats.feats.repeat_interleave(s, dim=0)))
         else:
             out = model(captions, images=batch.images.repeat_interleave(s, dim=0))
         log_probs = out.logits.float().log_softmax(dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)

@@ -27,10 +27,11 @@ class Captioner(nn.Module):
         return self.encoder(images)
 
     def image_features(self, images: Tensor | None = None, features: EncoderOutput | None = None) -> EncoderOutput:
-        """The encoder's output for ``images``, or ``features`` as given (precomputed); pass exactly one."""
+        """The encoder's output for ``images``, or from precomputed ``features`` (``Encoder.finish``: as given
+        unless they are the cached output of the encoder's frozen part only); pass exactly one."""
         if (images is None) == (features is None):
             raise ValueError("pass exactly one of images= or features=")
-        return self.encode(images) if features is None else features
+        return self.encode(images) if features is None else self.encoder.finish(features)
 
     def forward(
         self,

@@ -16,18 +16,15 @@ from capkit.data.build import LoadedSplit, build_eval_loader, build_train_loader
 from capkit.data.vocab import Vocabulary
 from capkit.engine.distributed import DistInfo
 
-__all__ = ["caches_features", "build_train_loader_for", "build_eval_loader_for"]
-
-
-def caches_features(cfg: DictConfig) -> bool:
-    """Whether the run reads a frozen encoder's features from the cache; fine-tuning the encoder needs images."""
-    return cfg.data.cache_features and cfg.train.finetune_encoder_from_epoch is None
+__all__ = ["build_train_loader_for", "build_eval_loader_for"]
 
 
 def _source_options(cfg: DictConfig, device: str | torch.device) -> dict[str, Any]:
     d = cfg.data
     return dict(
-        cache_features=caches_features(cfg), cache_dir=d.cache_dir, skip_corrupt_images=d.skip_corrupt_images,
+        # what can be read from the cache is: the whole encoder's output when it is frozen, its frozen trunk's when
+        # it trains its last stages (``Encoder.cacheable``); else the batches carry images
+        cache_features=d.cache_features, cache_dir=d.cache_dir, skip_corrupt_images=d.skip_corrupt_images,
         max_image_pixels=d.max_image_pixels,
         num_workers=d.num_workers, device=device,
     )

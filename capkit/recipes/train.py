@@ -56,7 +56,7 @@ from capkit.engine.run_dir import BEST, LAST
 from capkit.errors import CheckpointError, ConfigError, CorruptImageError, DataError, MissingImagesError, RunDirError
 from capkit.evaluation import CaptionEvaluator, build_reward, run_evaluation
 from capkit.models.captioner import Captioner
-from capkit.recipes.experiment import build_eval_loader_for, build_train_loader_for, caches_features
+from capkit.recipes.experiment import build_eval_loader_for, build_train_loader_for
 from capkit.types import EOS_ID, SPECIAL_TOKENS
 
 __all__ = [
@@ -134,10 +134,10 @@ def check_augment_views(cfg: DictConfig) -> None:
     if views and not d.augment:
         raise ConfigError(f"data.augment_views is {views}, but data.augment is false: the views are augmented copies "
                           f"of the images; set data.augment=true, or data.augment_views=0")
-    if views and not caches_features(cfg):
+    if views and not d.cache_features:
         raise ConfigError(
-            f"data.augment_views is {views}, but this run does not cache features (data.cache_features is false, or "
-            f"train.finetune_encoder_from_epoch is set); set data.augment_views=0 to augment the images at every step"
+            f"data.augment_views is {views}, but data.cache_features is false: the views are cached features; set "
+            f"data.augment_views=0 to augment the images at every step"
         )
 
 
@@ -178,9 +178,9 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
         check_coverage(vocab, train_split, f"the vocabulary (data.vocab_min_count={d.vocab_min_count}, "
                        f"data.vocab_max_size={d.vocab_max_size})", "lower vocab_min_count or raise vocab_max_size")
     model = build_captioner(to_container(cfg.model), len(vocab))
-    if d.augment_views and not model.encoder.frozen:
-        raise ConfigError(f"data.augment_views is {d.augment_views}, but the encoder trains (model.encoder's "
-                          f"settings), so its features cannot be cached; set data.augment_views=0 to augment the "
+    if d.augment_views and not model.encoder.cacheable:
+        raise ConfigError(f"data.augment_views is {d.augment_views}, but the encoder trains as a whole (model.encoder's "
+                          f"settings), so no part of it can be cached; set data.augment_views=0 to augment the "
                           f"images at every step")
     if initial is not None:
         _load_initial_weights(model, initial["model"], t.init_from)

@@ -162,7 +162,7 @@ class PackedSteps(NamedTuple):
 
     def sorted_features(self, enc: EncoderOutput) -> EncoderOutput:
         """The features in the packed row order."""
-        return EncoderOutput(enc.feats.index_select(0, self.sorted_indices), enc.grid)
+        return enc.with_feats(enc.feats.index_select(0, self.sorted_indices))
 
     def unpack(self, rows: Tensor) -> Tensor:
         """Rows (P, D) computed at ``positions`` -> (B, T, D), zeros elsewhere: one write, where

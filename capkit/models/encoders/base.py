@@ -27,6 +27,12 @@ class Encoder(nn.Module, ABC):
     requires grad, and a frozen encoder stays in eval mode (batch-norm statistics and dropout stay fixed) and
     runs without autograd (``no_grad_if_frozen``). A subclass sets ``requires_grad`` on its parameters in its
     constructor, then calls ``self.train()`` so that a frozen encoder starts in eval mode.
+
+    The feature cache stores ``forward_frozen(images)``, the output of the part of the encoder that never trains,
+    and the ``Captioner`` runs ``finish`` on what it reads. By default that part is the whole encoder when it is
+    frozen, and nothing otherwise (``cacheable`` false: it trains on images). An encoder that trains only its
+    last stages can split itself (``TimmEncoder``): its frozen trunk's output is cached (``unfinished``) and
+    ``finish`` runs the stages that train on it, so fine-tuning them costs their own forward and backward only.
     """
 
     @property
@@ -46,6 +52,30 @@ class Encoder(nn.Module, ABC):
     @abstractmethod
     def forward(self, images: Tensor) -> EncoderOutput:
         """images (B, 3, H, W), preprocessed as ``data_config`` says -> features (B, N, C) on an (h, w) grid."""
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether a part of this encoder never trains, so that ``forward_frozen``'s output can be cached."""
+        return self.frozen
+
+    def forward_frozen(self, images: Tensor) -> EncoderOutput:
+        """images (B, 3, H, W) -> the output of the part that never trains: what the feature cache stores."""
+        if not self.cacheable:
+            raise RuntimeError(f"{type(self).__name__} trains as a whole: no part of it has an output to cache")
+        return self(images)
+
+    def frozen_state(self) -> dict[str, Tensor]:
+        """The weights (parameters and buffers) ``forward_frozen``'s output depends on; the feature cache keys its
+        entries by their digest, so that weights loaded from a checkpoint (``train.init_from``) get their own."""
+        return self.state_dict()
+
+    def finish(self, features: EncoderOutput) -> EncoderOutput:
+        """The encoder's output from ``forward_frozen``'s: a whole output is returned as it is; an ``unfinished``
+        one needs the subclass that made it."""
+        if features.unfinished:
+            raise NotImplementedError(f"{type(self).__name__} does not split itself: it cannot finish unfinished "
+                                      "features")
+        return features
 
     @classmethod
     def architecture_config(cls, section: dict[str, Any]) -> dict[str, Any]:

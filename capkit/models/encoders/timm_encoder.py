@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
+from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
 from capkit.errors import WeightsUnavailableError
@@ -26,6 +28,10 @@ class TimmEncoder(Encoder):
     at 299 px. For Vision Transformers the class and register tokens are dropped and the patch tokens form
     the grid. Preprocessing (size, mean, std, crop) comes from the model's own timm data config
     (``data_config``), never from a second copy.
+
+    An EfficientNet (timm's ``EfficientNet`` class: EfficientNet, -Lite, MixNet, ...) that trains its last
+    stages only splits itself: its frozen trunk (the stem and the first blocks, kept in eval mode) gives the
+    features to cache (``forward_frozen``, ``unfinished``), and ``finish`` runs the stages that train.
 
     Args:
         model_name: any timm architecture.
@@ -61,6 +67,8 @@ class TimmEncoder(Encoder):
         self._data_config = timm.data.resolve_model_data_config(self.model)
         self.finetune = finetune
         self._set_trainable(finetune, finetune_stages)
+        # how many of an EfficientNet's blocks the frozen trunk holds when it trains its last stages; else None
+        self.trunk_blocks = _trunk_blocks(self.model) if finetune == "last" else None
         self.train()  # a frozen encoder starts in eval mode too, not only after the first train()
 
     def _set_trainable(self, finetune: str, stages: int) -> None:
@@ -77,6 +85,45 @@ class TimmEncoder(Encoder):
     def architecture_config(cls, section: dict[str, Any]) -> dict[str, Any]:
         return {**section, "pretrained": False, "weights": None}
 
+    def train(self, mode: bool = True) -> TimmEncoder:
+        """A frozen trunk stays in eval mode, as when its features come from the cache."""
+        super().train(mode)
+        if self.trunk_blocks is not None:
+            self._trunk().eval()
+        return self
+
+    @property
+    def cacheable(self) -> bool:
+        return self.finetune == "none" or self.trunk_blocks is not None
+
+    def _trunk(self) -> nn.Sequential:
+        m = self.model
+        return nn.Sequential(m.conv_stem, m.bn1, *m.blocks[: self.trunk_blocks])
+
+    def frozen_state(self) -> dict[str, Tensor]:
+        if self.trunk_blocks is None:
+            return super().frozen_state()
+        return self._trunk().state_dict()
+
+    def forward_frozen(self, images: Tensor) -> EncoderOutput:
+        if self.trunk_blocks is None:
+            return super().forward_frozen(images)
+        with torch.no_grad():
+            return _grid_output(self._trunk()(images), unfinished=True)
+
+    def finish(self, features: EncoderOutput) -> EncoderOutput:
+        if not features.unfinished:
+            return features
+        if self.trunk_blocks is None:
+            return super().finish(features)
+        b, n, c = features.feats.shape
+        h, w = features.grid
+        x = features.feats.transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w), channels-last in memory
+        m = self.model
+        with self.no_grad_if_frozen():
+            x = m.bn2(m.conv_head(m.blocks[self.trunk_blocks :](x)))
+        return _grid_output(x)
+
     @property
     def out_channels(self) -> int:
         return int(self.model.num_features)
@@ -86,10 +133,15 @@ class TimmEncoder(Encoder):
         return self._data_config
 
     def cache_key(self) -> dict[str, Any]:
-        """What identifies this encoder's features, for the feature cache."""
-        return {"encoder": "timm", "model_name": self.model_name, "weights": self.weights}
+        """What identifies this encoder's cached features (``forward_frozen``), for the feature cache."""
+        key = {"encoder": "timm", "model_name": self.model_name, "weights": self.weights}
+        if self.trunk_blocks is not None:  # the trunk's output is cached, not the encoder's
+            key["trunk_blocks"] = self.trunk_blocks
+        return key
 
     def forward(self, images: Tensor) -> EncoderOutput:
+        if self.trunk_blocks is not None:
+            return self.finish(self.forward_frozen(images))
         with self.no_grad_if_frozen():
             x = self.model.forward_features(images)
         if x.dim() == 3:  # (B, T, C) tokens: drop class/register tokens, the rest is a square grid
@@ -98,8 +150,27 @@ class TimmEncoder(Encoder):
             return EncoderOutput(x, (h, w))
         if self.channels_last_output:  # (B, H, W, C)
             x = x.permute(0, 3, 1, 2)
-        b, c, h, w = x.shape
-        return EncoderOutput(x.flatten(2).transpose(1, 2), (h, w))  # (B, N, C)
+        return _grid_output(x)
+
+
+def _grid_output(x: Tensor, unfinished: bool = False) -> EncoderOutput:
+    """A feature map (B, C, h, w) as EncoderOutput(feats (B, h * w, C), (h, w))."""
+    b, c, h, w = x.shape
+    return EncoderOutput(x.flatten(2).transpose(1, 2), (h, w), unfinished)
+
+
+def _trunk_blocks(model: nn.Module) -> int | None:
+    """How many of an EfficientNet's first blocks have no parameter that trains, after its stem; None for
+    another model, or when the stem trains too (no frozen part to cache)."""
+    def trains(module: nn.Module) -> bool:
+        return any(p.requires_grad for p in module.parameters())
+
+    if not isinstance(model, EfficientNet) or trains(model.conv_stem) or trains(model.bn1):
+        return None
+    frozen = 0
+    while frozen < len(model.blocks) and not trains(model.blocks[frozen]):
+        frozen += 1
+    return frozen
 
 
 def _create_model(model_name: str, pretrained: bool, weights: str | None, kwargs: dict[str, Any]) -> nn.Module:

