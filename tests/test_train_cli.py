@@ -49,10 +49,15 @@ def test_offline_inception_weights_point_to_the_offline_config(tmp_path):
     assert "show_attend_tell_flickr8k_offline.yaml" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_run_with_a_moving_average_scores_and_saves_the_average(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_config(tmp_path, monkeypatch):
+    """tmp_path as the working directory, holding tiny.yaml (the tiny shapes config) and the feature cache."""
     monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+
+
+def test_a_run_with_a_moving_average_scores_and_saves_the_average(tiny_config, tmp_path):
     assert train_cli.main(["tiny.yaml", "train.run_name=ema", "train.epochs=2", "train.ema_decay=0.9"]) == 0
     run = tmp_path / "runs" / "ema"
     best = load_checkpoint(run / "checkpoints" / "best")
@@ -63,10 +68,7 @@ def test_a_run_with_a_moving_average_scores_and_saves_the_average(tmp_path, monk
     assert scored.scores["sacrebleu"] == pytest.approx(recorded["sacrebleu"], abs=1e-9)
 
 
-def test_a_run_over_cached_augmented_views_trains_on_them_and_resumes_exactly(tmp_path, monkeypatch):
-    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+def test_a_run_over_cached_augmented_views_trains_on_them_and_resumes_exactly(tiny_config, tmp_path):
     views = ["tiny.yaml", "train.epochs=2", "data.augment=true", "data.augment_views=2"]
     assert train_cli.main([*views, "train.run_name=whole"]) == 0
     cached = sorted(p.name for p in (tmp_path / "cache" / "features").glob("*.npy"))
@@ -79,10 +81,7 @@ def test_a_run_over_cached_augmented_views_trains_on_them_and_resumes_exactly(tm
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
-def test_a_run_fine_tuning_the_encoders_last_stages_reads_its_frozen_trunk_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CAPKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY_SHAPES_CONFIG)
+def test_a_run_fine_tuning_the_encoders_last_stages_reads_its_frozen_trunk_from_the_cache(tiny_config, tmp_path):
     run = ["tiny.yaml", "train.epochs=2", "model.encoder.finetune=last", "train.finetune_encoder_from_epoch=1"]
     assert train_cli.main([*run, "train.run_name=whole"]) == 0
     sidecars = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "features").glob("*.json")]

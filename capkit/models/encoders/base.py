@@ -65,8 +65,10 @@ class Encoder(nn.Module, ABC):
         return self(images)
 
     def frozen_state(self) -> dict[str, Tensor]:
-        """The weights (parameters and buffers) ``forward_frozen``'s output depends on; the feature cache keys its
-        entries by their digest, so that weights loaded from a checkpoint (``train.init_from``) get their own."""
+        """The weights (parameters and buffers, named as in ``state_dict``) that never train, on which
+        ``forward_frozen``'s output depends. The feature cache keys its entries by their digest, so that weights
+        loaded from a checkpoint (``train.init_from``) get their own; a saved model may leave them to their source
+        (``encoder_weights='source'``)."""
         return self.state_dict()
 
     def finish(self, features: EncoderOutput) -> EncoderOutput:

@@ -101,9 +101,11 @@ class TimmEncoder(Encoder):
         return nn.Sequential(m.conv_stem, m.bn1, *m.blocks[: self.trunk_blocks])
 
     def frozen_state(self) -> dict[str, Tensor]:
+        state = super().frozen_state()
         if self.trunk_blocks is None:
-            return super().frozen_state()
-        return self._trunk().state_dict()
+            return state
+        trunk = ("model.conv_stem.", "model.bn1.", *(f"model.blocks.{i}." for i in range(self.trunk_blocks)))
+        return {k: v for k, v in state.items() if k.startswith(trunk)}
 
     def forward_frozen(self, images: Tensor) -> EncoderOutput:
         if self.trunk_blocks is None:

