@@ -64,7 +64,7 @@ class DataConfig:
     vocab_min_count: int = 5
     vocab_max_size: int = 5000
     num_workers: int = 2
-    cache_features: bool = True  # cache frozen-encoder features on disk
+    cache_features: bool = True  # cache the features of the encoder's frozen part (all of a frozen one) on disk
     cache_dir: Optional[str] = None  # default: $CAPKIT_CACHE or ~/.cache/capkit
     skip_missing_images: bool = False
     skip_corrupt_images: bool = False  # also leaves out images over max_image_pixels

@@ -58,8 +58,8 @@ class EncoderOutput:
         return EncoderOutput(feats, self.grid, self.unfinished)
 
 
-# A pytree (``feats`` the leaf, ``grid`` and ``unfinished`` static), so that ``torch.export`` traces encoders that return it; the
-# serialized name keeps ``torch.export.save`` working (a name is needed there, not at trace time).
+# A pytree (``feats`` the leaf, ``grid`` and ``unfinished`` static), so that ``torch.export`` traces encoders that
+# return it; the serialized name keeps ``torch.export.save`` working (a name is needed there, not at trace time).
 pytree.register_pytree_node(
     EncoderOutput,
     lambda out: ([out.feats], (out.grid, out.unfinished)),

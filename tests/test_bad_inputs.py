@@ -189,7 +189,11 @@ SETTING_CASES = {
                                         r"are cached features"),
     "augmented views of a trained encoder": (["data.augment=true", "data.augment_views=2",
                                               "model.encoder.finetune=all"],
-                                             r"data\.augment_views is 2, but the encoder trains as a whole"),
+                                             r"data\.augment_views is 2, but model\.encoder has no frozen part "
+                                             r"capkit can cache"),
+    "fine-tuning from an epoch an encoder with nothing to train": (["train.finetune_encoder_from_epoch=1"],
+                                                                   r"train\.finetune_encoder_from_epoch is 1, but "
+                                                                   r"model\.encoder\.finetune is none"),
     "negative augmented views": (["data.augment_views=-1"], r"data\.augment_views is -1; it must be at least 0"),
     "fp16 on the CPU": (["train.amp=fp16", "train.device=cpu"],
                         r"train\.amp=fp16 needs a CUDA device, this runs on cpu; use train\.amp=bf16 or none"),

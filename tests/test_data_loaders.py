@@ -221,7 +221,7 @@ def test_augmented_views_need_augmentation_and_an_encoder_with_a_frozen_part(tin
 
     train = load_split(SHAPES, "train")
     vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
-    needs = "an augmented view caches a frozen encoder's augmented features: it needs augment=True"
+    needs = "an augmented view caches the augmented features of the encoder's frozen part: it needs augment=True"
     with pytest.raises(ValueError, match=needs):
         build_train_loader(train, tiny_encoder, vocab, batch_size=8, augment_views=2, cache_dir=tmp_path)
     with pytest.raises(ValueError, match=needs):

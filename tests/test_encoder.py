@@ -81,7 +81,7 @@ def test_an_efficientnet_training_its_last_stages_splits_into_a_frozen_trunk_and
         assert not enc(images).unfinished and enc(images).grid == (3, 2)
     assert enc.cache_key() == {"encoder": "timm", "model_name": "test_efficientnet", "weights": "random",
                                "trunk_blocks": 0}
-    assert "trunk_blocks" not in TimmEncoder(model_name="test_efficientnet").cache_key()  # old entries keep names
+    assert "trunk_blocks" not in TimmEncoder(model_name="test_efficientnet").cache_key()  # the whole output
 
 
 def test_only_the_stages_that_train_get_gradients_and_the_trunk_keeps_its_batch_norm_statistics():
@@ -102,7 +102,7 @@ def test_encoders_that_cannot_split_train_on_images():
     vit = TimmEncoder(model_name="test_vit", finetune="last", model_kwargs={"img_size": 64})
     for enc in (whole, vit):
         assert not enc.cacheable and enc.trunk_blocks is None
-        with pytest.raises(RuntimeError, match="trains as a whole: no part of it has an output to cache"):
+        with pytest.raises(RuntimeError, match="has no frozen part whose output can be cached"):
             enc.forward_frozen(torch.randn(1, 3, 64, 64))
     frozen = TimmEncoder(model_name="test_efficientnet")
     assert frozen.cacheable and not frozen.forward_frozen(torch.randn(1, 3, 64, 64)).unfinished

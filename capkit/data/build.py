@@ -63,9 +63,9 @@ def build_source(
     """
     cacheable = getattr(encoder, "cacheable", False)
     if view_seed is not None and not (augment and cache_features and cacheable):
-        raise ValueError("an augmented view caches a frozen encoder's augmented features: it needs augment=True, "
-                         "cache_features=True and an encoder with a frozen part (one that trains as a whole needs "
-                         "its images augmented at every step)")
+        raise ValueError("an augmented view caches the augmented features of the encoder's frozen part: it needs "
+                         "augment=True, cache_features=True and a cacheable encoder (one without a frozen part "
+                         "needs its images augmented at every step)")
     transform = build_transform(encoder.data_config, augment)
     if cache_features and cacheable and (not augment or view_seed is not None):
         return cached_features(

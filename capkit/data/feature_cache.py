@@ -1,12 +1,12 @@
-"""On-disk cache of a frozen encoder's features: one float16 ``.npy`` (memory-mapped) + JSON sidecar per split.
+"""On-disk cache of an encoder's frozen features: one float16 ``.npy`` (memory-mapped) + JSON sidecar per split.
 
 What is cached is ``encoder.forward_frozen(images)``: the whole encoder's output when it is frozen, its frozen
 trunk's (``unfinished``) when it trains its last stages.
 
 A cache file is named ``<dataset>_<split>_<hash>`` where the hash covers everything that decides the
 features: the encoder's ``cache_key()`` (model and weights) and the digest of the weights its frozen part holds
-(``frozen_state``: the same model name can hold weights loaded from a checkpoint), the transform and the split's identity
-(dataset, root/seed, image ids). Extraction writes ``*.partial-<pid>`` files and publishes them with
+(``frozen_state``: the same model name can hold weights loaded from a checkpoint), the transform and the split's
+identity (dataset, root/seed, image ids). Extraction writes ``*.partial-<pid>`` files and publishes them with
 ``os.replace``, the sidecar last, so an interrupted run (even ``kill -9``) never leaves a cache that reads
 as complete, and the next run starts over. Extraction holds a file lock on its cache entry: a second process
 asking for the same features waits, then reads what the first one wrote.
@@ -126,7 +126,7 @@ def cached_features(
         if meta_path.is_file() and data_path.is_file():
             meta = _read_sidecar(meta_path)
             if meta is not None and meta["key"] == key and _still_valid(meta, files, data_path):
-                return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]), meta.get("unfinished", False))
+                return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]), meta["unfinished"])
         for stale in directory.glob(f"{stem}.*.partial-*"):  # a killed extraction's (the lock is ours now)
             stale.unlink()
         if not os.access(directory, os.W_OK):

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor
 
+from capkit.digests import json_sha256, state_sha256
 from capkit.engine.run_dir import (
     CHECKPOINT_JSON,
     CHECKPOINT_MODEL,
@@ -43,7 +44,6 @@ from capkit.engine.run_dir import (
     resolve_checkpoint,
     staging_prefix,
 )
-from capkit.digests import json_sha256, state_sha256
 from capkit.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "resolve_checkpoint", "check_finite",

@@ -55,7 +55,8 @@ def ensemble(models: Sequence[TrainedCaptioner]) -> EnsembleCaptioner:
                 state_sha256(other.model.encoder.state_dict()) != state_sha256(first.model.encoder.state_dict()):
             raise ConfigError(f"{where} have different encoders (architecture, weights or preprocessing): an "
                               f"ensemble encodes each image once for every decoder, so its models must share the "
-                              f"encoder (train their decoders on the same frozen encoder)")
+                              f"encoder (train their decoders on the same frozen encoder; a fine-tuned encoder "
+                              f"stage makes a model's encoder its own)")
         if other.device != first.device:
             raise ConfigError(f"{where} are on different devices ({first.device}, {other.device}); load them on one")
     model = CaptionerEnsemble([m.model for m in models]).eval()

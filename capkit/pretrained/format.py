@@ -33,15 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from capkit.engine.checkpoint import (
-    VOCAB_DIGEST,
-    WEIGHTS_DIGEST,
-    check_finite,
-    json_sha256,
-    state_sha256,
-    weights_match_digest,
-    weights_metadata,
-)
+from capkit.digests import json_sha256, state_sha256
+from capkit.engine.checkpoint import VOCAB_DIGEST, WEIGHTS_DIGEST, check_finite, weights_match_digest, weights_metadata
 from capkit.errors import CheckpointError
 
 __all__ = [

@@ -129,7 +129,8 @@ def check_settings(cfg: DictConfig) -> CaptionEvaluator:
 
 
 def check_augment_views(cfg: DictConfig) -> None:
-    """``data.augment_views`` caches augmented features of a frozen encoder: it needs augmentation and a cache."""
+    """``data.augment_views`` caches augmented features of the encoder's frozen part: it needs augmentation and a
+    cache."""
     d, views = cfg.data, cfg.data.augment_views
     if views and not d.augment:
         raise ConfigError(f"data.augment_views is {views}, but data.augment is false: the views are augmented copies "
@@ -179,9 +180,13 @@ def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = Fa
                        f"data.vocab_max_size={d.vocab_max_size})", "lower vocab_min_count or raise vocab_max_size")
     model = build_captioner(to_container(cfg.model), len(vocab))
     if d.augment_views and not model.encoder.cacheable:
-        raise ConfigError(f"data.augment_views is {d.augment_views}, but the encoder trains as a whole (model.encoder's "
-                          f"settings), so no part of it can be cached; set data.augment_views=0 to augment the "
-                          f"images at every step")
+        raise ConfigError(f"data.augment_views is {d.augment_views}, but model.encoder has no frozen part capkit can "
+                          f"cache (only a frozen encoder, or a timm EfficientNet with finetune: last, has one); set "
+                          f"data.augment_views=0 to augment the images at every step")
+    if t.finetune_encoder_from_epoch is not None and model.encoder.frozen:
+        raise ConfigError(f"train.finetune_encoder_from_epoch is {t.finetune_encoder_from_epoch}, but "
+                          f"model.encoder.finetune is none: nothing in the encoder can train; set "
+                          f"model.encoder.finetune=last (or all), or unset train.finetune_encoder_from_epoch")
     if initial is not None:
         _load_initial_weights(model, initial["model"], t.init_from)
     if resumed is not None:

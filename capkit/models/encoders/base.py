@@ -61,14 +61,15 @@ class Encoder(nn.Module, ABC):
     def forward_frozen(self, images: Tensor) -> EncoderOutput:
         """images (B, 3, H, W) -> the output of the part that never trains: what the feature cache stores."""
         if not self.cacheable:
-            raise RuntimeError(f"{type(self).__name__} trains as a whole: no part of it has an output to cache")
+            raise RuntimeError(f"{type(self).__name__} has no frozen part whose output can be cached (it trains, "
+                               f"and does not split itself)")
         return self(images)
 
     def frozen_state(self) -> dict[str, Tensor]:
-        """The weights (parameters and buffers, named as in ``state_dict``) that never train, on which
-        ``forward_frozen``'s output depends. The feature cache keys its entries by their digest, so that weights
-        loaded from a checkpoint (``train.init_from``) get their own; a saved model may leave them to their source
-        (``encoder_weights='source'``)."""
+        """The weights (parameters and buffers, named as in ``state_dict``) on which ``forward_frozen``'s output
+        depends: those of the part that never trains (all of them by default). The feature cache keys its entries
+        by their digest, so that weights loaded from a checkpoint (``train.init_from``) get their own; a saved
+        model may leave them to their source (``encoder_weights='source'``)."""
         return self.state_dict()
 
     def finish(self, features: EncoderOutput) -> EncoderOutput:

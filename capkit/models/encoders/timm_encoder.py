@@ -118,7 +118,7 @@ class TimmEncoder(Encoder):
             return features
         if self.trunk_blocks is None:
             return super().finish(features)
-        b, n, c = features.feats.shape
+        b, _, c = features.feats.shape
         h, w = features.grid
         x = features.feats.transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w), channels-last in memory
         m = self.model
