@@ -199,7 +199,9 @@ class ViewSampler(Sampler[int]):
         return (int(views[i]) * self.items + i for i in self.order)
 
 
-def collate_batch(samples: list[Sample], grid: tuple[int, int] | None = None, unfinished: bool = False) -> CaptionBatch:
+def collate_batch(
+    samples: list[Sample], grid: tuple[int, int] | None = None, unfinished: bool = False
+) -> CaptionBatch:
     """Stack samples into a ``CaptionBatch``: images when ``grid`` is None, else ``features`` on that grid
     (``unfinished``: the encoder's frozen part's, see ``EncoderOutput``).
 
