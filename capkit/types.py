@@ -180,5 +180,5 @@ class CaptionBatch:
 
         features = None
         if self.features is not None:
-            features = self.features.with_feats(self.features.feats.to(device, non_blocking=non_blocking))
+            features = self.features.to(device, non_blocking=non_blocking)
         return CaptionBatch(self.image_ids, move(self.captions), move(self.images), features, self.references)

@@ -225,7 +225,7 @@ class TrainedCaptioner:
         if source:
             _check_source_encoder(directory, model, saved)
         weights = fmt.read_weights(directory, vocabulary=saved["vocabulary"])
-        from_source = {fmt.ENCODER_PREFIX + k for k in model.encoder.frozen_state()} if source else set()
+        from_source = _source_keys(model) if source else set()
         if from_source & set(weights):
             raise CheckpointError(f"{directory}: encoder_weights is 'source' but the file holds weights of the "
                                   f"encoder's frozen part too")
@@ -274,7 +274,7 @@ class TrainedCaptioner:
         config = self._format_config(dtype, encoder_weights)
         state = self.model.state_dict()
         if encoder_weights == "source":  # the frozen part is rebuilt from its source; what trained is stored
-            from_source = {fmt.ENCODER_PREFIX + k for k in self.model.encoder.frozen_state()}
+            from_source = _source_keys(self.model)
             state = {k: t for k, t in state.items() if k not in from_source}
         fmt.write_weights(directory, state, dtype=dtype, vocabulary=config["vocabulary"])
         fmt.write_config(directory, config)
@@ -444,6 +444,12 @@ def _build(
             f"capkit imports none of them: install the plugin, or name the module yourself (--plugin MODULE; in Python, plugins=[...])."
         )
         raise ComponentNotFoundError(f"{where}: {err}{hint}") from err
+
+
+def _source_keys(model: Captioner) -> set[str]:
+    """The keys of ``model``'s state that ``encoder_weights='source'`` rebuilds from the encoder's source (its frozen
+    part), rather than storing them."""
+    return {fmt.ENCODER_PREFIX + key for key in model.encoder.frozen_state()}
 
 
 def _check_source_encoder(directory: Path, model: Captioner, saved: Mapping[str, Any]) -> None:

@@ -96,16 +96,20 @@ class TimmEncoder(Encoder):
     def cacheable(self) -> bool:
         return self.finetune == "none" or self.trunk_blocks is not None
 
-    def _trunk(self) -> nn.Sequential:
+    def _trunk_parts(self) -> dict[str, nn.Module]:
+        """The frozen trunk's modules in order, by their names in ``self.model``."""
         m = self.model
-        return nn.Sequential(m.conv_stem, m.bn1, *m.blocks[: self.trunk_blocks])
+        blocks = {f"blocks.{i}": block for i, block in enumerate(m.blocks[: self.trunk_blocks])}
+        return {"conv_stem": m.conv_stem, "bn1": m.bn1, **blocks}
+
+    def _trunk(self) -> nn.Sequential:
+        return nn.Sequential(*self._trunk_parts().values())
 
     def frozen_state(self) -> dict[str, Tensor]:
-        state = super().frozen_state()
         if self.trunk_blocks is None:
-            return state
-        trunk = ("model.conv_stem.", "model.bn1.", *(f"model.blocks.{i}." for i in range(self.trunk_blocks)))
-        return {k: v for k, v in state.items() if k.startswith(trunk)}
+            return super().frozen_state()
+        return {f"model.{name}.{key}": value for name, part in self._trunk_parts().items()
+                for key, value in part.state_dict().items()}
 
     def forward_frozen(self, images: Tensor) -> EncoderOutput:
         if self.trunk_blocks is None:
