@@ -204,6 +204,30 @@ def test_beam_candidates_are_the_beam_searchs_n_best_with_teacher_forced_log_pro
         SelfCriticalCriterion(reward, candidates="top")
 
 
+def test_beam_candidates_run_the_encoders_trainable_stage_once_per_image(monkeypatch):
+    """Over a cached trunk, the fine-tuned last stage runs on the B images, not on the B * S candidates, and
+    the candidates' teacher-forced log-probabilities are those of the repeated finished features."""
+    torch.manual_seed(4)
+    model = tiny_model(finetune="last").eval()  # eval: both passes see the same function (no dropout, BN stats)
+    with torch.no_grad():
+        trunk = model.encoder.forward_frozen(torch.randn(3, 3, 64, 64))
+    batch = CaptionBatch(["x", "y", "z"], features=trunk, references=[["r"]] * 3)
+    finish, rows = model.encoder.finish, []
+    monkeypatch.setattr(model.encoder, "finish", lambda f: rows.append(f.feats.shape[0]) or finish(f))
+    candidates = SelfCriticalCriterion(RecordingReward(), num_samples=4, max_len=5)._beam_captions(model, batch)
+    assert rows == [3, 3]  # the beam search's pass, then the teacher-forced pass with gradients
+    candidates.log_probs.sum().backward()
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+    finished = finish(trunk)
+    repeated = finished.with_feats(finished.feats.repeat_interleave(4, dim=0))
+    captions = torch.cat([torch.full((12, 1), BOS_ID), candidates.tokens], dim=1)
+    logits = model(captions, features=repeated).logits
+    expected = logits.log_softmax(-1).gather(2, candidates.tokens.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(candidates.log_probs, expected.masked_fill(candidates.tokens == PAD_ID, 0.0))
+    with pytest.raises(ValueError, match="12 captions for 3 images at captions_per_image=3"):
+        model(captions, features=trunk, captions_per_image=3)
+
+
 def test_the_sampling_temperature_sharpens_or_flattens_the_drawn_distribution():
     """At temperature T the log-probabilities are those of softmax(logits / T): a low T draws the argmax."""
     torch.manual_seed(2)

@@ -221,11 +221,8 @@ class SelfCriticalCriterion:
         for row, words in zip(tokens, rows):
             row[: len(words)] = torch.tensor(words)
         captions = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens], dim=1)  # (B * S, T + 1)
-        if batch.features is not None:
-            feats = batch.features
-            out = model(captions, features=feats.with_feats(feats.feats.repeat_interleave(s, dim=0)))
-        else:
-            out = model(captions, images=batch.images.repeat_interleave(s, dim=0))
+        # The encoder (or the trainable rest of one over a cached trunk) runs once per image, not once per candidate.
+        out = model(captions, images=batch.images, features=batch.features, captions_per_image=s)
         log_probs = out.logits.float().log_softmax(dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)
         return SampledCaptions(tokens, log_probs.masked_fill(tokens == PAD_ID, 0.0), s)
 

@@ -39,11 +39,15 @@ class Captioner(nn.Module):
         images: Tensor | None = None,
         features: EncoderOutput | None = None,
         *,
+        captions_per_image: int = 1,
         num_samples: int = 0,
         max_len: int = 16,
         temperature: float = 1.0,
     ) -> DecoderOutput | SampledCaptions:
         """Teacher forcing: captions (B, L) -> logits (B, L-1, V), alphas (B, L-1, N), aux losses.
+
+        With ``captions_per_image`` K > 1, captions (B * K, L) hold K captions of each of B images, image-major:
+        the encoder runs once per image and its output is repeated for the decoder (self-critical candidates).
 
         With ``num_samples`` S > 0 and no captions: S captions drawn per image from softmax(logits /
         ``temperature``) (at most ``max_len`` words), with gradients, for self-critical training. Both go
@@ -51,10 +55,17 @@ class Captioner(nn.Module):
         """
         if (captions is None) == (num_samples == 0):
             raise ValueError("pass captions= (teacher forcing) or num_samples= (sampling), not both or neither")
+        enc = self.image_features(images, features)
         if captions is None:
-            enc = self.image_features(images, features)
             return self.decoder.sample(enc, num_samples=num_samples, max_len=max_len, temperature=temperature)
-        return self.decoder(self.image_features(images, features), captions)
+        if captions.shape[0] != enc.feats.shape[0] * captions_per_image:
+            raise ValueError(
+                f"{captions.shape[0]} captions for {enc.feats.shape[0]} images at captions_per_image="
+                f"{captions_per_image}: pass exactly captions_per_image captions per image, image-major"
+            )
+        if captions_per_image > 1:
+            enc = enc.with_feats(enc.feats.repeat_interleave(captions_per_image, dim=0))  # (B * K, N, C)
+        return self.decoder(enc, captions)
 
     def log_prob(
         self, captions: Tensor, images: Tensor | None = None, features: EncoderOutput | None = None
