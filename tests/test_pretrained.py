@@ -383,7 +383,8 @@ def test_bad_models_and_images_are_one_line_and_exit_code_2(trained, images, tmp
     assert "no model 'nobody-knows-this'" in refused("--model", "nobody-knows-this", str(photo))
 
 
-def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, trained, images, tmp_path, capsys):
+def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, trained, images, tmp_path, capsys,
+                                                                        caplog):
     from capkit.cli import convert as convert_cli
 
     out = tmp_path / "converted"
@@ -413,6 +414,17 @@ def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, tr
     captions = [r.caption for r in capkit.from_pretrained(out).caption(images)]
     assert distinct == {round(len(set(captions)) / len(captions), 4)}
     assert "## Known limits" in card.text and f"It knows {len(trained.vocab) - 4:,} words" in card.text
+    # its own decoding settings: written to its config and its card; the run's scores, measured with other
+    # settings, leave the card; a setting out of range is one line
+    redecoded = tmp_path / "redecoded"
+    assert convert_cli.main([str(run.best), str(redecoded), "--beam", "2", "--length-penalty", "0.5"]) == 0
+    assert capkit.from_pretrained(redecoded).decoding == {**trained.decoding, "beam_size": 2, "length_penalty": 0.5}
+    card = ModelCard.load(redecoded / "README.md")
+    assert not card.data.eval_results and "beam size 2" in card.text and "length penalty 0.5" in card.text
+    assert "the card has no scores (pass --score-split" in caplog.text
+    assert convert_cli.main([str(run.best), str(tmp_path / "negative"), "--length-penalty", "-1"]) == 2
+    assert "length_penalty must be a finite number of at least 0, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "negative").exists()
     # a saved model converts too (here back to float32), keeping its captions
     assert convert_cli.main([str(out), str(tmp_path / "again"), "--dtype", "float32"]) == 0
     assert [r.caption for r in capkit.from_pretrained(tmp_path / "again").caption(images)] == captions

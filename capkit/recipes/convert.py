@@ -41,12 +41,16 @@ def convert_checkpoint(
     overwrite: bool = False,
     plugins: Sequence[str] = (),
     notes: Sequence[str] = (),
+    decoding: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Scored | None]:
     """``save_pretrained`` of ``checkpoint`` (a training checkpoint, or a saved model to store again, e.g. in
     another dtype) into ``out``, its card filled from the run (``recorded_in_run``: the
     validation scores and training commands, unless ``command`` names them); with ``score_split``, the written
     model (its ``dtype`` weights, as a user loads them) captions that split of its dataset and these scores go
-    into its model card instead, with the share of distinct captions among them.
+    into its model card instead, with the share of distinct captions among them. ``decoding`` (``beam_size``,
+    ``max_len``, ``length_penalty``; None keeps the run's) sets the written model's own decoding settings, e.g.
+    a length penalty chosen on the validation split; the run's scores, measured with its settings, then leave
+    the card unless ``score_split`` scores it again.
 
     Raises:
         RunDirError: ``out`` holds files other than a model's, or a model and ``overwrite`` is not set.
@@ -58,6 +62,9 @@ def convert_checkpoint(
         raise RunDirError(f"{out} already holds {what}: choose another folder"
                           + (", or pass --overwrite to replace the model" if what == "a model" else ""))
     trained = load_trained(checkpoint, plugins=plugins)
+    settings = trained.decoding_with(**(decoding or {}))  # ConfigError for a setting out of range
+    redecoded = settings != trained.decoding
+    trained.config.eval.update(settings)
     name = name or out.name
     recorded = RunRecord()
     if not is_pretrained_dir(checkpoint):  # a training checkpoint: its run says how it was trained and scored
@@ -68,6 +75,10 @@ def convert_checkpoint(
         notes.insert(0, f"Training took {recorded.train_seconds / 60:.1f} minutes in "
                         f"{max(1, len(recorded.commands))} session(s) (the run's train_summary.json).")
     note = "Scored during training, on the float32 weights of the checkpoint, decoding as above."
+    if redecoded and recorded.scores and score_split is None:
+        log.warning("%s: the run's scores were measured with its decoding settings, not these; the card has no "
+                    "scores (pass --score-split to score the written model)", out)
+        recorded.scores = {}
     # written and scored in a staging folder beside ``out``, published only when all of it worked: a refused
     # or failed conversion leaves ``out`` as it was (absent, or the model it held)
     out.parent.mkdir(parents=True, exist_ok=True)

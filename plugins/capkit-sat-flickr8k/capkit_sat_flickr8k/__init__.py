@@ -7,7 +7,7 @@ wheel, and the model card ``README.md``);
 """
 from pathlib import Path
 
-__version__ = "1.2.0"
+__version__ = "1.2.1"
 
 
 def model_path() -> Path:
