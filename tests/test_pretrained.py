@@ -419,6 +419,8 @@ def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, tr
     redecoded = tmp_path / "redecoded"
     assert convert_cli.main([str(run.best), str(redecoded), "--beam", "2", "--length-penalty", "0.5"]) == 0
     assert capkit.from_pretrained(redecoded).decoding == {**trained.decoding, "beam_size": 2, "length_penalty": 0.5}
+    trained_eval = json.loads((redecoded / "config.json").read_text())["training"]["eval"]
+    assert trained_eval["beam_size"] == trained.decoding["beam_size"]  # the training record keeps the run's
     card = ModelCard.load(redecoded / "README.md")
     assert not card.data.eval_results and "beam size 2" in card.text and "length penalty 0.5" in card.text
     assert "the card has no scores (pass --score-split" in caplog.text

@@ -226,6 +226,8 @@ def test_beam_candidates_run_the_encoders_trainable_stage_once_per_image(monkeyp
     torch.testing.assert_close(candidates.log_probs, expected.masked_fill(candidates.tokens == PAD_ID, 0.0))
     with pytest.raises(ValueError, match="12 captions for 3 images at captions_per_image=3"):
         model(captions, features=trunk, captions_per_image=3)
+    with pytest.raises(ValueError, match="captions_per_image=2: a whole number of at least 1, with captions="):
+        model(features=trunk, num_samples=2, captions_per_image=2)
 
 
 def test_the_sampling_temperature_sharpens_or_flattens_the_drawn_distribution():

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dataset overrides for --score-split, e.g. root=/data/flickr8k")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
-    decoding = parser.add_argument_group("the written model's own decoding settings (default: the run's)")
+    decoding = parser.add_argument_group("the written model's own decoding settings (default: the checkpoint's)")
     add_decoding_flags(decoding)
     add_plugin_flag(parser)
     add_debug_flag(parser)

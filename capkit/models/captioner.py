@@ -55,6 +55,8 @@ class Captioner(nn.Module):
         """
         if (captions is None) == (num_samples == 0):
             raise ValueError("pass captions= (teacher forcing) or num_samples= (sampling), not both or neither")
+        if captions_per_image < 1 or (captions is None and captions_per_image != 1):
+            raise ValueError(f"captions_per_image={captions_per_image}: a whole number of at least 1, with captions=")
         enc = self.image_features(images, features)
         if captions is None:
             return self.decoder.sample(enc, num_samples=num_samples, max_len=max_len, temperature=temperature)

@@ -249,6 +249,7 @@ class TrainedCaptioner:
         self, directory: str | os.PathLike, *, dtype: str = "float32", encoder_weights: str = "included",
         name: str | None = None, scores: Mapping[str, Mapping[str, float]] | None = None,
         command: Sequence[str] | str | None = None, scores_note: str | None = None, notes: Sequence[str] = (),
+        decoding: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write ``config.json``, ``model.safetensors`` (weights in ``dtype``: float32 or float16) and a
         ``README.md`` model card into ``directory``; ``from_pretrained(directory)`` loads it back.
@@ -260,6 +261,8 @@ class TrainedCaptioner:
                 encoder has exactly these weights there (an encoder that trained as a whole must be included).
             name, scores, command, scores_note, notes: for the model card (its name, split -> metric -> value,
                 the commands that made it, how the scores were measured, paragraphs of notes).
+            decoding: the written model's own decoding settings (``decoding_with``'s overrides: ``beam_size``,
+                ``max_len``, ``length_penalty``); the config's training record keeps those it was trained with.
         """
         if dtype not in fmt.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(fmt.DTYPES)}, got {dtype!r}")
@@ -272,6 +275,7 @@ class TrainedCaptioner:
             raise OutputPathError(f"{directory}: cannot hold the model ({err.strerror or err}); give a folder") \
                 from err
         config = self._format_config(dtype, encoder_weights)
+        config["decoding"] = self.decoding_with(**(decoding or {}))
         state = self.model.state_dict()
         if encoder_weights == "source":  # the frozen part is rebuilt from its source; what trained is stored
             from_source = _source_keys(self.model)

