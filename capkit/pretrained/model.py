@@ -274,8 +274,7 @@ class TrainedCaptioner:
         except OSError as err:
             raise OutputPathError(f"{directory}: cannot hold the model ({err.strerror or err}); give a folder") \
                 from err
-        config = self._format_config(dtype, encoder_weights)
-        config["decoding"] = self.decoding_with(**(decoding or {}))
+        config = self._format_config(dtype, encoder_weights, self.decoding_with(**(decoding or {})))
         state = self.model.state_dict()
         if encoder_weights == "source":  # the frozen part is rebuilt from its source; what trained is stored
             from_source = _source_keys(self.model)
@@ -300,7 +299,7 @@ class TrainedCaptioner:
             return upload(tmp, repo_id, private=private, token=token, revision=revision,
                           commit_message=commit_message, create_pr=create_pr)
 
-    def _format_config(self, dtype: str, encoder_weights: str) -> dict[str, Any]:
+    def _format_config(self, dtype: str, encoder_weights: str, decoding: dict[str, Any]) -> dict[str, Any]:
         experiment = to_container(self.config)
         config = {
             "capkit_format": fmt.FORMAT_VERSION,
@@ -309,7 +308,7 @@ class TrainedCaptioner:
             "model": experiment["model"],
             "vocabulary": list(self.vocab.itos),
             "preprocessing": _jsonable(self.preprocessing),
-            "decoding": self.decoding,
+            "decoding": decoding,
             "encoder_weights": encoder_weights,
             "dtype": dtype,
             "training": {k: experiment[k] for k in ("data", "train", "eval", "plugins") if k in experiment},

@@ -62,8 +62,8 @@ def convert_checkpoint(
         raise RunDirError(f"{out} already holds {what}: choose another folder"
                           + (", or pass --overwrite to replace the model" if what == "a model" else ""))
     trained = load_trained(checkpoint, plugins=plugins)
-    decoding = dict(decoding or {})
-    redecoded = trained.decoding_with(**decoding) != trained.decoding  # ConfigError for a setting out of range
+    decoding = trained.decoding_with(**(decoding or {}))  # ConfigError for a setting out of range
+    redecoded = decoding != trained.decoding
     name = name or out.name
     recorded = RunRecord()
     if not is_pretrained_dir(checkpoint):  # a training checkpoint: its run says how it was trained and scored
