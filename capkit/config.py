@@ -73,6 +73,9 @@ class DataConfig:
     # with augment and a frozen encoder whose features are cached: cache this many augmented views of each training
     # image (one extraction each) and draw one per caption each epoch; 0: augment the images at every step
     augment_views: int = 0
+    # cross-entropy batches hold K captions of each image, so the encoder (or its trained stages over a cached trunk)
+    # runs once per image, not once per caption; train.batch_size still counts captions and must be a multiple of K
+    captions_per_image: int = 1
     allow_split_overlap: bool = False  # an image in two splits (train and test, ...) is an error unless set
 
 
@@ -264,6 +267,7 @@ RULES: dict[str, tuple] = {
     "data.num_workers": _at_least(0),
     "data.max_image_pixels": _at_least(1),
     "data.augment_views": _at_least(0),
+    "data.captions_per_image": _at_least(1),
     "train.epochs": _at_least(1),
     "train.batch_size": _at_least(1),
     "train.lr": _positive(),

@@ -159,10 +159,12 @@ class CaptionBatch:
 
     Attributes:
         image_ids: B image identifiers.
-        captions: (B, L) token ids ``<start> w_1 .. w_n <end> <pad> ..``, or None for evaluation batches.
+        captions: (B * K, L) token ids ``<start> w_1 .. w_n <end> <pad> ..``, K of each image, image-major; or None
+            for evaluation batches.
         images: (B, 3, H, W) preprocessed images, or None when ``features`` is set.
         features: cached encoder features, or None when ``images`` is set.
         references: for evaluation, every reference caption of each image (raw text), else None.
+        captions_per_image: K (``data.captions_per_image``): the encoder runs once for an image's K captions.
     """
 
     image_ids: list[str]
@@ -170,6 +172,7 @@ class CaptionBatch:
     images: Tensor | None = None
     features: EncoderOutput | None = None
     references: list[list[str]] | None = None
+    captions_per_image: int = 1
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -181,4 +184,6 @@ class CaptionBatch:
         features = None
         if self.features is not None:
             features = self.features.to(device, non_blocking=non_blocking)
-        return CaptionBatch(self.image_ids, move(self.captions), move(self.images), features, self.references)
+        return CaptionBatch(
+            self.image_ids, move(self.captions), move(self.images), features, self.references, self.captions_per_image
+        )

@@ -195,6 +195,15 @@ SETTING_CASES = {
                                                                    r"train\.finetune_encoder_from_epoch is 1, but "
                                                                    r"model\.encoder\.finetune is none"),
     "negative augmented views": (["data.augment_views=-1"], r"data\.augment_views is -1; it must be at least 0"),
+    "no captions per image": (["data.captions_per_image=0"], r"data\.captions_per_image is 0; it must be at least 1"),
+    "a batch of part of an image's captions": (["data.captions_per_image=5"],
+                                               r"train\.batch_size is 16, but data\.captions_per_image is 5: a batch "
+                                               r"holds all K captions of its images; set train\.batch_size to a "
+                                               r"multiple of 5 \(e\.g\. 15\)"),
+    "captions grouped over augmented views": (["data.captions_per_image=4", "data.augment=true",
+                                               "data.augment_views=2"],
+                                              r"data\.captions_per_image is 4 and data\.augment_views is 2: the two "
+                                              r"cannot be combined yet"),
     "fp16 on the CPU": (["train.amp=fp16", "train.device=cpu"],
                         r"train\.amp=fp16 needs a CUDA device, this runs on cpu; use train\.amp=bf16 or none"),
     "unknown scheduler": (["train.scheduler=step"], r"train\.scheduler is 'step'; choose one of plateau, cosine, warmup_cosine, none"),

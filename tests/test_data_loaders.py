@@ -1,3 +1,6 @@
+import itertools
+
+import pytest
 import torch
 
 from capkit.data import (
@@ -227,3 +230,84 @@ def test_augmented_views_need_augmentation_and_an_encoder_with_a_frozen_part(tin
     with pytest.raises(ValueError, match=needs):
         build_source(train, tiny_model(finetune="all").encoder, augment=True, view_seed=0, cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())  # refused before anything is extracted
+
+
+def _grouped_records():  # image i has i % 4 + 1 captions: fewer than, as many as and more than K = 2 or 3
+    from capkit.data import ImageRecord
+
+    return [ImageRecord(f"img{i}", [f"a dog {i} {j}" for j in range(i % 4 + 1)]) for i in range(8)]
+
+
+def test_caption_groups_give_every_image_once_an_epoch_with_k_of_its_captions_drawn_from_seed_and_epoch():
+    from capkit.data import CaptionGroups
+
+    records = _grouped_records()
+    vocab = Vocabulary.build((c for r in records for c in r.captions), min_count=1)
+    groups = CaptionGroups(_Source(8), records, vocab, max_len=16, captions_per_image=3)
+    assert len(groups) == 8
+
+    def epoch(e, seed=0, rank=0, world_size=1):  # image id -> its captions in the batch, as text
+        loader = build_loader(groups, 2, shuffle=True, seed=seed, rank=rank, world_size=world_size)
+        loader.sampler.set_epoch(e)
+        out = []
+        for b in loader:
+            assert b.captions_per_image == 3 and b.captions.shape[0] == 3 * len(b) and b.images.shape[0] == len(b)
+            assert [int(x[0, 0, 0]) for x in b.images] == [int(i[3:]) for i in b.image_ids]
+            texts = [vocab.decode([t for t in c if t not in (BOS_ID, EOS_ID, PAD_ID)]) for c in b.captions.tolist()]
+            out += [(iid, tuple(texts[3 * k: 3 * k + 3])) for k, iid in enumerate(b.image_ids)]
+        return out
+
+    first = epoch(0)
+    assert sorted(i for i, _ in first) == sorted(f"img{i}" for i in range(8))  # every image once
+    for iid, texts in first:
+        own = next(r.captions for r in records if r.image_id == iid)
+        assert set(texts) <= set(own)  # its own captions only
+        assert len(set(texts)) == min(3, len(own))  # distinct where it has K, every one where it has fewer
+    assert first == epoch(0)  # set_epoch repeats an epoch exactly
+    assert epoch(1) != first and epoch(0, seed=1) != first
+    drawn = {texts for e in range(12) for iid, texts in epoch(e) if iid == "img3"}  # 4 captions, 3 drawn
+    assert {frozenset(t) for t in drawn} == {frozenset(c) for c in itertools.combinations(records[3].captions, 3)}
+    shards = [epoch(2, rank=r, world_size=2) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(epoch(2))  # two ranks: each image once, the same draws
+
+
+def test_a_grouped_training_loader_holds_k_captions_of_each_image_and_counts_the_batch_in_captions(tiny_encoder, tmp_path):
+    train = load_split(SHAPES, "train")  # 12 images of 5 captions
+    vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
+    loader = build_train_loader(train, tiny_encoder, vocab, batch_size=8, captions_per_image=4, num_workers=0,
+                                cache_dir=tmp_path)
+    batches = list(loader)
+    assert [len(b) for b in batches] == [2] * 6  # 8 captions a batch: 2 images
+    assert all(b.captions.shape[0] == 8 and b.features.feats.shape[0] == 2 for b in batches)
+    with pytest.raises(ValueError, match="captions_per_image=3 needs a batch_size that is a multiple of it"):
+        build_train_loader(train, tiny_encoder, vocab, batch_size=8, captions_per_image=3, num_workers=0,
+                           cache_dir=tmp_path)
+
+
+def test_cross_entropy_on_grouped_captions_runs_the_encoders_trained_stage_once_per_image(monkeypatch):
+    """The loss and gradients of K captions per image equal those of the same captions each with its own copy of
+    the image, while the trained stage over the cached trunk runs on the B images only."""
+    from toys import random_captions, tiny_model
+
+    from capkit.engine import CrossEntropyCriterion
+    from capkit.types import CaptionBatch
+
+    torch.manual_seed(5)
+    model = tiny_model(finetune="last").eval()  # eval: no dropout, so the two batches see the same function
+    with torch.no_grad():
+        trunk = model.encoder.forward_frozen(torch.randn(3, 3, 64, 64))
+    captions = random_captions(12, torch.Generator().manual_seed(0))  # 4 captions of each of 3 images
+    grouped = CaptionBatch(["x", "y", "z"], captions=captions, features=trunk, captions_per_image=4)
+    repeated = CaptionBatch([i for i in "xyz" for _ in range(4)], captions=captions,
+                            features=trunk.with_feats(trunk.feats.repeat_interleave(4, dim=0)))
+    finish, rows = model.encoder.finish, []
+    monkeypatch.setattr(model.encoder, "finish", lambda f: rows.append(f.feats.shape[0]) or finish(f))
+    criterion, grads, losses = CrossEntropyCriterion({"doubly_stochastic": 1.0}), [], []
+    for batch in (grouped, repeated):
+        loss, _ = criterion(model, batch)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, model.encoder.model.conv_head.weight)[0])
+    assert rows == [3, 12]
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0

@@ -81,6 +81,18 @@ def test_a_run_over_cached_augmented_views_trains_on_them_and_resumes_exactly(ti
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
+def test_a_run_on_grouped_captions_steps_on_whole_images_and_resumes_exactly(tiny_config, tmp_path):
+    grouped = ["tiny.yaml", "train.epochs=2", "data.captions_per_image=4", "model.encoder.finetune=last"]
+    assert train_cli.main([*grouped, "train.run_name=whole"]) == 0
+    # 12 images, 4 of their 5 captions each, 16 captions (4 images) a batch: 3 steps an epoch
+    steps = [json.loads(line) for line in (tmp_path / "runs" / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert max(s["step"] for s in steps) == 6
+    assert train_cli.main([*grouped, "train.run_name=cut", "train.max_steps=4"]) == 0
+    assert train_cli.main(["--resume", "runs/cut", *grouped, "train.run_name=cut", "train.max_steps=null"]) == 0
+    whole, cut = (load_checkpoint(tmp_path / "runs" / name / "checkpoints" / "last")["model"] for name in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
 def test_a_run_fine_tuning_the_encoders_last_stages_reads_its_frozen_trunk_from_the_cache(tiny_config, tmp_path):
     run = ["tiny.yaml", "train.epochs=2", "model.encoder.finetune=last", "train.finetune_encoder_from_epoch=1"]
     assert train_cli.main([*run, "train.run_name=whole"]) == 0

@@ -5,6 +5,8 @@ from capkit.data.datasets.base import CaptionDataset, DatasetNotFoundError
 from capkit.data.feature_cache import FeatureStore, cached_features, default_cache_dir
 from capkit.data.loaders import (
     AugmentedViews,
+    CaptionGroups,
+    CaptionGroupSampler,
     EvaluationDataset,
     ImageSource,
     TrainingDataset,
@@ -20,6 +22,8 @@ __all__ = [
     "AugmentedViews",
     "Box",
     "CaptionDataset",
+    "CaptionGroupSampler",
+    "CaptionGroups",
     "CorruptImageError",
     "DatasetNotFoundError",
     "EvaluationDataset",

@@ -13,7 +13,15 @@ from torch.utils.data import DataLoader
 from capkit.data.datasets.base import CaptionDataset
 from capkit.data.feature_cache import cached_features
 from capkit.data.images import DEFAULT_MAX_PIXELS
-from capkit.data.loaders import AugmentedViews, EvaluationDataset, ImageSource, Source, TrainingDataset, build_loader
+from capkit.data.loaders import (
+    AugmentedViews,
+    CaptionGroups,
+    EvaluationDataset,
+    ImageSource,
+    Source,
+    TrainingDataset,
+    build_loader,
+)
 from capkit.data.records import ImageRecord, drop_missing
 from capkit.data.transforms import build_transform
 from capkit.data.vocab import Vocabulary
@@ -95,9 +103,12 @@ def build_train_loader(
     world_size: int = 1,
     device: str | torch.device = "cpu",
     per_image: bool = False,
+    captions_per_image: int = 1,
 ) -> DataLoader:
     """One (image, caption) sample per caption, shuffled by (seed, epoch): call ``sampler.set_epoch(epoch)``.
-    With ``per_image``, one sample per image with all its references instead (self-critical training).
+    With ``captions_per_image`` K > 1, one sample per image with K of its captions drawn each epoch
+    (``CaptionGroups``), ``batch_size`` // K images a batch (``batch_size`` counts captions). With ``per_image``,
+    one sample per image with all its references instead (self-critical training).
 
     With a ``cacheable`` encoder and ``cache_features`` (and no augmentation), batches carry cached ``features``
     (extracted on ``device`` the first time) instead of ``images``. With ``augment`` and ``augment_views`` K > 0,
@@ -112,6 +123,12 @@ def build_train_loader(
                for k, seed in enumerate(seeds)]
     if per_image:
         datasets = [EvaluationDataset(source, split.records) for source in sources]
+    elif captions_per_image > 1:
+        if augment_views or batch_size % captions_per_image:
+            raise ValueError(f"captions_per_image={captions_per_image} needs a batch_size that is a multiple of it "
+                             f"(got {batch_size}) and no augment_views (got {augment_views})")
+        datasets = [CaptionGroups(sources[0], split.records, vocab, max_caption_len, captions_per_image)]
+        batch_size //= captions_per_image
     else:
         datasets = [TrainingDataset(source, split.records, vocab, max_caption_len) for source in sources]
     dataset = AugmentedViews(datasets) if augment_views else datasets[0]

@@ -20,8 +20,8 @@ from capkit.data.vocab import Vocabulary
 from capkit.types import PAD_ID, CaptionBatch, EncoderOutput
 
 __all__ = [
-    "Source", "ImageSource", "Sample", "TrainingDataset", "EvaluationDataset", "AugmentedViews", "ViewSampler",
-    "collate_batch", "build_loader",
+    "Source", "ImageSource", "Sample", "CaptionGroup", "TrainingDataset", "CaptionGroups", "EvaluationDataset",
+    "AugmentedViews", "ViewSampler", "CaptionGroupSampler", "collate_batch", "build_loader",
 ]
 
 
@@ -107,6 +107,12 @@ class Sample(NamedTuple):
     references: list[str] | None  # evaluation: every caption of the image
 
 
+class CaptionGroup(NamedTuple):
+    image_id: str
+    x: Tensor | None  # (3, H, W) pixels or (N, C) features; None: a skipped corrupt image
+    captions: list[list[int]]  # K captions of the image, each <start> ids <end>
+
+
 class TrainingDataset(Dataset):
     """One sample per (image, caption) pair.
 
@@ -128,6 +134,40 @@ class TrainingDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         i, caption = self.pairs[index]
         return Sample(self.source.image_ids[i], self.source[i], caption, None)
+
+
+class CaptionGroups(Dataset):
+    """One sample per image with K of its captions (``data.captions_per_image``), so that a batch runs the encoder,
+    or its trained stages over a cached trunk, once per image instead of once per caption (``seq_per_img`` in
+    ruotianluo/ImageCaptioning.pytorch). Indexed by ``(image, caption indices)`` as a ``CaptionGroupSampler`` draws
+    them; images without captions are left out.
+
+    Args:
+        source, records, vocab, max_len: as ``TrainingDataset``'s.
+        captions_per_image: K.
+    """
+
+    def __init__(
+        self, source: Source, records: list[ImageRecord], vocab: Vocabulary, max_len: int, captions_per_image: int
+    ):
+        if captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be at least 1, got {captions_per_image}")
+        captions = {r.image_id: r.captions for r in records}
+        self.source, self.captions_per_image = source, captions_per_image
+        self.images = [(i, [vocab.encode(c, max_len) for c in captions[iid]])
+                       for i, iid in enumerate(source.image_ids) if captions[iid]]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def caption_counts(self) -> list[int]:
+        return [len(c) for _, c in self.images]
+
+    def __getitem__(self, key: tuple[int, Sequence[int]]) -> CaptionGroup:
+        item, picks = key
+        i, captions = self.images[item]
+        return CaptionGroup(self.source.image_ids[i], self.source[i], [captions[k] for k in picks])
 
 
 class EvaluationDataset(Dataset):
@@ -199,11 +239,52 @@ class ViewSampler(Sampler[int]):
         return (int(views[i]) * self.items + i for i in self.order)
 
 
+class CaptionGroupSampler(Sampler[tuple[int, tuple[int, ...]]]):
+    """Each epoch, every image of a ``CaptionGroups`` once, in the order a ``DistributedSampler`` gives, with K
+    (``dataset.captions_per_image``) of its captions drawn from (seed, epoch): K of them without replacement, or all of them and the rest drawn again
+    where it has fewer than K. ``set_epoch`` makes the epoch repeatable, as resuming needs.
+
+    Args:
+        dataset: the groups; an epoch has ``len(dataset)`` samples (shared among ``world_size`` ranks).
+        shuffle, seed, rank, world_size, drop_last: as ``DistributedSampler``'s.
+    """
+
+    def __init__(
+        self, dataset: CaptionGroups, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        self.order = DistributedSampler(
+            range(len(dataset)), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.counts = np.array(dataset.caption_counts)  # (I,)
+        self.k, self.seed, self.epoch = dataset.captions_per_image, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
+        # one draw for every image, the same on every rank; a stream apart from the order's and ViewSampler's
+        rng = np.random.default_rng([self.seed, self.epoch, 2])
+        counts = self.counts[:, None]  # (I, 1)
+        width = max(int(self.counts.max(initial=0)), self.k)
+        keys = rng.random((len(self.counts), width))
+        keys[np.arange(width) >= counts] = np.inf  # an image's captions in a random order, then the places past them
+        picks = np.argsort(keys, axis=1)[:, : self.k]  # (I, K)
+        again = (rng.random((len(self.counts), self.k)) * counts).astype(np.int64)  # drawn with replacement
+        picks = np.where(np.arange(self.k) < counts, picks, again)
+        return ((i, tuple(int(k) for k in picks[i])) for i in self.order)
+
+
 def collate_batch(
-    samples: list[Sample], grid: tuple[int, int] | None = None, unfinished: bool = False
+    samples: list[Sample] | list[CaptionGroup], grid: tuple[int, int] | None = None, unfinished: bool = False
 ) -> CaptionBatch:
     """Stack samples into a ``CaptionBatch``: images when ``grid`` is None, else ``features`` on that grid
-    (``unfinished``: the encoder's frozen part's, see ``EncoderOutput``).
+    (``unfinished``: the encoder's frozen part's, see ``EncoderOutput``). ``CaptionGroup``s give a batch of K
+    captions per image (``CaptionBatch.captions_per_image``).
 
     Skipped (corrupt) images are left out, so a batch can be smaller than asked, even empty.
     """
@@ -211,20 +292,23 @@ def collate_batch(
     if not samples:
         return CaptionBatch(image_ids=[])
     x = torch.stack([s.x for s in samples])  # (B, 3, H, W) or (B, N, C)
+    grouped = isinstance(samples[0], CaptionGroup)
+    texts = [c for s in samples for c in s.captions] if grouped else [s.caption for s in samples]
     captions = None
-    if samples[0].caption is not None:  # (B, L): <start> w .. <end> <pad> ..
-        captions = pad_sequence([torch.tensor(s.caption) for s in samples], batch_first=True, padding_value=PAD_ID)
+    if texts[0] is not None:  # (B * K, L): <start> w .. <end> <pad> ..
+        captions = pad_sequence([torch.tensor(c) for c in texts], batch_first=True, padding_value=PAD_ID)
     return CaptionBatch(
         image_ids=[s.image_id for s in samples],
         captions=captions,
         images=x if grid is None else None,
         features=None if grid is None else EncoderOutput(x.float(), grid, unfinished),
-        references=None if samples[0].references is None else [s.references for s in samples],
+        references=None if grouped or samples[0].references is None else [s.references for s in samples],
+        captions_per_image=len(samples[0].captions) if grouped else 1,
     )
 
 
 def build_loader(
-    dataset: TrainingDataset | EvaluationDataset | AugmentedViews,
+    dataset: TrainingDataset | CaptionGroups | EvaluationDataset | AugmentedViews,
     batch_size: int,
     *,
     shuffle: bool = False,
@@ -241,12 +325,18 @@ def build_loader(
     Shuffling (or sharding when ``world_size > 1``) uses a ``DistributedSampler`` seeded with ``seed``: call
     ``loader.sampler.set_epoch(epoch)`` before each epoch and the order is a function of (seed, epoch),
     which exact resume needs. An ``AugmentedViews`` dataset gets a ``ViewSampler`` (the same order, one view
-    per item). Pass ``sampler`` to use your own instead.
+    per item), a ``CaptionGroups`` dataset a ``CaptionGroupSampler`` (the same order of its images, their captions
+    drawn). Pass ``sampler`` to use your own instead.
 
     Args:
+        batch_size: samples per batch (images, for ``CaptionGroups``).
         pin_memory: default: when CUDA is available.
     """
-    if sampler is None and isinstance(dataset, AugmentedViews):
+    if sampler is None and isinstance(dataset, CaptionGroups):
+        sampler = CaptionGroupSampler(
+            dataset, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last
+        )
+    elif sampler is None and isinstance(dataset, AugmentedViews):
         sampler = ViewSampler(
             dataset, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last
         )

@@ -1,7 +1,7 @@
 """Training objectives. A criterion maps (model, batch) to the loss and its named parts; the Trainer calls it.
 
 - ``CrossEntropyCriterion``: teacher-forced token cross-entropy plus the decoder's weighted auxiliary losses
-  (``caption_loss``), on batches of one caption per row;
+  (``caption_loss``), on batches of captions (K per image: ``CaptionBatch.captions_per_image``);
 - ``SelfCriticalCriterion``: self-critical sequence training (Rennie et al. 2017) on a caption-level reward
   such as CIDEr-D, on batches of one image per row with its references.
 """
@@ -110,7 +110,8 @@ def self_critical_loss(
 
 
 class CrossEntropyCriterion:
-    """Teacher-forced cross-entropy (``caption_loss``); batches of one caption per row.
+    """Teacher-forced cross-entropy (``caption_loss``) on batches of captions, each image encoded once for its
+    ``captions_per_image``.
 
     Args:
         aux_loss_weights, label_smoothing: see ``caption_loss``.
@@ -126,7 +127,8 @@ class CrossEntropyCriterion:
                 "cross-entropy training needs batches of captions; got a batch without captions (an evaluation or "
                 "per-image batch: build the train loader with per_image=False)"
             )
-        out = model(batch.captions, images=batch.images, features=batch.features)
+        out = model(batch.captions, images=batch.images, features=batch.features,
+                    captions_per_image=batch.captions_per_image)
         return caption_loss(
             out, batch.captions, aux_loss_weights=self.aux_loss_weights, label_smoothing=self.label_smoothing
         )

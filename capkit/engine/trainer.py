@@ -148,7 +148,7 @@ class Trainer:
             loss = self.train_step(batch)
             self.global_step += 1
             self.batch_in_epoch += 1
-            self.captions_seen += len(batch)
+            self.captions_seen += len(batch) * batch.captions_per_image
             self.call("after_step", loss=loss)
             if self._should_stop() and self.batch_in_epoch != length:
                 return  # stopped inside the epoch; a stop on its last batch still ends it (evaluation, best)

@@ -39,6 +39,7 @@ def build_train_loader_for(
         split, encoder, vocab, batch_size=t.batch_size, max_caption_len=d.max_caption_len, augment=d.augment,
         augment_views=d.augment_views,
         seed=t.seed, rank=dist.rank, world_size=dist.world_size, per_image=t.objective == "scst",
+        captions_per_image=d.captions_per_image,
         **_source_options(cfg, dist.device),
     )
 

@@ -118,6 +118,7 @@ def check_settings(cfg: DictConfig) -> CaptionEvaluator:
     resolve_amp_dtype(t.amp, device, key="train.amp")  # bf16 where the device cannot: refused now
     resolve_amp_dtype(e.amp, device, key="eval.amp")
     check_augment_views(cfg)
+    check_captions_per_image(cfg)
     evaluator = CaptionEvaluator(list(e.metrics), tokenizer=e.tokenizer)
     evaluator.check_runtime()
     if not evaluator.reports(t.early_stop_metric):
@@ -140,6 +141,22 @@ def check_augment_views(cfg: DictConfig) -> None:
             f"data.augment_views is {views}, but data.cache_features is false: the views are cached features; set "
             f"data.augment_views=0 to augment the images at every step"
         )
+
+
+def check_captions_per_image(cfg: DictConfig) -> None:
+    """Cross-entropy batches of ``data.captions_per_image`` K captions per image hold whole images: a batch size
+    that K divides, and one cached view per image (self-critical batches are one image per row already)."""
+    k, t, views = cfg.data.captions_per_image, cfg.train, cfg.data.augment_views
+    if k == 1 or t.objective != "xent":
+        return
+    if t.batch_size % k:
+        raise ConfigError(
+            f"train.batch_size is {t.batch_size}, but data.captions_per_image is {k}: a batch holds all K captions "
+            f"of its images; set train.batch_size to a multiple of {k} (e.g. {t.batch_size // k * k or k})"
+        )
+    if views:
+        raise ConfigError(f"data.captions_per_image is {k} and data.augment_views is {views}: the two cannot be "
+                          f"combined yet; set data.captions_per_image=1 or data.augment_views=0")
 
 
 def prepare(cfg: DictConfig, dist: DistInfo, *, run_dir: Path, resume: bool = False) -> Experiment:
