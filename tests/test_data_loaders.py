@@ -271,7 +271,7 @@ def test_caption_groups_give_every_image_once_an_epoch_with_k_of_its_captions_dr
     assert sorted(shards[0] + shards[1]) == sorted(epoch(2))  # two ranks: each image once, the same draws
 
 
-def test_a_grouped_training_loader_holds_k_captions_of_each_image_and_counts_the_batch_in_captions(tiny_encoder, tmp_path):
+def test_a_grouped_training_loader_fills_its_batch_size_in_captions_with_whole_images(tiny_encoder, tmp_path):
     train = load_split(SHAPES, "train")  # 12 images of 5 captions
     vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
     loader = build_train_loader(train, tiny_encoder, vocab, batch_size=8, captions_per_image=4, num_workers=0,

@@ -241,8 +241,9 @@ class ViewSampler(Sampler[int]):
 
 class CaptionGroupSampler(Sampler[tuple[int, tuple[int, ...]]]):
     """Each epoch, every image of a ``CaptionGroups`` once, in the order a ``DistributedSampler`` gives, with K
-    (``dataset.captions_per_image``) of its captions drawn from (seed, epoch): K of them without replacement, or all of them and the rest drawn again
-    where it has fewer than K. ``set_epoch`` makes the epoch repeatable, as resuming needs.
+    (``dataset.captions_per_image``) of its captions drawn from (seed, epoch): K of them without replacement, or
+    all of them and the rest drawn again where it has fewer than K. ``set_epoch`` makes the epoch repeatable, as
+    resuming needs.
 
     Args:
         dataset: the groups; an epoch has ``len(dataset)`` samples (shared among ``world_size`` ranks).
