@@ -5,7 +5,7 @@ The model of ``configs/show_attend_tell_flickr8k_offline.yaml`` (EfficientNet-Li
 weights, ``bahdanau`` attention, ``show_attend_tell`` decoder of 512) with ``finetune: last, finetune_stages: 1``
 (blocks.6, conv_head and bn2 train: 1.17 million weights), batch 64, vocabulary 2,538 (the recipe's), captions of
 10 to 16 words, fp32. ``Trainer.train_step`` (forward, loss, backward, clipping, optimizer step) timed without
-data loading, for four inputs of the same batch:
+data loading, for six inputs:
 
 - ``frozen, cached features``: the recipe as it ships (a frozen encoder, its 9 x 9 x 1280 features cached);
 - ``last stage, cached trunk``: the trunk's output cached (``Encoder.forward_frozen``, 9 x 9 x 208), the trained
@@ -56,9 +56,9 @@ def median_step(trainer: Trainer, batch: CaptionBatch) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    most = max(BATCH, GROUP_IMAGES * PER_IMAGE)
-    images = torch.randn(most, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous(memory_format=torch.channels_last)
-    _, captions = make_batch(most, (1, 1), 1, VOCAB, torch.device("cpu"))
+    images = torch.randn(max(BATCH, GROUP_IMAGES), 3, IMAGE_SIZE, IMAGE_SIZE).contiguous(
+        memory_format=torch.channels_last)
+    _, captions = make_batch(max(BATCH, GROUP_IMAGES * PER_IMAGE), (1, 1), 1, VOCAB, torch.device("cpu"))
     rows = []
     for name, finetune, stages, per_image in (
         ("frozen, cached features", "none", 1, 1), ("last stage, cached trunk", "last", 1, 1),

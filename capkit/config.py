@@ -74,7 +74,8 @@ class DataConfig:
     # image (one extraction each) and draw one per caption each epoch; 0: augment the images at every step
     augment_views: int = 0
     # cross-entropy batches hold K captions of each image, so the encoder (or its trained stages over a cached trunk)
-    # runs once per image, not once per caption; train.batch_size still counts captions and must be a multiple of K
+    # runs once per image, not once per caption; an epoch is every image once with K of its captions (redrawn each
+    # epoch); train.batch_size still counts captions and must be a multiple of K
     captions_per_image: int = 1
     allow_split_overlap: bool = False  # an image in two splits (train and test, ...) is an error unless set
 

@@ -198,7 +198,7 @@ SETTING_CASES = {
     "no captions per image": (["data.captions_per_image=0"], r"data\.captions_per_image is 0; it must be at least 1"),
     "a batch of part of an image's captions": (["data.captions_per_image=5"],
                                                r"train\.batch_size is 16, but data\.captions_per_image is 5: a batch "
-                                               r"holds all 5 captions of each of its images; set train\.batch_size to a "
+                                               r"holds 5 captions of each of its images; set train\.batch_size to a "
                                                r"multiple of 5 \(e\.g\. 15\)"),
     "captions grouped over augmented views": (["data.captions_per_image=4", "data.augment=true",
                                                "data.augment_views=2"],

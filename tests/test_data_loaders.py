@@ -217,8 +217,6 @@ def test_augmented_views_are_extracted_once_and_trained_on_in_turn(tiny_encoder,
 
 
 def test_augmented_views_need_augmentation_and_an_encoder_with_a_frozen_part(tiny_encoder, tmp_path):
-    import pytest
-
     from capkit.data import build_source
     from toys import tiny_model
 
@@ -232,7 +230,7 @@ def test_augmented_views_need_augmentation_and_an_encoder_with_a_frozen_part(tin
     assert not list(tmp_path.iterdir())  # refused before anything is extracted
 
 
-def _grouped_records():  # image i has i % 4 + 1 captions: fewer than, as many as and more than K = 2 or 3
+def _grouped_records():  # image i has i % 4 + 1 captions: fewer than, as many as and more than K = 3
     from capkit.data import ImageRecord
 
     return [ImageRecord(f"img{i}", [f"a dog {i} {j}" for j in range(i % 4 + 1)]) for i in range(8)]
@@ -271,6 +269,18 @@ def test_caption_groups_give_every_image_once_an_epoch_with_k_of_its_captions_dr
     assert sorted(shards[0] + shards[1]) == sorted(epoch(2))  # two ranks: each image once, the same draws
 
 
+def test_collating_caption_groups_drops_a_skipped_images_captions_and_refuses_groups_of_different_sizes():
+    from capkit.data.loaders import CaptionGroup
+
+    groups = [CaptionGroup("a", torch.zeros(3, 2, 2), [[1, 4, 2], [1, 5, 2]]), CaptionGroup("b", None, [[1, 6, 2]] * 2),
+              CaptionGroup("c", torch.ones(3, 2, 2), [[1, 7, 2], [1, 2]])]
+    batch = collate_batch(groups)
+    assert batch.image_ids == ["a", "c"] and batch.captions_per_image == 2 and batch.images.shape == (2, 3, 2, 2)
+    assert batch.captions.tolist() == [[1, 4, 2], [1, 5, 2], [1, 7, 2], [1, 2, 0]]
+    with pytest.raises(ValueError, match=r"caption groups of different sizes \[1, 2\] in one batch"):
+        collate_batch([groups[0], CaptionGroup("d", torch.ones(3, 2, 2), [[1, 2]])])
+
+
 def test_a_grouped_training_loader_fills_its_batch_size_in_captions_with_whole_images(tiny_encoder, tmp_path):
     train = load_split(SHAPES, "train")  # 12 images of 5 captions
     vocab = Vocabulary.build((c for r in train.records for c in r.captions), min_count=1)
@@ -279,7 +289,7 @@ def test_a_grouped_training_loader_fills_its_batch_size_in_captions_with_whole_i
     batches = list(loader)
     assert [len(b) for b in batches] == [2] * 6  # 8 captions a batch: 2 images
     assert all(b.captions.shape[0] == 8 and b.features.feats.shape[0] == 2 for b in batches)
-    with pytest.raises(ValueError, match="captions_per_image=3 needs a batch_size that is a multiple of it"):
+    with pytest.raises(ValueError, match="batch_size 8 is not a multiple of captions_per_image 3"):
         build_train_loader(train, tiny_encoder, vocab, batch_size=8, captions_per_image=3, num_workers=0,
                            cache_dir=tmp_path)
 

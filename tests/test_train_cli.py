@@ -89,7 +89,8 @@ def test_a_run_on_grouped_captions_steps_on_whole_images_and_resumes_exactly(tin
     assert max(s["step"] for s in steps) == 6
     assert train_cli.main([*grouped, "train.run_name=cut", "train.max_steps=4"]) == 0
     assert train_cli.main(["--resume", "runs/cut", *grouped, "train.run_name=cut", "train.max_steps=null"]) == 0
-    whole, cut = (load_checkpoint(tmp_path / "runs" / name / "checkpoints" / "last")["model"] for name in ("whole", "cut"))
+    whole, cut = (load_checkpoint(tmp_path / "runs" / name / "checkpoints" / "last")["model"]
+                  for name in ("whole", "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
 

@@ -118,15 +118,18 @@ def build_train_loader(
     options = dict(augment=augment, cache_features=cache_features, cache_dir=cache_dir,
                    skip_corrupt_images=skip_corrupt_images, max_image_pixels=max_image_pixels,
                    num_workers=num_workers, batch_size=batch_size, device=device)
+    if captions_per_image > 1 and not per_image:  # refused before any feature is extracted
+        if batch_size % captions_per_image:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of captions_per_image {captions_per_image}: "
+                             f"a batch holds {captions_per_image} captions of each of its images")
+        if augment_views:
+            raise ValueError(f"captions_per_image {captions_per_image} cannot be combined with augment_views yet")
     seeds = range(augment_views) if augment_views else [None]  # view k is seeded by k
     sources = [build_source(split, encoder, view_seed=seed, space_for=len(seeds) - k, **options)
                for k, seed in enumerate(seeds)]
     if per_image:
         datasets = [EvaluationDataset(source, split.records) for source in sources]
     elif captions_per_image > 1:
-        if augment_views or batch_size % captions_per_image:
-            raise ValueError(f"captions_per_image={captions_per_image} needs a batch_size that is a multiple of it "
-                             f"(got {batch_size}) and no augment_views (got {augment_views})")
         datasets = [CaptionGroups(sources[0], split.records, vocab, max_caption_len, captions_per_image)]
         batch_size //= captions_per_image
     else:

@@ -162,9 +162,13 @@ class CaptionGroups(Dataset):
 
     @property
     def caption_counts(self) -> list[int]:
+        """How many captions each item's image has, in item order."""
         return [len(c) for _, c in self.images]
 
     def __getitem__(self, key: tuple[int, Sequence[int]]) -> CaptionGroup:
+        if not isinstance(key, tuple):
+            raise TypeError(f"CaptionGroups is indexed by (image, caption indices), got {key!r}: draw it with a "
+                            f"CaptionGroupSampler (build_loader does)")
         item, picks = key
         i, captions = self.images[item]
         return CaptionGroup(self.source.image_ids[i], self.source[i], [captions[k] for k in picks])
@@ -294,6 +298,8 @@ def collate_batch(
         return CaptionBatch(image_ids=[])
     x = torch.stack([s.x for s in samples])  # (B, 3, H, W) or (B, N, C)
     grouped = isinstance(samples[0], CaptionGroup)
+    if grouped and len({len(s.captions) for s in samples}) != 1:  # the model repeats each image K times
+        raise ValueError(f"caption groups of different sizes {sorted({len(s.captions) for s in samples})} in one batch")
     texts = [c for s in samples for c in s.captions] if grouped else [s.caption for s in samples]
     captions = None
     if texts[0] is not None:  # (B * K, L): <start> w .. <end> <pad> ..

@@ -47,7 +47,8 @@ class Captioner(nn.Module):
         """Teacher forcing: captions (B, L) -> logits (B, L-1, V), alphas (B, L-1, N), aux losses.
 
         With ``captions_per_image`` K > 1, captions (B * K, L) hold K captions of each of B images, image-major:
-        the encoder runs once per image and its output is repeated for the decoder (self-critical candidates).
+        the encoder runs once per image and its output is repeated for the decoder (``data.captions_per_image``,
+        self-critical candidates).
 
         With ``num_samples`` S > 0 and no captions: S captions drawn per image from softmax(logits /
         ``temperature``) (at most ``max_len`` words), with gradients, for self-critical training. Both go

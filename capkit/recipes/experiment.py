@@ -33,7 +33,8 @@ def _source_options(cfg: DictConfig, device: str | torch.device) -> dict[str, An
 def build_train_loader_for(
     cfg: DictConfig, split: LoadedSplit, encoder: nn.Module, vocab: Vocabulary, dist: DistInfo
 ) -> DataLoader:
-    """The training batches of ``split`` as the config says: per caption, or per image for self-critical training."""
+    """The training batches of ``split`` as the config says: per caption (``data.captions_per_image`` of each image
+    together), or per image for self-critical training."""
     t, d = cfg.train, cfg.data
     return build_train_loader(
         split, encoder, vocab, batch_size=t.batch_size, max_caption_len=d.max_caption_len, augment=d.augment,

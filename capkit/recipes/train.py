@@ -151,8 +151,8 @@ def check_captions_per_image(cfg: DictConfig) -> None:
         return
     if t.batch_size % k:
         raise ConfigError(
-            f"train.batch_size is {t.batch_size}, but data.captions_per_image is {k}: a batch holds all {k} captions "
-            f"of each of its images; set train.batch_size to a multiple of {k} (e.g. {t.batch_size // k * k or k})"
+            f"train.batch_size is {t.batch_size}, but data.captions_per_image is {k}: a batch holds {k} captions of "
+            f"each of its images; set train.batch_size to a multiple of {k} (e.g. {t.batch_size // k * k or k})"
         )
     if views:
         raise ConfigError(f"data.captions_per_image is {k} and data.augment_views is {views}: the two cannot be "
