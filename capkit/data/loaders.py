@@ -212,7 +212,35 @@ class AugmentedViews(Dataset):
         return self.views[view][item]
 
 
-class ViewSampler(Sampler[int]):
+class _EpochDraws(Sampler):
+    """Each epoch, every one of ``items`` once, in the order a ``DistributedSampler`` gives, with a draw of the
+    subclass's for each from (seed, epoch): ``set_epoch`` makes the epoch repeatable, as resuming needs.
+
+    Args:
+        items: an epoch has this many samples (shared among ``world_size`` ranks).
+        shuffle, seed, rank, world_size, drop_last: as ``DistributedSampler``'s.
+    """
+
+    def __init__(self, items: int, *, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool):
+        self.order = DistributedSampler(
+            range(items), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def draws(self, stream: int) -> np.random.Generator:
+        """The epoch's generator for a draw over every item, the same on every rank: ``stream`` keeps each
+        subclass's apart from the others' and from the order's (seed + epoch)."""
+        return np.random.default_rng([self.seed, self.epoch, stream])
+
+
+class ViewSampler(_EpochDraws):
     """Each epoch, every item of an ``AugmentedViews`` once, in the order a ``DistributedSampler`` gives, each
     with one view drawn from (seed, epoch): ``set_epoch`` makes the epoch repeatable, as resuming needs.
 
@@ -225,25 +253,16 @@ class ViewSampler(Sampler[int]):
         self, dataset: AugmentedViews, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
         drop_last: bool = False,
     ):
-        self.order = DistributedSampler(
-            range(dataset.items), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
-        self.items, self.num_views, self.seed, self.epoch = dataset.items, len(dataset.views), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.order.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.order)
+        super().__init__(dataset.items, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                         drop_last=drop_last)
+        self.items, self.num_views = dataset.items, len(dataset.views)
 
     def __iter__(self) -> Iterator[int]:
-        # one draw for every item, the same on every rank; a stream apart from the order's (seed + epoch)
-        views = np.random.default_rng([self.seed, self.epoch, 1]).integers(self.num_views, size=self.items)
+        views = self.draws(1).integers(self.num_views, size=self.items)
         return (int(views[i]) * self.items + i for i in self.order)
 
 
-class CaptionGroupSampler(Sampler[tuple[int, tuple[int, ...]]]):
+class CaptionGroupSampler(_EpochDraws):
     """Each epoch, every image of a ``CaptionGroups`` once, in the order a ``DistributedSampler`` gives, with K
     (``dataset.captions_per_image``) of its captions drawn from (seed, epoch): K of them without replacement, or
     all of them and the rest drawn again where it has fewer than K. ``set_epoch`` makes the epoch repeatable, as
@@ -258,22 +277,13 @@ class CaptionGroupSampler(Sampler[tuple[int, tuple[int, ...]]]):
         self, dataset: CaptionGroups, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
         drop_last: bool = False,
     ):
-        self.order = DistributedSampler(
-            range(len(dataset)), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
+        super().__init__(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                         drop_last=drop_last)
         self.counts = np.array(dataset.caption_counts)  # (I,)
-        self.k, self.seed, self.epoch = dataset.captions_per_image, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.order.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.order)
+        self.k = dataset.captions_per_image
 
     def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
-        # one draw for every image, the same on every rank; a stream apart from the order's and ViewSampler's
-        rng = np.random.default_rng([self.seed, self.epoch, 2])
+        rng = self.draws(2)
         counts = self.counts[:, None]  # (I, 1)
         width = max(int(self.counts.max(initial=0)), self.k)
         keys = rng.random((len(self.counts), width))
@@ -298,8 +308,9 @@ def collate_batch(
         return CaptionBatch(image_ids=[])
     x = torch.stack([s.x for s in samples])  # (B, 3, H, W) or (B, N, C)
     grouped = isinstance(samples[0], CaptionGroup)
-    if grouped and len({len(s.captions) for s in samples}) != 1:  # the model repeats each image K times
-        raise ValueError(f"caption groups of different sizes {sorted({len(s.captions) for s in samples})} in one batch")
+    sizes = sorted({len(s.captions) for s in samples}) if grouped else [1]
+    if len(sizes) != 1:  # the model repeats each image K times
+        raise ValueError(f"caption groups of different sizes {sizes} in one batch")
     texts = [c for s in samples for c in s.captions] if grouped else [s.caption for s in samples]
     captions = None
     if texts[0] is not None:  # (B * K, L): <start> w .. <end> <pad> ..
@@ -310,7 +321,7 @@ def collate_batch(
         images=x if grid is None else None,
         features=None if grid is None else EncoderOutput(x.float(), grid, unfinished),
         references=None if grouped or samples[0].references is None else [s.references for s in samples],
-        captions_per_image=len(samples[0].captions) if grouped else 1,
+        captions_per_image=sizes[0],
     )
 
 
