@@ -51,3 +51,48 @@ def test_bf16_on_a_cpu_without_it_is_refused_before_training(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err.startswith("capkit train: error: train.amp=bf16: this CPU (") and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def _depthwise_block() -> torch.nn.Sequential:
+    """expand 1x1 -> depthwise 5x5 (timm's dynamic-padding Conv2dSame, as in tf_ EfficientNets) -> depthwise 3x3
+    (plain) -> project 1x1."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), Conv2dSame(8, 8, 5, stride=2, groups=8),
+                               torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 4, 1))
+
+
+def test_keep_depthwise_fp32_computes_depthwise_convolutions_in_fp32_under_cpu_autocast_only():
+    import copy
+
+    from capkit.engine.cpu_amp import keep_depthwise_fp32
+
+    model, reference = _depthwise_block(), _depthwise_block()
+    keys = list(model.state_dict())
+    assert keep_depthwise_fp32(model) == 2 and keep_depthwise_fp32(model) == 0  # twice changes nothing more
+    assert list(model.state_dict()) == keys
+    assert type(model[1]).__mro__[2].__name__ == "Conv2dSame" and isinstance(model[2], torch.nn.Conv2d)
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.equal(model(x), reference(x))  # outside autocast: exactly as before
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in model]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert dtypes == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    for hook in hooks:
+        hook.remove()
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    copied = copy.deepcopy(model)  # what ModelEmaV3 does: the copy keeps the behaviour
+    assert type(copied[1]) is type(model[1]) and torch.equal(copied(x), model(x))
+
+
+@native
+def test_bf16_training_on_the_cpu_keeps_an_encoders_depthwise_convolutions_in_fp32():
+    from capkit.engine.cpu_amp import is_depthwise
+
+    trainer = make_trainer(amp="bf16", finetune="all")  # test_efficientnet: depthwise convolutions in its blocks
+    depthwise = [m for m in trainer.module.modules() if is_depthwise(m)]
+    assert depthwise and all(type(m).__name__.endswith("Fp32OnCpu") for m in depthwise)
+    assert not any(type(m).__name__.endswith("Fp32OnCpu") for m in make_trainer(amp="none").module.modules())

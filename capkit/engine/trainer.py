@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from capkit.engine.checkpoint import load_checkpoint
+from capkit.engine.cpu_amp import keep_depthwise_fp32
 from capkit.engine.device import resolve_amp_dtype, resolve_device
 from capkit.engine.distributed import is_main_process, mean_over_ranks, world_size
 from capkit.engine.loss import Criterion, CrossEntropyCriterion
@@ -59,7 +60,8 @@ class Trainer:
         hooks: called in list order at each event; the checkpoint hooks come last.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         grad_clip: clip the gradient norm to this value (None: no clipping).
-        amp: ``auto`` | ``bf16`` | ``fp16`` | ``none`` (``resolve_amp_dtype``); fp16 uses a GradScaler.
+        amp: ``auto`` | ``bf16`` | ``fp16`` | ``none`` (``resolve_amp_dtype``); fp16 uses a GradScaler. bf16 on
+            the CPU leaves the model's depthwise convolutions in fp32 (``keep_depthwise_fp32``).
         channels_last: on CUDA, keep images and the model in channels-last memory format.
         criterion: (model, batch) -> (loss, parts) (``capkit.engine.loss``); default ``CrossEntropyCriterion()``.
         ema_decay: keep an exponential moving average of the weights (timm's ``ModelEmaV3``), updated after every
@@ -87,6 +89,8 @@ class Trainer:
         self.amp_dtype = resolve_amp_dtype(amp, self.device, key="train.amp")
         self.channels_last = channels_last and self.device.type == "cuda"
         self.module = model.to(self.device)
+        if self.amp_dtype == torch.bfloat16 and self.device.type == "cpu":
+            keep_depthwise_fp32(self.module)
         if self.channels_last:
             self.module.to(memory_format=torch.channels_last)
         self.model: nn.Module = self.module
