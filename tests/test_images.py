@@ -173,3 +173,33 @@ def test_a_cache_made_by_skipping_unreadable_images_does_not_serve_a_run_that_do
         assert len(extract(True).image_ids) == 2
     with pytest.raises(CorruptImageError, match=r"2\.png"):
         extract(False)
+
+
+def test_images_copied_anew_with_the_same_content_keep_their_features_without_extraction(tmp_path, folder_split,
+                                                                                          tiny_encoder):
+    cache, transform = tmp_path / "cache", build_transform(tiny_encoder.data_config)
+    extract = lambda: cached_features(folder_split.records, tiny_encoder, transform,  # noqa: E731
+                                      identity=folder_split.identity(), cache_dir=cache, batch_size=2)
+    first = extract()[1]
+    (sidecar,) = cache.glob("*.json")
+    for i in range(3):  # a copy without -p, a new mount: every file rewritten with its own bytes, new times
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(path.read_bytes())
+        os.utime(path, ns=(10**18 + i, 10**18 + i))
+    stale = json.loads(sidecar.read_text())["files"]
+    calls = []
+    tiny_encoder.register_forward_hook(lambda *args: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "images changed" warning
+        assert torch.equal(extract()[1], first)
+    assert calls == []  # read back, not extracted
+    files = json.loads(sidecar.read_text())["files"]  # the new times recorded: the next run compares times only
+    assert files != stale and files["1.png"][1] == 10**18 + 1
+    assert not list(cache.glob("*.partial-*"))
+    meta = json.loads(sidecar.read_text())
+    del meta["content"]  # an entry from before the digests: times alone decide, as they did
+    sidecar.write_text(json.dumps(meta))
+    os.utime(tmp_path / "0.png", ns=(5, 5))
+    with pytest.warns(UserWarning, match=r"1 images changed since the features .* \(e\.g\. \['0\.png'\]\)"):
+        assert torch.equal(extract()[1], first)
+    assert calls  # extracted again: the hook sees extraction

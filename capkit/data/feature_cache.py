@@ -9,7 +9,8 @@ features: the encoder's ``cache_key()`` (model and weights) and the digest of th
 identity (dataset, root/seed, image ids). Extraction writes ``*.partial-<pid>`` files and publishes them with
 ``os.replace``, the sidecar last, so an interrupted run (even ``kill -9``) never leaves a cache that reads
 as complete, and the next run starts over. Extraction holds a file lock on its cache entry: a second process
-asking for the same features waits, then reads what the first one wrote.
+asking for the same features waits, then reads what the first one wrote. The sidecar records each image file's
+size, times and SHA-256: an entry serves while every file's size and times are the same, or else its content.
 """
 from __future__ import annotations
 
@@ -125,19 +126,20 @@ def cached_features(
     with _entry_lock(directory / f"{stem}.lock"):
         if meta_path.is_file() and data_path.is_file():
             meta = _read_sidecar(meta_path)
-            if meta is not None and meta["key"] == key and _still_valid(meta, files, data_path):
+            if meta is not None and meta["key"] == key and _still_valid(meta, files, records, data_path, meta_path):
                 return FeatureStore(data_path, meta["image_ids"], tuple(meta["grid"]), meta["unfinished"])
         for stale in directory.glob(f"{stem}.*.partial-*"):  # a killed extraction's (the lock is ours now)
             stale.unlink()
         if not os.access(directory, os.W_OK):
             raise DataError(f"the feature cache {directory} is not writable and holds no complete entry for "
                             f"{stem}; set data.cache_dir (or ${CACHE_ENV}) to a folder you can write")
+        content = _content_digests(records)  # before extraction: a file changed during it reads as changed later
         source = ImageSource(records, transform, skip_corrupt, max_pixels, seed=view_seed)
         kept, grid, unfinished = _extract(source, encoder, data_path, batch_size, num_workers, device, space_for)
         shape = list(np.load(data_path, mmap_mode="r").shape)
         partial_meta = _partial(meta_path)
         meta = {"key": key, "image_ids": kept, "grid": list(grid), "unfinished": unfinished, "shape": shape,
-                "files": files}
+                "files": files, "content": content}
         partial_meta.write_text(json.dumps(meta))
         os.replace(partial_meta, meta_path)  # the sidecar marks the cache complete
     return FeatureStore(data_path, kept, grid, unfinished)
@@ -183,11 +185,28 @@ def _fingerprints(records: list[ImageRecord]) -> dict[str, list[int]]:
     return out
 
 
-def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], data_path: Path) -> bool:
+def _content_digests(records: list[ImageRecord], only: set[str] | None = None) -> dict[str, str]:
+    """Each image file's SHA-256 (of the ids in ``only``, when given)."""
+    out = {}
+    for r in records:
+        if r.path is not None and (only is None or r.image_id in only) and r.path.is_file():
+            out[r.image_id] = hashlib.sha256(r.path.read_bytes()).hexdigest()
+    return out
+
+
+def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], records: list[ImageRecord], data_path: Path,
+                 meta_path: Path) -> bool:
     """Whether a complete cache entry still holds its images' features: no image file changed since it was
-    written, and the array is whole (the shape its sidecar records). Says why where it does not."""
-    recorded = meta.get("files", {})
-    changed = sorted(i for i in files.keys() | recorded.keys() if files.get(i) != recorded.get(i))
+    written, and the array is whole (the shape its sidecar records). Says why where it does not.
+
+    A file whose size or times differ is compared by content with the SHA-256 recorded at extraction, as DVC
+    does: a copy of the dataset, a new mount of it or a ``touch`` keeps its features, and the sidecar then
+    records the new times so that the next run compares times only. An entry written before the digests were
+    recorded is extracted again."""
+    recorded, digests = meta.get("files", {}), meta.get("content", {})
+    moved = {i for i in files.keys() | recorded.keys() if files.get(i) != recorded.get(i)}
+    now = _content_digests(records, moved) if moved and digests else {}
+    changed = sorted(i for i in moved if i not in digests or now.get(i) != digests[i])
     if changed:
         warnings.warn(f"{len(changed)} images changed since the features in {data_path} were extracted "
                       f"(e.g. {changed[:3]}); extracting them again", stacklevel=3)
@@ -200,6 +219,13 @@ def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], data_path: P
         warnings.warn(f"{data_path} is damaged (shape {shape}, its sidecar says {meta['shape']}); extracting again",
                       stacklevel=3)
         return False
+    if moved:
+        try:  # a read-only cache keeps its old times: compared by content again next time
+            partial_meta = _partial(meta_path)
+            partial_meta.write_text(json.dumps({**meta, "files": files}))
+            os.replace(partial_meta, meta_path)
+        except OSError:
+            pass
     return True
 
 
