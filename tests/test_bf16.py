@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from timm.layers import Conv2dSame
 
 from capkit.cli import train as train_cli
 from capkit.data import load_split
@@ -56,43 +57,50 @@ def test_bf16_on_a_cpu_without_it_is_refused_before_training(tmp_path, monkeypat
 def _depthwise_block() -> torch.nn.Sequential:
     """expand 1x1 -> depthwise 5x5 (timm's dynamic-padding Conv2dSame, as in tf_ EfficientNets) -> depthwise 3x3
     (plain) -> project 1x1."""
-    from timm.layers import Conv2dSame
-
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), Conv2dSame(8, 8, 5, stride=2, groups=8),
                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 4, 1))
 
 
-def test_keep_depthwise_fp32_computes_depthwise_convolutions_in_fp32_under_cpu_autocast_only():
+def test_keep_depthwise_fp32_differentiates_depthwise_convolutions_in_fp32_under_cpu_autocast_only():
     import copy
+    import pickle
 
-    from capkit.engine.cpu_amp import keep_depthwise_fp32
+    from capkit.engine.cpu_amp import DepthwiseFp32OnCpu, keep_depthwise_fp32
 
     model, reference = _depthwise_block(), _depthwise_block()
     keys = list(model.state_dict())
     assert keep_depthwise_fp32(model) == 2 and keep_depthwise_fp32(model) == 0  # twice changes nothing more
-    assert list(model.state_dict()) == keys
-    assert type(model[1]).__mro__[2].__name__ == "Conv2dSame" and isinstance(model[2], torch.nn.Conv2d)
+    assert [isinstance(m, DepthwiseFp32OnCpu) for m in model] == [False, True, True, False]
+    assert isinstance(model[1], Conv2dSame) and list(model.state_dict()) == keys
     x = torch.randn(2, 4, 9, 9)
     assert torch.equal(model(x), reference(x))  # outside autocast: exactly as before
-    dtypes = []
-    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in model]
+    depthwise_in = reference[0](x)  # (2, 8, 9, 9)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    assert dtypes == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
-    for hook in hooks:
-        hook.remove()
-    out.float().sum().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
-    copied = copy.deepcopy(model)  # what ModelEmaV3 does: the copy keeps the behaviour
-    assert type(copied[1]) is type(model[1]) and torch.equal(copied(x), model(x))
+        fp32 = model[1](depthwise_in)  # recorded by autograd: computed in fp32, handed on in bf16
+        bf16 = reference[1](depthwise_in)
+        with torch.no_grad():  # not recorded (evaluation): as autocast has it
+            assert torch.equal(model[1](depthwise_in), bf16)
+    with torch.autocast("cpu", enabled=False):
+        exact = reference[1](depthwise_in.float()).to(torch.bfloat16)
+    assert fp32.dtype == bf16.dtype == torch.bfloat16
+    assert torch.equal(fp32, exact) and not torch.equal(bf16, exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # EMA's copy; torch.save of a model
+        assert type(copied[1]) is type(model[1]) and torch.equal(copied(x), model(x))
+    plain = _depthwise_block()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain(x), model(x))
 
 
-@native
-def test_bf16_training_on_the_cpu_keeps_an_encoders_depthwise_convolutions_in_fp32():
-    from capkit.engine.cpu_amp import is_depthwise
+def test_bf16_training_on_the_cpu_keeps_an_encoders_depthwise_convolutions_in_fp32(monkeypatch):
+    from capkit.engine import device
+    from capkit.engine.cpu_amp import DepthwiseFp32OnCpu, is_depthwise
 
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)  # what the Trainer does, on any CPU
     trainer = make_trainer(amp="bf16", finetune="all")  # test_efficientnet: depthwise convolutions in its blocks
     depthwise = [m for m in trainer.module.modules() if is_depthwise(m)]
-    assert depthwise and all(type(m).__name__.endswith("Fp32OnCpu") for m in depthwise)
-    assert not any(type(m).__name__.endswith("Fp32OnCpu") for m in make_trainer(amp="none").module.modules())
+    assert depthwise and all(isinstance(m, DepthwiseFp32OnCpu) for m in depthwise)
+    assert not any(isinstance(m, DepthwiseFp32OnCpu) for m in make_trainer(amp="none").module.modules())

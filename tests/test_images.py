@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,8 +176,8 @@ def test_a_cache_made_by_skipping_unreadable_images_does_not_serve_a_run_that_do
         extract(False)
 
 
-def test_images_copied_anew_with_the_same_content_keep_their_features_without_extraction(tmp_path, folder_split,
-                                                                                          tiny_encoder):
+def test_images_written_anew_with_the_same_content_keep_their_features_without_extraction(tmp_path, folder_split,
+                                                                                           tiny_encoder, monkeypatch):
     cache, transform = tmp_path / "cache", build_transform(tiny_encoder.data_config)
     extract = lambda: cached_features(folder_split.records, tiny_encoder, transform,  # noqa: E731
                                       identity=folder_split.identity(), cache_dir=cache, batch_size=2)
@@ -196,6 +197,18 @@ def test_images_copied_anew_with_the_same_content_keep_their_features_without_ex
     files = json.loads(sidecar.read_text())["files"]  # the new times recorded: the next run compares times only
     assert files != stale and files["1.png"][1] == 10**18 + 1
     assert not list(cache.glob("*.partial-*"))
+    os.utime(tmp_path / "2.png", ns=(7, 7))
+    read_bytes = Path.read_bytes
+
+    def unreadable_2(path):
+        if path.name == "2.png":
+            raise OSError(5, "Input/output error", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable_2)
+    with pytest.warns(UserWarning, match=r"1 images changed since the features .* \(e\.g\. \['2\.png'\]\)"):
+        extract()  # its times differ and it cannot be read to compare: extracted again
+    monkeypatch.undo()
     meta = json.loads(sidecar.read_text())
     del meta["content"]  # an entry from before the digests: times alone decide, as they did
     sidecar.write_text(json.dumps(meta))

@@ -10,7 +10,8 @@ identity (dataset, root/seed, image ids). Extraction writes ``*.partial-<pid>`` 
 ``os.replace``, the sidecar last, so an interrupted run (even ``kill -9``) never leaves a cache that reads
 as complete, and the next run starts over. Extraction holds a file lock on its cache entry: a second process
 asking for the same features waits, then reads what the first one wrote. The sidecar records each image file's
-size, times and SHA-256: an entry serves while every file's size and times are the same, or else its content.
+size, times and SHA-256: an entry serves while every file's size and times are the same, or else its content
+(a dataset restored in place or mounted again at the same path keeps its features).
 """
 from __future__ import annotations
 
@@ -186,27 +187,42 @@ def _fingerprints(records: list[ImageRecord]) -> dict[str, list[int]]:
 
 
 def _content_digests(records: list[ImageRecord], only: set[str] | None = None) -> dict[str, str]:
-    """Each image file's SHA-256 (of the ids in ``only``, when given)."""
+    """Each image file's SHA-256 (of the ids in ``only``, when given); a file that cannot be read is left out, so
+    that it reads as changed."""
     out = {}
     for r in records:
-        if r.path is not None and (only is None or r.image_id in only) and r.path.is_file():
-            out[r.image_id] = hashlib.sha256(r.path.read_bytes()).hexdigest()
+        if r.path is not None and (only is None or r.image_id in only):
+            try:
+                out[r.image_id] = hashlib.sha256(r.path.read_bytes()).hexdigest()
+            except OSError:
+                pass
     return out
+
+
+def _changed_files(meta: dict[str, Any], files: dict[str, list[int]], records: list[ImageRecord]) -> set[str]:
+    """The images whose files differ from those the entry was extracted from; ``meta["files"]`` is brought up to
+    date where only the times differ.
+
+    A file whose size or times differ is compared by content with the SHA-256 recorded at extraction, as DVC
+    does: restored in place, mounted again at the same path or touched, it keeps its features. A file of an entry
+    written before the digests were recorded counts as changed whenever its size or times differ."""
+    recorded, digests = meta.get("files", {}), meta.get("content", {})
+    moved = {i for i in files.keys() | recorded.keys() if files.get(i) != recorded.get(i)}
+    now = _content_digests(records, moved) if moved and digests else {}
+    changed = {i for i in moved if i not in digests or now.get(i) != digests[i]}
+    if moved and not changed:
+        meta["files"] = files
+    return changed
 
 
 def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], records: list[ImageRecord], data_path: Path,
                  meta_path: Path) -> bool:
     """Whether a complete cache entry still holds its images' features: no image file changed since it was
-    written, and the array is whole (the shape its sidecar records). Says why where it does not.
-
-    A file whose size or times differ is compared by content with the SHA-256 recorded at extraction, as DVC
-    does: a copy of the dataset, a new mount of it or a ``touch`` keeps its features, and the sidecar then
-    records the new times so that the next run compares times only. An entry written before the digests were
-    recorded is extracted again."""
-    recorded, digests = meta.get("files", {}), meta.get("content", {})
-    moved = {i for i in files.keys() | recorded.keys() if files.get(i) != recorded.get(i)}
-    now = _content_digests(records, moved) if moved and digests else {}
-    changed = sorted(i for i in moved if i not in digests or now.get(i) != digests[i])
+    written (``_changed_files``), and the array is whole (the shape its sidecar records). Says why where it does
+    not. Where only files' times changed, the sidecar records the new ones, so that the next run compares times
+    only."""
+    stale_times = meta.get("files")
+    changed = sorted(_changed_files(meta, files, records))
     if changed:
         warnings.warn(f"{len(changed)} images changed since the features in {data_path} were extracted "
                       f"(e.g. {changed[:3]}); extracting them again", stacklevel=3)
@@ -219,14 +235,20 @@ def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], records: lis
         warnings.warn(f"{data_path} is damaged (shape {shape}, its sidecar says {meta['shape']}); extracting again",
                       stacklevel=3)
         return False
-    if moved:
-        try:  # a read-only cache keeps its old times: compared by content again next time
-            partial_meta = _partial(meta_path)
-            partial_meta.write_text(json.dumps({**meta, "files": files}))
-            os.replace(partial_meta, meta_path)
-        except OSError:
-            pass
+    if meta.get("files") != stale_times:
+        _write_sidecar(meta_path, meta)
     return True
+
+
+def _write_sidecar(path: Path, meta: dict[str, Any]) -> None:
+    """Publish an entry's updated sidecar; a read-only cache keeps the old one (its files are compared by content
+    again next time)."""
+    partial = _partial(path)
+    try:
+        partial.write_text(json.dumps(meta))
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
 
 
 def _check_free_space(data_path: Path, size: int, entries: int) -> None:

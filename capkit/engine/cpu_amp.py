@@ -1,28 +1,53 @@
-"""Which layers stay in fp32 under bf16 autocast on the CPU.
+"""Which layers bf16 autocast on the CPU differentiates in fp32.
 
 oneDNN's bf16 depthwise convolution is slow to differentiate: on an AVX-512 BF16 CPU (no AMX) the backward pass of
-EfficientNet-Lite2's 5 x 5 depthwise convolutions takes 2-5x as long in bf16 as in fp32, while they hold a small
-share of the network's arithmetic. Training the encoder's last stages under ``train.amp=bf16`` therefore runs them
-in fp32 and everything else in bf16 (``python -m benchmarks finetune_step`` measures both).
+EfficientNet-Lite2's 5 x 5 depthwise convolutions takes several times as long in bf16 as in fp32, while they hold a
+small share of the network's arithmetic. So while autograd records a depthwise convolution that trains (or one
+that an earlier trained layer feeds), ``Trainer`` under ``train.amp=bf16`` on the CPU computes it in fp32 and hands
+its output on in bf16; without autograd (evaluation, a frozen trunk) it stays in bf16 as autocast has it
+(``python -m benchmarks bf16_finetune`` measures both).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["keep_depthwise_fp32", "is_depthwise"]
+__all__ = ["keep_depthwise_fp32", "is_depthwise", "DepthwiseFp32OnCpu"]
 
-_FP32_CLASSES: dict[type, type] = {}  # a convolution class -> its fp32-under-CPU-autocast subclass
+_FP32_CLASSES: dict[type, type] = {}  # a convolution class -> its subclass with DepthwiseFp32OnCpu
 
 
-class _Fp32UnderCpuAutocast:
-    """Mixin: the convolution's forward computes in fp32 when CPU autocast is on, and is unchanged otherwise."""
+class DepthwiseFp32OnCpu:
+    """Mixin of a depthwise convolution that computes in fp32 under CPU autocast while autograd records it."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_autocast_enabled("cpu"):
+        records = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if not (records and torch.is_autocast_enabled("cpu")):
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
-            return super().forward(x.float())
+            y = super().forward(x.float())
+        return y.to(torch.get_autocast_dtype("cpu"))  # what follows runs as it would without this
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        """Pickled as its base class's object, swapped again on loading (the subclass is made at run time)."""
+        base = type(self).__mro__[2]
+        return _unpickle, (base, self.__getstate__())
+
+
+def _unpickle(base: type, state: dict[str, Any]) -> nn.Module:
+    module = base.__new__(base)
+    module.__setstate__(state)
+    _swap(module)
+    return module
+
+
+def _swap(module: nn.Module) -> None:
+    cls = type(module)
+    if cls not in _FP32_CLASSES:
+        _FP32_CLASSES[cls] = type(f"{cls.__name__}Fp32OnCpu", (DepthwiseFp32OnCpu, cls), {})
+    module.__class__ = _FP32_CLASSES[cls]
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -31,17 +56,14 @@ def is_depthwise(module: nn.Module) -> bool:
 
 
 def keep_depthwise_fp32(model: nn.Module) -> int:
-    """Make every depthwise convolution of ``model`` compute in fp32 under CPU autocast, in place; returns how many.
+    """Give every depthwise convolution of ``model`` the ``DepthwiseFp32OnCpu`` behaviour, in place; returns how
+    many.
 
-    Each keeps its class's behaviour (a subclass of it is swapped in), its weights and its ``state_dict`` keys;
-    outside CPU autocast it computes exactly as before. Calling it twice changes nothing more.
+    Each keeps its class's behaviour (a subclass of it is swapped in), its weights and its ``state_dict`` keys, and
+    copies and pickles as before; outside CPU autocast or autograd it computes exactly as before. Calling it twice
+    changes nothing more.
     """
-    count = 0
-    for module in model.modules():
-        if is_depthwise(module) and not isinstance(module, _Fp32UnderCpuAutocast):
-            cls = type(module)
-            if cls not in _FP32_CLASSES:
-                _FP32_CLASSES[cls] = type(f"{cls.__name__}Fp32OnCpu", (_Fp32UnderCpuAutocast, cls), {})
-            module.__class__ = _FP32_CLASSES[cls]
-            count += 1
-    return count
+    swapped = [m for m in model.modules() if is_depthwise(m) and not isinstance(m, DepthwiseFp32OnCpu)]
+    for module in swapped:
+        _swap(module)
+    return len(swapped)
