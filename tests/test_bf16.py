@@ -92,9 +92,14 @@ def test_keep_depthwise_fp32_differentiates_depthwise_convolutions_in_fp32_under
     assert all(p.grad is not None for p in model.parameters())
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # EMA's copy; torch.save of a model
         assert type(copied[1]) is type(model[1]) and torch.equal(copied(x), model(x))
+    with torch.no_grad():
+        model[1].weight.mul_(2)  # weights no fresh block has
     plain = _depthwise_block()
     plain.load_state_dict(model.state_dict())
     assert torch.equal(plain(x), model(x))
+    model[1].weight.requires_grad_(False)  # frozen, fed by nothing that trains: autograd does not record it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model[1](depthwise_in.detach()), plain[1](depthwise_in.detach()))  # bf16, as autocast has it
 
 
 def test_bf16_training_on_the_cpu_keeps_large_depthwise_convolutions_in_fp32(monkeypatch):

@@ -1,7 +1,7 @@
 """Which layers bf16 autocast on the CPU differentiates in fp32.
 
 oneDNN's bf16 depthwise convolution with a kernel larger than 3 x 3 is slow to differentiate: on an AVX-512 BF16
-CPU (no AMX), forward and backward of EfficientNet-Lite2's 5 x 5 depthwise convolutions take 3-5x as long in bf16 as
+CPU (no AMX), forward and backward of EfficientNet-Lite2's 5 x 5 depthwise convolutions take 3-6x as long in bf16 as
 in fp32 (its 3 x 3 ones are faster in bf16), while they hold a small share of the network's arithmetic. So while
 autograd records such a convolution (one that trains, or one that an earlier trained layer feeds), ``Trainer``
 under ``train.amp=bf16`` on the CPU computes it in fp32 and hands its output on in bf16; without autograd
@@ -32,14 +32,13 @@ class DepthwiseFp32OnCpu:
         return y.to(torch.get_autocast_dtype("cpu"))  # what follows runs as it would without this
 
     def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
-        """Pickled as its base class's object, swapped again on loading (the subclass is made at run time)."""
-        base = type(self).__mro__[2]
-        return _unpickle, (base, self.__getstate__())
+        """Pickled as its base class's object, swapped again on loading (the subclass is made at run time); the
+        object exists before its state is set, as pickle's default has it, so that a state referring to it works."""
+        return _new_swapped, (type(self).__bases__[1],), self.__getstate__()
 
 
-def _unpickle(base: type, state: dict[str, Any]) -> nn.Module:
+def _new_swapped(base: type) -> nn.Module:
     module = base.__new__(base)
-    module.__setstate__(state)
     _swap(module)
     return module
 
