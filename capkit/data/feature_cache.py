@@ -206,7 +206,8 @@ def _changed_files(meta: dict[str, Any], files: dict[str, list[int]], records: l
     A file whose size or times differ is compared by content with the SHA-256 recorded at extraction, as DVC
     does: restored in place, mounted again at the same path or touched, it keeps its features. A file of an entry
     written before the digests were recorded counts as changed whenever its size or times differ."""
-    recorded, digests = meta.get("files", {}), meta.get("content", {})
+    recorded, digests = meta.get("files", {}), meta.get("content")
+    digests = digests if isinstance(digests, dict) else {}  # absent (an older entry) or damaged: times decide
     moved = {i for i in files.keys() | recorded.keys() if files.get(i) != recorded.get(i)}
     now = _content_digests(records, moved) if moved and digests else {}
     changed = {i for i in moved if i not in digests or now.get(i) != digests[i]}
