@@ -200,8 +200,7 @@ def _content_digests(records: list[ImageRecord], only: set[str] | None = None) -
 
 
 def _changed_files(meta: dict[str, Any], files: dict[str, list[int]], records: list[ImageRecord]) -> set[str]:
-    """The images whose files differ from those the entry was extracted from; ``meta["files"]`` is brought up to
-    date where only the times differ.
+    """The images whose files differ from those the entry was extracted from.
 
     A file whose size or times differ is compared by content with the SHA-256 recorded at extraction, as DVC
     does: restored in place, mounted again at the same path or touched, it keeps its features. A file of an entry
@@ -210,10 +209,7 @@ def _changed_files(meta: dict[str, Any], files: dict[str, list[int]], records: l
     digests = digests if isinstance(digests, dict) else {}  # absent (an older entry) or damaged: times decide
     moved = {i for i in files.keys() | recorded.keys() if files.get(i) != recorded.get(i)}
     now = _content_digests(records, moved) if moved and digests else {}
-    changed = {i for i in moved if i not in digests or now.get(i) != digests[i]}
-    if moved and not changed:
-        meta["files"] = files
-    return changed
+    return {i for i in moved if i not in digests or now.get(i) != digests[i]}
 
 
 def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], records: list[ImageRecord], data_path: Path,
@@ -222,7 +218,6 @@ def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], records: lis
     written (``_changed_files``), and the array is whole (the shape its sidecar records). Says why where it does
     not. Where only files' times changed, the sidecar records the new ones, so that the next run compares times
     only."""
-    stale_times = meta.get("files")
     changed = sorted(_changed_files(meta, files, records))
     if changed:
         warnings.warn(f"{len(changed)} images changed since the features in {data_path} were extracted "
@@ -236,8 +231,8 @@ def _still_valid(meta: dict[str, Any], files: dict[str, list[int]], records: lis
         warnings.warn(f"{data_path} is damaged (shape {shape}, its sidecar says {meta['shape']}); extracting again",
                       stacklevel=3)
         return False
-    if meta.get("files") != stale_times:
-        _write_sidecar(meta_path, meta)
+    if meta.get("files") != files:  # only times differ (the contents matched)
+        _write_sidecar(meta_path, {**meta, "files": files})
     return True
 
 
