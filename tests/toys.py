@@ -104,6 +104,9 @@ def write_checkpoint(path: Path, model_cfg: dict, stored_model_cfg: dict | None 
 TINY_DECODERS = {
     "show_attend_tell": ({"name": "bahdanau", "attn_dim": 16},
                          {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 32}),
+    "show_attend_tell_tied": ({"name": "bahdanau", "attn_dim": 16},
+                              {"name": "show_attend_tell", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 32,
+                               "tie_embeddings": True}),
     "updown": ({"name": "bahdanau", "attn_dim": 16},
                {"name": "updown", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 32}),
     "transformer": ({"name": "none"},
