@@ -19,8 +19,6 @@ channels-last as in the model), in fp32 and in bf16. Needs a CPU with native bf1
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from unittest import mock
 
 import torch
@@ -29,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.bench_decoder_train import make_batch
 from benchmarks.bench_finetune_step import BATCH, IMAGE_SIZE, MODEL, VOCAB
-from benchmarks.common import write_results
+from benchmarks.common import median_time, write_results
 from capkit import build_captioner
 from capkit.engine import CrossEntropyCriterion, Trainer, build_optimizer
 from capkit.engine.cpu_amp import DepthwiseFp32OnCpu
@@ -42,16 +40,6 @@ SETTINGS = (("fp32", "none", True), ("bf16, every convolution", "bf16", False),
 # (channels, kernel, stride, input side) of the depthwise convolutions in blocks.5 (the first block, then the
 # other four) and blocks.6 of tf_efficientnet_lite2 at 260 px
 DEPTHWISE = ((720, 5, 2, 17), (1248, 5, 1, 9), (1248, 3, 1, 9))
-
-
-def median_time(fn, warmup: int = WARMUP, timed: int = TIMED) -> float:
-    times = []
-    for i in range(warmup + timed):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_rows() -> list[dict]:
@@ -75,7 +63,7 @@ def step_rows() -> list[dict]:
                                   criterion=CrossEntropyCriterion({"doubly_stochastic": 1.0}))
             swapped = sum(isinstance(m, DepthwiseFp32OnCpu) for m in model.modules())
             assert (swapped > 0) == (amp == "bf16" and depthwise_fp32), (name, swapped)
-            step = median_time(lambda: trainer.train_step(batch))
+            step = median_time(lambda: trainer.train_step(batch), WARMUP, TIMED)
             fp32_step = fp32_step or step
             rows.append({"finetune_stages": stages, "setting": name, "step_s": step, "vs_fp32": fp32_step / step})
     for row in rows:  # against torch's bf16 policy of the same stages
@@ -99,7 +87,7 @@ def depthwise_rows() -> list[dict]:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     y = conv(x)
                 y.backward(torch.ones_like(y))
-            row[f"{name}_ms"] = 1e3 * median_time(forward_backward)
+            row[f"{name}_ms"] = 1e3 * median_time(forward_backward, WARMUP, TIMED)
         row["bf16_vs_fp32"] = row["fp32_ms"] / row["bf16_ms"]
         rows.append(row)
     return rows

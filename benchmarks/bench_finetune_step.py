@@ -22,14 +22,12 @@ Reports the median step of each and its captions per second against the images b
 """
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.bench_decoder_train import make_batch
-from benchmarks.common import write_results
+from benchmarks.common import median_time, write_results
 from capkit import build_captioner
 from capkit.engine import CrossEntropyCriterion, Trainer, build_optimizer
 from capkit.types import CaptionBatch
@@ -42,16 +40,6 @@ MODEL = {
     "attention": {"name": "bahdanau", "attn_dim": 512},
     "decoder": {"name": "show_attend_tell", "embed_dim": 512, "hidden_dim": 512, "dropout": 0.5},
 }
-
-
-def median_step(trainer: Trainer, batch: CaptionBatch) -> float:
-    times = []
-    for i in range(WARMUP + TIMED):
-        start = time.perf_counter()
-        trainer.train_step(batch)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -79,7 +67,7 @@ def main() -> None:
         trainer = Trainer(model, build_optimizer(model, lr=4e-4, encoder_lr=1e-4), DataLoader([]), epochs=1,
                           device="cpu", amp="none", criterion=CrossEntropyCriterion({"doubly_stochastic": 1.0}),
                           grad_clip=5.0)
-        step = median_step(trainer, batch)
+        step = median_time(lambda: trainer.train_step(batch), WARMUP, TIMED)
         trained = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
         rows.append({"input": name, "finetune_stages": stages if finetune == "last" else 0,
                      "cached": list(cached.feats.shape[1:]), "encoder_weights_trained": trained,

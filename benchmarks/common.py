@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +37,18 @@ def sync(device: torch.device) -> None:
     """Wait for queued device work, so that host clocks time it (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], warmup: int, timed: int) -> float:
+    """Median seconds of ``timed`` calls of ``fn`` after ``warmup`` untimed ones (allocator, oneDNN primitives)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(timed):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def write_results(name: str, device: torch.device, payload: dict) -> Path:
