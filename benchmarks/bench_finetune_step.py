@@ -22,7 +22,6 @@ Reports the median step of each and its captions per second against the images b
 """
 from __future__ import annotations
 
-
 import torch
 from torch.utils.data import DataLoader
 

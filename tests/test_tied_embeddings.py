@@ -77,11 +77,18 @@ def test_the_shared_matrix_learns_from_the_output_too_and_starts_at_fairseqs_sca
         logits[..., 10].sum().backward()  # word 10 is never an input word
     assert tied.embed.weight.grad[10].abs().sum() > 0
     assert untied.embed.weight.grad[10].abs().sum() == 0
+    # the shared matrix's gradient is the sum of its two uses': those of an untied copy's embedding and output
+    copy = untied_copy(tied).train()
+    tied.zero_grad()
+    torch.manual_seed(5)
+    loss = lambda model: model(features(), CAPTIONS).logits.square().mean()  # noqa: E731
+    loss(tied).backward()
+    loss(copy).backward()
+    assert torch.allclose(tied.embed.weight.grad, copy.embed.weight.grad + copy.out.weight.grad, atol=1e-6)
+    assert torch.allclose(tied.out_bias.grad, copy.out.bias.grad, atol=1e-6)
 
 
 def test_a_tied_model_saves_the_matrix_once_converts_to_float16_and_exports_to_onnx(tmp_path):
-    capkit_onnx = pytest.importorskip("capkit_onnx")
-    pytest.importorskip("onnxscript")
     trained = tiny_trained("show_attend_tell_tied", seed=3)  # a seed whose six pictures get six captions
     pictures = varied_pictures(6)
     want = trained.caption(pictures, beam_size=2)
@@ -97,7 +104,12 @@ def test_a_tied_model_saves_the_matrix_once_converts_to_float16_and_exports_to_o
     half = trained.save_pretrained(tmp_path / "half", dtype="float16")
     full_size = (saved / "model.safetensors").stat().st_size
     assert 0.49 < (half / "model.safetensors").stat().st_size / full_size < 0.52
+    loaded = capkit.from_pretrained(half)
+    assert loaded.model.decoder.tie_embeddings
+    assert torch.equal(loaded.model.decoder.embed.weight, trained.model.decoder.embed.weight.half().float())
 
+    capkit_onnx = pytest.importorskip("capkit_onnx")
+    pytest.importorskip("onnxscript")
     export_onnx(trained, tmp_path / "onnx")
     runtime = capkit_onnx.OnnxCaptioner.from_pretrained(tmp_path / "onnx")
     got = runtime.caption(pictures, beam_size=2)

@@ -30,8 +30,9 @@ class ShowAttendTellDecoder(LSTMDecoder):
         tie_embeddings: L_o is the word embedding E itself (Press and Wolf 2017; fairseq's
             ``share_decoder_input_output_embed``, Hugging Face's ``tie_word_embeddings``), with a bias of its own:
             V x E fewer weights (1.3 million for 2,538 words at 512). The matrix is then drawn from N(0, 1/E), as
-            fairseq draws a shared one, so that the first logits are O(1); the state dict holds it once, as
-            ``embed.weight``, and the output's bias as ``out_bias``.
+            fairseq draws its embeddings, so that the first logits are O(1), with the pad row zero at initialisation
+            (the output then trains it too; beam search never proposes the pad). The state dict holds the matrix
+            once, as ``embed.weight``, and the output's bias as ``out_bias``.
     """
 
     def __init__(

