@@ -184,6 +184,10 @@ class Registry:
                 f"{self.kind} {name!r} does not accept {hints}. "
                 f"Accepted keys: {', '.join(a for a in accepted if a not in derived) or '(none)'}"
             )
+        flags = sorted(k for k in kwargs if k in _bool_parameters(target) and not isinstance(kwargs[k], bool))
+        if flags:  # a string such as "no" would otherwise switch the flag on
+            raise ComponentArgumentError(
+                f"{self.kind} {name!r}: {', '.join(f'{k} must be true or false, got {kwargs[k]!r}' for k in flags)}")
         if self.kind in SIZED_KINDS:
             for key, value in {**kwargs, **derived}.items():
                 if SIZE_NAME.search(key) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
@@ -219,6 +223,11 @@ def _keyword_parameters(target: Any) -> tuple[list[str], bool]:
         elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             names.append(p.name)
     return names, takes_any
+
+
+def _bool_parameters(target: Any) -> set[str]:
+    """The constructor's parameters annotated ``bool`` (as a string under ``from __future__ import annotations``)."""
+    return {p.name for p in inspect.signature(target).parameters.values() if p.annotation in (bool, "bool")}
 
 
 def _describe(obj: Any) -> str:

@@ -221,6 +221,8 @@ SETTING_CASES = {
     "negative hidden size": (["model.decoder.hidden_dim=-4"],
                              r"decoder 'show_attend_tell': hidden_dim must be a positive size, got -4"),
     "zero attention size": (["model.attention.attn_dim=0"], r"attention 'bahdanau': attn_dim must be a positive size"),
+    "a flag that is not true or false": (["model.decoder.tie_embeddings=maybe"],
+                                         r"decoder 'show_attend_tell': tie_embeddings must be true or false, got 'maybe'"),
     "dropout over 1": (["model.decoder.dropout=1.5"], r"decoder 'show_attend_tell' cannot be built with .*dropout=1\.5"
                        r".*: dropout probability has to be between 0 and 1, but got 1\.5; check these settings"),
     "unknown timm model": (["model.encoder.model_name=nonexistent_net"],
