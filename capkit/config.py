@@ -134,6 +134,9 @@ class EvalConfig:
     beam_size: int = 3
     max_len: int = 16
     length_penalty: float = 0.0
+    # n > 0: a caption never repeats one of its n-grams ("a dog and a dog"); 3 blocks trigrams (Hugging Face's
+    # no_repeat_ngram_size). 0: no constraint
+    no_repeat_ngram_size: int = 0
     amp: str = "none"  # decoding precision: none (fp32) | bf16 (CPUs with native bf16, or CUDA) | auto | fp16
     batch_size: int = 128  # images per beam-search call (no activations kept: larger than training's pays)
     tokenizer: str = "ptb"  # before the COCO metrics: ptb (Java, the COCO pipeline) | python (no Java) | none
@@ -298,6 +301,7 @@ RULES: dict[str, tuple] = {
     "eval.beam_size": _at_least(1),
     "eval.max_len": _at_least(1),
     "eval.length_penalty": _at_least(0),
+    "eval.no_repeat_ngram_size": _at_least(0),
     "eval.batch_size": _at_least(1),
     "eval.every_epochs": _at_least(1),
     "eval.max_images": _at_least(1),
@@ -360,5 +364,7 @@ def _full_key(err: OmegaConfBaseException) -> str:
 
 
 def decoding_settings(eval_cfg: DictConfig) -> dict[str, Any]:
-    """The beam search settings of an ``eval`` section: ``beam_size``, ``max_len``, ``length_penalty``."""
-    return dict(beam_size=eval_cfg.beam_size, max_len=eval_cfg.max_len, length_penalty=eval_cfg.length_penalty)
+    """The beam search settings of an ``eval`` section: ``beam_size``, ``max_len``, ``length_penalty``,
+    ``no_repeat_ngram_size``."""
+    return dict(beam_size=eval_cfg.beam_size, max_len=eval_cfg.max_len, length_penalty=eval_cfg.length_penalty,
+                no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size)

@@ -233,6 +233,7 @@ SETTING_CASES = {
     "NaN learning rate": (["train.lr=nan"], r"train\.lr is nan; it must be a finite number"),
     "infinite length penalty": (["eval.length_penalty=inf"],
                                 r"eval\.length_penalty is inf; it must be a finite number"),
+    "negative n-gram ban": (["eval.no_repeat_ngram_size=-2"], r"eval\.no_repeat_ngram_size is -2; it must be at least 0"),
     "infinite reward weight": (["train.scst_reward.cider=inf"],
                                r"train\.scst_reward\.cider is inf; it must be a finite number"),
     "NaN dropout (override text)": (["model.decoder.dropout=nan"],
@@ -354,6 +355,7 @@ def test_a_checkpoint_whose_state_json_has_the_wrong_structure_is_one_line(tmp_p
     ("beam_size", -1, "eval.beam_size is -1; it must be at least 1"),
     ("length_penalty", float("nan"), "eval.length_penalty is nan; it must be a finite number"),
     ("batch_size", 0, "eval.batch_size is 0; it must be at least 1"),
+    ("no_repeat_ngram_size", -1, "eval.no_repeat_ngram_size is -1; it must be at least 0"),
 ])
 def test_a_checkpoint_whose_stored_settings_are_out_of_range_is_one_line_naming_file_and_key(
         tmp_path, checkpoint, capsys, key, value, message):

@@ -132,3 +132,67 @@ def test_chunked_and_plain_row_topk_give_the_same_search(monkeypatch):
         assert [h.tokens for h in a] == [h.tokens for h in b]
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
         assert len(a) == 5
+
+
+# ------------------------------------------------------------------------------------------ no_repeat_ngram_size
+# Next-word logits by previous word over <pad> <start> <end> <unk> 4 5 6 7: greedy decoding loops 4 5 4 5 ...
+NEXT_WORD = torch.tensor([
+    [0.0, 0.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # <pad> (unused)
+    [0.0, 0.0, -2.0, 0.0, 3.0, 1.0, 0.5, 0.0],  # <start>: 4
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # <end> (unused)
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # <unk> (unused)
+    [0.0, 0.0, -2.0, 0.0, 0.0, 3.0, 2.0, 1.0],  # 4: 5, then 6, then 7
+    [0.0, 0.0, -2.0, 0.0, 3.0, 0.0, 1.0, 2.0],  # 5: 4, then 7, then 6
+    [0.0, 0.0, 1.0, 0.0, 3.0, 2.0, 0.0, 0.0],  # 6: 4, then 5
+    [0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 1.0],  # 7: <end>
+])
+
+
+def word_table_search(ngram: int, beam_size: int = 1, max_len: int = 6):
+    def step(tokens, state, memory):
+        return NEXT_WORD[tokens], torch.ones(len(tokens), 1), state
+
+    memory = AttentionMemory(values=torch.zeros(1, 1, 1), keys=None, grid=(1, 1))
+    return beam_search(step, {}, memory, beam_size=beam_size, max_len=max_len, n_best=beam_size,
+                       no_repeat_ngram_size=ngram).hypotheses[0]
+
+
+@pytest.mark.parametrize("ngram, caption", [
+    (0, [4, 5, 4, 5, 4, 5]),  # no constraint: the loop, until <end> is forced after max_len words
+    (3, [4, 5, 4, 5, 7]),  # 4 5 4 is there, so 5 4 5 may follow, but not 4 5 4 again: 7, then <end>
+    (2, [4, 5, 4, 6, 4, 7]),  # 4 5 is there: 4 6; then 4 5 and 4 6 are: 4 7
+    (1, [4, 5, 7]),  # no word twice
+])
+def test_no_repeat_ngram_size_bans_each_repeated_ngram_and_nothing_else(ngram, caption):
+    best = word_table_search(ngram)[0]
+    assert best.tokens == caption
+    # the words still allowed keep the model's log-probabilities: the score is their sum, <end> included
+    previous = [1, *caption]
+    logp = NEXT_WORD.log_softmax(dim=1)
+    assert best.score == pytest.approx(sum(float(logp[p, w]) for p, w in zip(previous, [*caption, EOS_ID])))
+
+
+def test_no_repeat_ngram_size_holds_for_every_beam_of_every_image():
+    """Beams are reordered at every step: each keeps its own words' n-grams (a random next-word table over 12
+    words, where captions run to max_len and repeat without the constraint)."""
+    table = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)) * 2
+    table[:, EOS_ID] = -4.0
+
+    def step(tokens, state, memory):
+        k = len(tokens) // memory.values.shape[0]
+        return table[tokens] + memory.values[:, 0].repeat_interleave(k, 0), torch.ones(len(tokens), 1), state
+
+    memory = AttentionMemory(values=torch.randn(6, 1, 16, generator=torch.Generator().manual_seed(1)), keys=None,
+                             grid=(1, 1))
+    for ngram in (0, 2, 3):
+        generation = beam_search(step, {}, memory, beam_size=4, max_len=12, n_best=4, no_repeat_ngram_size=ngram)
+        hypotheses = [h for hyps in generation.hypotheses for h in hyps]
+        assert len(hypotheses) == 24
+        repeating = [h.tokens for h in hypotheses
+                     if len(set(zip(*[h.tokens[i:] for i in range(ngram or 2)]))) < len(h.tokens) - (ngram or 2) + 1]
+        assert (len(repeating) > 0) if ngram == 0 else repeating == []
+
+
+def test_no_repeat_ngram_size_below_zero_is_refused():
+    with pytest.raises(ValueError, match="no_repeat_ngram_size >= 0"):
+        word_table_search(-1)

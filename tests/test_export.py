@@ -78,12 +78,12 @@ def test_the_encoder_and_one_decoding_step_export_with_dynamic_batch(decoder):
 
 
 # ------------------------------------------------------------------------------------------ parity
-@pytest.mark.parametrize("beam", [1, 3])
-def test_onnxruntime_gives_the_captions_and_scores_of_pytorch(exported, beam):
+@pytest.mark.parametrize("beam, ngram", [(1, 0), (3, 0), (3, 2)])
+def test_onnxruntime_gives_the_captions_and_scores_of_pytorch(exported, beam, ngram):
     trained, runtime, _ = exported
     pictures = varied_pictures(12)
-    want = trained.caption(pictures, beam_size=beam, n_best=beam)
-    got = runtime.caption(pictures, beam_size=beam, n_best=beam)
+    want = trained.caption(pictures, beam_size=beam, n_best=beam, no_repeat_ngram_size=ngram)
+    got = runtime.caption(pictures, beam_size=beam, n_best=beam, no_repeat_ngram_size=ngram)
     assert len({r.caption for r in want}) > 3  # the pictures get different captions
     assert [r.caption for r in got] == [r.caption for r in want]
     assert [r.hypothesis.tokens for r in got] == [r.hypothesis.tokens for r in want]

@@ -60,7 +60,7 @@ def test_save_then_load_gives_identical_captions_scores_and_decoding(trained, im
     assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = capkit.from_pretrained(saved)
     assert loaded.vocab == trained.vocab and loaded.decoding == trained.decoding == {
-        "beam_size": 2, "max_len": 8, "length_penalty": 0.0}
+        "beam_size": 2, "max_len": 8, "length_penalty": 0.0, "no_repeat_ngram_size": 0}
     assert loaded.preprocessing == trained.preprocessing
     same_results(trained.caption(images), loaded.caption(images))
     for key, value in trained.model.state_dict().items():
@@ -76,7 +76,7 @@ def test_the_config_holds_model_vocabulary_preprocessing_and_decoding(trained, t
     assert config["model"]["encoder"]["model_name"] == "test_efficientnet"
     assert config["vocabulary"][:4] == ["<pad>", "<start>", "<end>", "<unk>"] and len(config["vocabulary"]) == len(trained.vocab)
     assert config["preprocessing"]["input_size"] == list(trained.preprocessing["input_size"])
-    assert config["decoding"] == {"beam_size": 2, "max_len": 8, "length_penalty": 0.0}
+    assert config["decoding"] == {"beam_size": 2, "max_len": 8, "length_penalty": 0.0, "no_repeat_ngram_size": 0}
     assert config["encoder_weights"] == "included" and config["dtype"] == "float32"
     assert config["training"]["data"]["dataset"]["name"] == "shapes" and "model" not in config["training"]
 
@@ -427,6 +427,13 @@ def test_convert_fills_the_card_from_the_run_and_loads_as_the_checkpoint(run, tr
     assert convert_cli.main([str(run.best), str(tmp_path / "negative"), "--length-penalty", "-1"]) == 2
     assert "length_penalty must be a finite number of at least 0, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "negative").exists()
+    blocked = tmp_path / "blocked"
+    assert convert_cli.main([str(run.best), str(blocked), "--no-repeat-ngram-size", "3"]) == 0
+    assert capkit.from_pretrained(blocked).decoding == {**trained.decoding, "no_repeat_ngram_size": 3}
+    assert "length penalty 0.0, no repeated 3-grams unless told otherwise" in ModelCard.load(blocked / "README.md").text
+    with pytest.raises(SystemExit):
+        convert_cli.main([str(run.best), str(tmp_path / "negative"), "--no-repeat-ngram-size", "-1"])
+    assert "--no-repeat-ngram-size: must be at least 0, got -1" in capsys.readouterr().err
     # a saved model converts too (here back to float32), keeping its captions
     assert convert_cli.main([str(out), str(tmp_path / "again"), "--dtype", "float32"]) == 0
     assert [r.caption for r in capkit.from_pretrained(tmp_path / "again").caption(images)] == captions
@@ -614,9 +621,36 @@ def test_the_decoding_section_of_config_json_is_what_the_model_decodes_with(trai
     saved = trained.save_pretrained(tmp_path / "m")
     config = json.loads((saved / "config.json").read_text())
     assert config["training"]["eval"]["beam_size"] == 2
-    config["decoding"] = {"beam_size": 5, "max_len": 12, "length_penalty": 0.5}
+    config["decoding"] = {"beam_size": 5, "max_len": 12, "length_penalty": 0.5, "no_repeat_ngram_size": 3}
     (saved / "config.json").write_text(json.dumps(config))
-    assert capkit.from_pretrained(saved).decoding == {"beam_size": 5, "max_len": 12, "length_penalty": 0.5}
+    assert capkit.from_pretrained(saved).decoding == {"beam_size": 5, "max_len": 12, "length_penalty": 0.5,
+                                                      "no_repeat_ngram_size": 3}
+
+
+def test_a_model_saved_before_no_repeat_ngram_size_decodes_without_it(trained, images, tmp_path):
+    saved = trained.save_pretrained(tmp_path / "m")
+    config = json.loads((saved / "config.json").read_text())
+    del config["decoding"]["no_repeat_ngram_size"], config["training"]["eval"]["no_repeat_ngram_size"]
+    (saved / "config.json").write_text(json.dumps(config))
+    loaded = capkit.from_pretrained(saved)
+    assert loaded.decoding["no_repeat_ngram_size"] == 0
+    same_results(trained.caption(images), loaded.caption(images))
+
+
+def test_no_repeat_ngram_size_keeps_repeated_trigrams_out_of_every_caption(trained, images):
+    """The tiny model loops ("the the the"): blocked, its captions change and repeat no trigram."""
+    def repeats(words, n):
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        return len(set(grams)) < len(grams)
+
+    free = trained.caption(images)
+    assert any(repeats(r.words, 3) for r in free)
+    blocked = trained.caption(images, no_repeat_ngram_size=3)
+    assert not any(repeats(r.words, 3) for r in blocked)
+    assert [r.caption for r in blocked] != [r.caption for r in free]
+    assert trained.decoding_with(no_repeat_ngram_size=3)["no_repeat_ngram_size"] == 3
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size must be a whole number of at least 0, got -1"):
+        trained.caption(images, no_repeat_ngram_size=-1)
 
 
 BAD_SAVED_SETTINGS = {
@@ -626,7 +660,9 @@ BAD_SAVED_SETTINGS = {
     "length penalty NaN": ("decoding", "length_penalty", float("nan"),
                            r"decoding\.length_penalty is nan; it must be a finite number of at least 0"),
     "unknown decoding key": ("decoding", "beam", 3, r"decoding\.beam is not a decoding setting \(beam_size, max_len, "
-                                                    r"length_penalty\)"),
+                                                    r"length_penalty, no_repeat_ngram_size\)"),
+    "n-gram size below 0": ("decoding", "no_repeat_ngram_size", -1,
+                            r"decoding\.no_repeat_ngram_size is -1; it must be a whole number of at least 0"),
     "input_size text": ("preprocessing", "input_size", "abc",
                         r"preprocessing\.input_size is 'abc'; it must be \[3, height, width\] with whole numbers from 1 "
                         r"to 4096"),

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     files = collect_images(args.inputs)
     model = load_model_from_args(args) if args.runtime == "torch" else load_exported_model(args)
-    decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+    decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty,
+                                   no_repeat_ngram_size=args.no_repeat_ngram_size)
     if args.n_best > decoding["beam_size"]:
         raise ConfigError(f"--n-best {args.n_best} is more than the beam size {decoding['beam_size']}: a beam search "
                           f"keeps that many captions; raise --beam")

@@ -83,11 +83,11 @@ non_negative_int = int_at_least(0)
 MAX_BEAM, MAX_WORDS = 64, 256  # beyond these a beam search holds gigabytes, or runs for hours, for nothing
 
 
-def at_most(limit: int, why: str) -> Callable[[str], int]:
-    """An argparse type: an integer from 1 to ``limit``."""
+def at_most(limit: int, why: str, least: int = 1) -> Callable[[str], int]:
+    """An argparse type: an integer from ``least`` to ``limit``."""
 
     def parse(text: str) -> int:
-        value = positive_int(text)
+        value = int_at_least(least)(text)
         if value > limit:
             raise argparse.ArgumentTypeError(f"must be at most {limit} ({why}), got {value}")
         return value
@@ -96,12 +96,16 @@ def at_most(limit: int, why: str) -> Callable[[str], int]:
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-    """``--beam``, ``--max-len``, ``--length-penalty``: each defaults to the model's own setting."""
+    """``--beam``, ``--max-len``, ``--length-penalty``, ``--no-repeat-ngram-size``: each defaults to the model's
+    own setting."""
     parser.add_argument("--beam", type=at_most(MAX_BEAM, "each beam holds every image's hypotheses in memory"),
                         metavar="K", help=f"beam size, 1: greedy, at most {MAX_BEAM} (default: the model's)")
     parser.add_argument("--max-len", type=at_most(MAX_WORDS, "no caption is that long"), metavar="N",
                         help=f"most words per caption, at most {MAX_WORDS} (default: the model's)")
     parser.add_argument("--length-penalty", type=float, metavar="A", help="default: the model's")
+    parser.add_argument("--no-repeat-ngram-size", type=at_most(MAX_WORDS, "no caption is that long", least=0),
+                        metavar="N", help="N > 0: no caption repeats one of its N-grams (3: no 'a dog and a dog'); "
+                                          "0: no constraint (default: the model's)")
 
 
 def load_model_from_args(args: argparse.Namespace):

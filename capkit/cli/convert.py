@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, dtype=args.dtype, encoder_weights=args.encoder_weights, name=args.name,
         command=args.trained_with, score_split=args.score_split, dataset_overrides=parse_overrides(args.data),
         overwrite=args.overwrite, plugins=args.plugin, notes=args.note,
-        decoding=dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty),
+        decoding=dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty,
+                      no_repeat_ngram_size=args.no_repeat_ngram_size),
     )
     size = (out / "model.safetensors").stat().st_size
     print(f"{out}: config.json, model.safetensors ({size / 1e6:.1f} MB), README.md")

@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
                 if args.checkpoint and len(args.checkpoint) == 1 else Path(f"gallery_{args.split}")
         scored = score_checkpoint(
             evaluator, model, args.split, beam_size=args.beam, max_len=args.max_len,
-            length_penalty=args.length_penalty, dataset_overrides=parse_overrides(args.data),
+            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+            dataset_overrides=parse_overrides(args.data),
             gallery=args.gallery, gallery_dir=gallery_dir, name=model_name(args),
         )
         log.info("decoding: %s (%s)", describe_decoding(scored.decoding),

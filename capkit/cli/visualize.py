@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     check_figure_path(args.out, inputs=[args.image, *(args.model or []), *(args.checkpoint or [])])
     model = load_model_from_args(args)
-    decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+    decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty,
+                                   no_repeat_ngram_size=args.no_repeat_ngram_size)
     log.info("decoding: %s (%s)", describe_decoding(decoding),
              "the model's settings" if decoding == model.decoding else "flags over the model's settings")
     result = model.caption(args.image, **decoding)

@@ -29,6 +29,7 @@ def beam_search(
     length_penalty: float = 0.0,
     n_best: int = 1,
     share_memory: bool = False,
+    no_repeat_ngram_size: int = 0,
 ) -> Generation:
     """Find, for each image, the captions of highest log-probability.
 
@@ -56,9 +57,13 @@ def beam_search(
         n_best: hypotheses returned per image (at most ``beam_size``).
         share_memory: pass ``memory`` to ``step`` as it is, B rows for B * K hypotheses (the attention must
             support it, see ``Attention``), instead of one copy per hypothesis.
+        no_repeat_ngram_size: n > 0: a hypothesis never repeats one of its n-grams (Hugging Face's
+            ``no_repeat_ngram_size``; ruotianluo/ImageCaptioning.pytorch's ``block_trigrams`` is n = 3). It only
+            removes candidates: the words still allowed keep the model's log-probabilities. 0: no constraint.
     """
-    if beam_size < 1 or n_best < 1 or max_len < 0:
-        raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0; got {beam_size}, {n_best}, {max_len}")
+    if beam_size < 1 or n_best < 1 or max_len < 0 or no_repeat_ngram_size < 0:
+        raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0, no_repeat_ngram_size >= 0; got "
+                         f"{beam_size}, {n_best}, {max_len}, {no_repeat_ngram_size}")
     n_best = min(n_best, beam_size)
     batch, k = memory.values.shape[0], beam_size
     device = memory.values.device
@@ -82,6 +87,9 @@ def beam_search(
         if scratch is None:
             scratch = torch.empty(batch * k, logits.shape[1], dtype=torch.float32, device=device)
         norm = _log_normaliser(logits, scratch)  # (B*width, 1): log-probabilities = logits - norm
+        if no_repeat_ngram_size and t < max_len:
+            # after the normaliser: a banned word is removed, the others keep the model's probabilities
+            logits = _ban_repeated_ngrams(logits.clone(), history, no_repeat_ngram_size)
         if t == max_len:  # the last step: every hypothesis still open takes <end>
             row_logp = logits.new_full((len(logits), k), float("-inf"))
             row_logp[:, :1] = logits[:, EOS_ID : EOS_ID + 1] - norm
@@ -142,6 +150,19 @@ def beam_search(
         step_memory = step_memory.index_select(keep if share_memory else keep_rows)
         batch = len(keep)
     return Generation(hypotheses=hypotheses, grid=memory.grid)
+
+
+def _ban_repeated_ngrams(logits: Tensor, history: Tensor, n: int) -> Tensor:
+    """logits (R, V), with -inf written at each word that would complete an n-gram already in its
+    hypothesis's words so far (history (R, t))."""
+    steps = history.shape[1]
+    if steps >= n:
+        grams = history.unfold(1, n, 1)  # (R, t - n + 1, n): every n-gram so far
+        prefix = history[:, steps - n + 1 :]  # (R, n - 1): the words the next one would extend
+        repeats = (grams[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2)  # (R, t - n + 1)
+        rows, at = repeats.nonzero(as_tuple=True)
+        logits[rows, grams[rows, at, -1]] = float("-inf")
+    return logits
 
 
 def _log_normaliser(logits: Tensor, scratch: Tensor) -> Tensor:

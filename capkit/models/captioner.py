@@ -89,6 +89,7 @@ class Captioner(nn.Module):
         max_len: int = 16,
         length_penalty: float = 0.0,
         n_best: int = 1,
+        no_repeat_ngram_size: int = 0,
     ) -> Generation:
         """Batched beam search; call ``eval()`` first (dropout stays as the module's mode says)."""
         return self.decoder.generate(
@@ -97,4 +98,5 @@ class Captioner(nn.Module):
             max_len=max_len,
             length_penalty=length_penalty,
             n_best=n_best,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )

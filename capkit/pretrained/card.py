@@ -103,7 +103,9 @@ def render_card(
         "```python", "import capkit", "", f'model = capkit.from_pretrained("{name}")',
         'result = model.caption("photo.jpg")', "print(result.caption)", 'result.save_figure("attention.png")', "```",
         "", f"or `capkit caption photo.jpg --model {name}`. It decodes with beam size {decoding['beam_size']}, at most "
-        f"{decoding['max_len']} words, length penalty {decoding['length_penalty']} unless told otherwise.", "",
+        f"{decoding['max_len']} words, length penalty {decoding['length_penalty']}"
+        + (f", no repeated {decoding['no_repeat_ngram_size']}-grams" if decoding.get("no_repeat_ngram_size") else "")
+        + " unless told otherwise.", "",
         "## Training data and its licence", "", f"Trained on `{dataset}`: {licence.terms}", "",
     ]
     if config["encoder_weights"] == "source":

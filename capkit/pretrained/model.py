@@ -110,7 +110,8 @@ class TrainedCaptioner:
 
     @property
     def decoding(self) -> dict[str, Any]:
-        """The decoding settings the model was evaluated with: ``beam_size``, ``max_len``, ``length_penalty``."""
+        """The decoding settings the model was evaluated with: ``beam_size``, ``max_len``, ``length_penalty``,
+        ``no_repeat_ngram_size``."""
         return decoding_settings(self.config.eval)
 
     def decoding_with(self, **overrides: Any) -> dict[str, Any]:
@@ -121,9 +122,9 @@ class TrainedCaptioner:
                             f"{', '.join(fmt.DECODING_KEYS)}")
         settings = {**self.decoding, **{k: v for k, v in overrides.items() if v is not None}}
         # ConfigError (a ValueError): the command-line tools print it as one line
-        for key in ("beam_size", "max_len"):
-            if not isinstance(settings[key], int) or settings[key] < 1:
-                raise ConfigError(f"{key} must be a whole number of at least 1, got {settings[key]!r}")
+        for key, least in (("beam_size", 1), ("max_len", 1), ("no_repeat_ngram_size", 0)):
+            if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < least:
+                raise ConfigError(f"{key} must be a whole number of at least {least}, got {settings[key]!r}")
         if not math.isfinite(settings["length_penalty"]) or settings["length_penalty"] < 0:
             # as eval.length_penalty: below 0 the ranking would favour ever shorter captions
             raise ConfigError(f"length_penalty must be a finite number of at least 0, got "
@@ -329,6 +330,7 @@ class TrainedCaptioner:
     def caption(
         self, images: ImageInput | Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
         length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
+        no_repeat_ngram_size: int | None = None,
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image or several: file paths, PIL images, or image tensors ((3, H, W) or (B, 3, H, W),
         uint8 or float in [0, 1], as ``torchvision.transforms.functional.to_pil_image`` takes them; they are
@@ -336,22 +338,26 @@ class TrainedCaptioner:
 
         Decodes with the model's own settings (``decoding``) unless told otherwise, ``batch_size`` images at a
         time (default: the model's ``eval.batch_size``). ``n_best`` > 1 also gives each result's ``n_best`` list
-        (at most the beam size of captions, best first).
+        (at most the beam size of captions, best first). ``no_repeat_ngram_size`` n > 0: no caption repeats one of
+        its n-grams (3: "a dog and a dog" cannot happen).
         """
         single = isinstance(images, (str, os.PathLike, Image.Image)) or (
             isinstance(images, torch.Tensor) and images.dim() == 3
         )
         results = list(self.iter_captions([images] if single else images, beam_size=beam_size, max_len=max_len,
-                                          length_penalty=length_penalty, batch_size=batch_size, n_best=n_best))
+                                          length_penalty=length_penalty, batch_size=batch_size, n_best=n_best,
+                                          no_repeat_ngram_size=no_repeat_ngram_size))
         return results[0] if single else results
 
     def iter_captions(
         self, images: Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
         length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
+        no_repeat_ngram_size: int | None = None,
     ) -> Iterator[CaptionResult]:
         """``caption`` as a stream: opens and decodes ``batch_size`` images at a time, so memory does not grow with
         the number of images."""
-        decoding = self.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        decoding = self.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
+                                      no_repeat_ngram_size=no_repeat_ngram_size)
         batch: list[tuple[Image.Image, str | None]] = []
         for item in _flatten_tensors(images):
             batch.append(self._open(item))
@@ -368,7 +374,7 @@ class TrainedCaptioner:
 
     def caption_pictures(
         self, pictures: Sequence[tuple[Image.Image, str | None]], *, beam_size: int, max_len: int,
-        length_penalty: float, inputs: torch.Tensor | None = None, n_best: int = 1,
+        length_penalty: float, no_repeat_ngram_size: int = 0, inputs: torch.Tensor | None = None, n_best: int = 1,
     ) -> list[CaptionResult]:
         """One beam search over opened RGB pictures (each with its source file or None); ``inputs`` are their
         ``transform``-ed tensors (B, 3, H, W) where a loader made them already; ``n_best`` > 1 fills each
@@ -381,7 +387,8 @@ class TrainedCaptioner:
             parts = [self.model.encode(chunk.to(self.device)) for chunk in inputs.split(ENCODER_CHUNK)]
             features = EncoderOutput(torch.cat([part.feats for part in parts]), parts[0].grid)  # (B, N, C)
             generation = self.model.generate(features=features, beam_size=beam_size, max_len=max_len,
-                                             length_penalty=length_penalty, n_best=n_best)
+                                             length_penalty=length_penalty, n_best=n_best,
+                                             no_repeat_ngram_size=no_repeat_ngram_size)
         results = []
         for (picture, source), hyps in zip(pictures, generation.hypotheses):
             best = hyps[0]

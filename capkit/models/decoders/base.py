@@ -78,6 +78,7 @@ class Decoder(nn.Module):
         max_len: int = 16,
         length_penalty: float = 0.0,
         n_best: int = 1,
+        no_repeat_ngram_size: int = 0,
     ) -> Generation:
         """Batched beam search (see ``capkit.models.beam_search.beam_search``)."""
         memory = self.prepare(enc)
@@ -90,6 +91,7 @@ class Decoder(nn.Module):
             length_penalty=length_penalty,
             n_best=n_best,
             share_memory=self.supports_shared_memory,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
 
     def sample(

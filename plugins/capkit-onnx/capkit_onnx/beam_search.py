@@ -2,7 +2,8 @@
 onnxruntime graphs give the captions of the PyTorch model.
 
 Same rules: at most ``max_len`` words then ``<end>`` (taken with its real log-probability), ``<pad>`` and
-``<start>`` never generated, a finished hypothesis kept with its score frozen (it continues with ``<pad>`` at no
+``<start>`` never generated, with ``no_repeat_ngram_size`` n > 0 no word that would repeat one of the hypothesis's
+n-grams (banned after the normaliser, so the words still allowed keep the model's log-probabilities), a finished hypothesis kept with its score frozen (it continues with ``<pad>`` at no
 cost), a beam of score -inf dead, hypotheses ranked by ``score / length ** length_penalty`` (length counts
 ``<end>``); the first step runs once per image, an image leaves the batch when all its beams have ended.
 Everything is float32, as in torch. Ties between equal scores go to the lower index (torch leaves their order
@@ -53,11 +54,13 @@ def beam_search(
     max_len: int = 16,
     length_penalty: float = 0.0,
     n_best: int = 1,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[Hypothesis]]:
     """For each of the B images whose ``memory`` (B, ...) and initial ``state`` (B, ...) are given, its
     ``n_best`` best hypotheses, best first."""
-    if beam_size < 1 or n_best < 1 or max_len < 0:
-        raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0; got {beam_size}, {n_best}, {max_len}")
+    if beam_size < 1 or n_best < 1 or max_len < 0 or no_repeat_ngram_size < 0:
+        raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0, no_repeat_ngram_size >= 0; got "
+                         f"{beam_size}, {n_best}, {max_len}, {no_repeat_ngram_size}")
     n_best = min(n_best, beam_size)
     batch, k = len(next(iter(memory.values()))), beam_size
     step_memory = memory  # B rows at the first step, B * K after
@@ -77,6 +80,8 @@ def beam_search(
         logits, alpha, state = step(tokens, state, step_memory)
         logits = logits.astype(np.float32, copy=False)  # (B*width, V)
         norm = _log_normaliser(logits)  # (B*width, 1)
+        if no_repeat_ngram_size and t < max_len:
+            logits = _ban_repeated_ngrams(logits.copy(), history, no_repeat_ngram_size)
         if t == max_len:  # the last step: every hypothesis still open takes <end>
             row_logp = np.full((len(logits), k), -np.inf, dtype=np.float32)
             row_logp[:, :1] = logits[:, EOS_ID : EOS_ID + 1] - norm
@@ -134,6 +139,18 @@ def beam_search(
         step_memory = {name: value[keep_rows] for name, value in step_memory.items()}
         batch = len(keep)
     return hypotheses
+
+
+def _ban_repeated_ngrams(logits: np.ndarray, history: np.ndarray, n: int) -> np.ndarray:
+    """logits (R, V), with -inf written at each word that would complete an n-gram already in its
+    hypothesis's words so far (history (R, t))."""
+    steps = history.shape[1]
+    if steps >= n:
+        grams = np.lib.stride_tricks.sliding_window_view(history, n, axis=1)  # (R, t - n + 1, n)
+        prefix = history[:, steps - n + 1 :]  # (R, n - 1): the words the next one would extend
+        rows, at = np.nonzero((grams[:, :, :-1] == prefix[:, None]).all(axis=2))
+        logits[rows, grams[rows, at, -1]] = -np.inf
+    return logits
 
 
 def _log_normaliser(logits: np.ndarray) -> np.ndarray:

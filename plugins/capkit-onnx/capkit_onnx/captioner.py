@@ -21,7 +21,8 @@ __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "ImageInput", "OnnxCaptionResult", "
 
 FORMAT_VERSION = 1  # capkit.export.onnx.FORMAT_VERSION
 CONFIG_FILE = "config.json"
-DECODING_KEYS = ("beam_size", "max_len", "length_penalty")
+DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size")
+DECODING_DEFAULTS = {"no_repeat_ngram_size": 0}  # settings that older exports lack
 ENCODER_CHUNK = 16  # images per encoder run: its activations, not the beam search, set the peak memory
 BATCH_SIZE = 64  # images per beam search by default
 SPECIAL_TOKENS = 4  # <pad> <start> <end> <unk> start every vocabulary
@@ -103,8 +104,9 @@ class OnnxCaptioner:
 
     @property
     def decoding(self) -> dict[str, Any]:
-        """The decoding settings the model was evaluated with: ``beam_size``, ``max_len``, ``length_penalty``."""
-        return {k: self.config["decoding"][k] for k in DECODING_KEYS}
+        """The decoding settings the model was evaluated with: ``beam_size``, ``max_len``, ``length_penalty``,
+        ``no_repeat_ngram_size``."""
+        return {k: self.config["decoding"].get(k, DECODING_DEFAULTS.get(k)) for k in DECODING_KEYS}
 
     def decoding_with(self, **overrides: Any) -> dict[str, Any]:
         """``decoding`` with the overrides that are not None, checked."""
@@ -112,9 +114,9 @@ class OnnxCaptioner:
         if unknown:
             raise TypeError(f"unknown decoding settings {sorted(unknown)}; the settings are {', '.join(DECODING_KEYS)}")
         settings = {**self.decoding, **{k: v for k, v in overrides.items() if v is not None}}
-        for key in ("beam_size", "max_len"):
-            if not isinstance(settings[key], int) or settings[key] < 1:
-                raise ValueError(f"{key} must be a whole number of at least 1, got {settings[key]!r}")
+        for key, least in (("beam_size", 1), ("max_len", 1), ("no_repeat_ngram_size", 0)):
+            if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < least:
+                raise ValueError(f"{key} must be a whole number of at least {least}, got {settings[key]!r}")
         if not math.isfinite(settings["length_penalty"]):
             raise ValueError(f"length_penalty must be a finite number, got {settings['length_penalty']!r}")
         limit = self.config.get("max_steps")
@@ -173,7 +175,7 @@ class OnnxCaptioner:
     def caption(
         self, images: ImageInput | Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
         length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS, no_repeat_ngram_size: int | None = None,
     ) -> OnnxCaptionResult | list[OnnxCaptionResult]:
         """Caption one image or several: file paths, PIL images or uint8 arrays (H, W, 3) of a whole picture.
         One image gives one result, several a list. Decodes with the model's settings unless told otherwise,
@@ -183,16 +185,17 @@ class OnnxCaptioner:
         )
         results = list(self.iter_captions([images] if single else images, beam_size=beam_size, max_len=max_len,
                                           length_penalty=length_penalty, batch_size=batch_size, n_best=n_best,
-                                          max_pixels=max_pixels))
+                                          max_pixels=max_pixels, no_repeat_ngram_size=no_repeat_ngram_size))
         return results[0] if single else results
 
     def iter_captions(
         self, images: Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
         length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS, no_repeat_ngram_size: int | None = None,
     ) -> Iterator[OnnxCaptionResult]:
         """``caption`` as a stream, ``batch_size`` images at a time."""
-        decoding = self.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        decoding = self.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
+                                      no_repeat_ngram_size=no_repeat_ngram_size)
         batch: list[tuple[np.ndarray, str | None]] = []
         for item in images:
             batch.append(self._open(item, max_pixels))
@@ -204,14 +207,14 @@ class OnnxCaptioner:
 
     def caption_pixels(
         self, pixels: Sequence[np.ndarray] | np.ndarray, sources: Sequence[str | None] | None = None, *,
-        beam_size: int, max_len: int, length_penalty: float, n_best: int = 1,
+        beam_size: int, max_len: int, length_penalty: float, n_best: int = 1, no_repeat_ngram_size: int = 0,
     ) -> list[OnnxCaptionResult]:
         """One beam search over preprocessed pixels ((B, H, W, 3) uint8, or B arrays (H, W, 3))."""
         if not isinstance(n_best, int) or not 1 <= n_best <= beam_size:
             raise ValueError(f"n_best must be a whole number from 1 to the beam size ({beam_size}), got {n_best!r}")
         pixels = np.stack(list(pixels)) if not isinstance(pixels, np.ndarray) else pixels
         generation = self.generate(pixels, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                                   n_best=n_best)
+                                   n_best=n_best, no_repeat_ngram_size=no_repeat_ngram_size)
         results = []
         for i, hyps in enumerate(generation):
             best = hyps[0]

@@ -43,19 +43,25 @@ def torch_step_pair(vocab: int, seed: int):
     return step, numpy_step, state, AttentionMemory(values, None, (2, 2))
 
 
-@pytest.mark.parametrize("vocab, beam, max_len, length_penalty", [
-    (40, 1, 6, 0.0), (40, 3, 6, 0.0), (40, 3, 6, 0.7), (40, 5, 0, 0.0), (40, 2, 1, 1.0),
-    (5, 5, 4, 0.0),  # three words that can be generated, five beams: dead beams
+@pytest.mark.parametrize("vocab, beam, max_len, length_penalty, ngram", [
+    (40, 1, 6, 0.0, 0), (40, 3, 6, 0.0, 0), (40, 3, 6, 0.7, 0), (40, 5, 0, 0.0, 0), (40, 2, 1, 1.0, 0),
+    (5, 5, 4, 0.0, 0),  # three words that can be generated, five beams: dead beams
+    (8, 3, 12, 0.5, 2), (8, 3, 12, 0.0, 3), (8, 1, 12, 0.0, 1),  # few words, long captions: the ban binds
 ])
-def test_the_numpy_beam_search_finds_torchs_hypotheses(vocab, beam, max_len, length_penalty):
+def test_the_numpy_beam_search_finds_torchs_hypotheses(vocab, beam, max_len, length_penalty, ngram):
     from capkit.models.beam_search import beam_search as torch_beam_search
 
     for seed in range(3):
         step, numpy_step, state, memory = torch_step_pair(vocab, seed)
-        settings = dict(beam_size=beam, max_len=max_len, length_penalty=length_penalty, n_best=beam)
+        settings = dict(beam_size=beam, max_len=max_len, length_penalty=length_penalty, n_best=beam,
+                        no_repeat_ngram_size=ngram)
+        if ngram:  # without the ban these captions repeat n-grams: the two searches must ban the same ones
+            free = torch_beam_search(step, state, memory, **{**settings, "no_repeat_ngram_size": 0}).hypotheses
+            assert any(len(h.tokens) > ngram and _repeats(h.tokens, ngram) for hyps in free for h in hyps)
         want = torch_beam_search(step, state, memory, **settings).hypotheses
         got = beam_search(numpy_step, {"h": state["h"].numpy()}, {"values": memory.values.numpy()}, **settings)
         assert len({tuple(hyps[0].tokens) for hyps in want}) > 1 or beam == 1 or max_len == 0
+        assert not any(ngram and _repeats(h.tokens, ngram) for hyps in got for h in hyps)
         for w_hyps, g_hyps in zip(want, got):
             assert [h.tokens for h in g_hyps] == [h.tokens for h in w_hyps]
             assert np.allclose([h.score for h in g_hyps], [h.score for h in w_hyps], atol=1e-5)
@@ -64,9 +70,16 @@ def test_the_numpy_beam_search_finds_torchs_hypotheses(vocab, beam, max_len, len
                 assert np.allclose(g.alphas, w.alphas.numpy(), atol=1e-6)
 
 
+def _repeats(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
 def test_the_search_refuses_what_torchs_refuses():
     with pytest.raises(ValueError, match="need beam_size >= 1"):
         beam_search(lambda *a: None, {}, {"values": np.zeros((1, 1, 1), np.float32)}, beam_size=0)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size >= 0"):
+        beam_search(lambda *a: None, {}, {"values": np.zeros((1, 1, 1), np.float32)}, no_repeat_ngram_size=-1)
 
 
 # ------------------------------------------------------------------------------------------ an exported model
