@@ -7,7 +7,7 @@ wheel, and the model card ``README.md``);
 """
 from pathlib import Path
 
-__version__ = "1.3.0"
+__version__ = "1.4.0"
 
 
 def model_path() -> Path:
