@@ -173,26 +173,33 @@ def test_no_repeat_ngram_size_bans_each_repeated_ngram_and_nothing_else(ngram, c
 
 
 def test_no_repeat_ngram_size_holds_for_every_beam_of_every_image():
-    """Beams are reordered at every step: each keeps its own words' n-grams (a random next-word table over 12
-    words, where captions run to max_len and repeat without the constraint)."""
+    """Beams are reordered at every step and images leave the batch as they end: each beam keeps its own words'
+    n-grams (a random next-word table over 12 words, where captions repeat without the constraint; each image
+    has its own eagerness to end, so that some end early and others run to max_len)."""
     table = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)) * 2
-    table[:, EOS_ID] = -4.0
+    table[:, EOS_ID] = 0.0
 
     def step(tokens, state, memory):
         k = len(tokens) // memory.values.shape[0]
         return table[tokens] + memory.values[:, 0].repeat_interleave(k, 0), torch.ones(len(tokens), 1), state
 
-    memory = AttentionMemory(values=torch.randn(6, 1, 16, generator=torch.Generator().manual_seed(1)), keys=None,
-                             grid=(1, 1))
+    values = torch.randn(6, 1, 16, generator=torch.Generator().manual_seed(1))
+    values[:, 0, EOS_ID] = torch.linspace(-4.0, 3.0, 6)
+    memory = AttentionMemory(values=values, keys=None, grid=(1, 1))
     for ngram in (0, 2, 3):
         generation = beam_search(step, {}, memory, beam_size=4, max_len=12, n_best=4, no_repeat_ngram_size=ngram)
         hypotheses = [h for hyps in generation.hypotheses for h in hyps]
         assert len(hypotheses) == 24
+        lengths = {len(hyps[0].tokens) for hyps in generation.hypotheses}
+        assert any(0 < n < 12 for n in lengths) and max(lengths) == 12  # images end at different steps
         repeating = [h.tokens for h in hypotheses
                      if len(set(zip(*[h.tokens[i:] for i in range(ngram or 2)]))) < len(h.tokens) - (ngram or 2) + 1]
         assert (len(repeating) > 0) if ngram == 0 else repeating == []
 
 
-def test_no_repeat_ngram_size_below_zero_is_refused():
+def test_no_repeat_ngram_size_below_zero_or_not_whole_is_refused():
     with pytest.raises(ValueError, match="no_repeat_ngram_size >= 0"):
         word_table_search(-1)
+    for bad in (True, 2.0):
+        with pytest.raises(TypeError, match="no_repeat_ngram_size must be a whole number"):
+            word_table_search(bad)

@@ -84,6 +84,8 @@ def test_onnxruntime_gives_the_captions_and_scores_of_pytorch(exported, beam, ng
     pictures = varied_pictures(12)
     want = trained.caption(pictures, beam_size=beam, n_best=beam, no_repeat_ngram_size=ngram)
     got = runtime.caption(pictures, beam_size=beam, n_best=beam, no_repeat_ngram_size=ngram)
+    if ngram:  # the ban changes captions here
+        assert [r.caption for r in want] != [r.caption for r in trained.caption(pictures, beam_size=beam)]
     assert len({r.caption for r in want}) > 3  # the pictures get different captions
     assert [r.caption for r in got] == [r.caption for r in want]
     assert [r.hypothesis.tokens for r in got] == [r.hypothesis.tokens for r in want]
@@ -127,7 +129,9 @@ def test_the_export_folder_holds_three_graphs_and_the_config(exported):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder_step.onnx", "encoder.onnx",
                                                      "memory.onnx"]
     config = json.loads((out / "config.json").read_text())
-    assert config["vocabulary"] == trained.vocab.itos and config["decoding"] == trained.decoding
+    assert config["vocabulary"] == trained.vocab.itos and runtime.decoding == trained.decoding
+    # no n-gram ban: written as format 1, without the setting, so that capkit-onnx 0.1 still reads it
+    assert config["capkit_onnx_format"] == 1 and "no_repeat_ngram_size" not in config["decoding"]
     assert config["preprocessing"]["input_size"] == list(trained.preprocessing["input_size"])
     assert [i.name for i in runtime.encoder.get_inputs()] == ["pixels"]
     assert runtime.encoder.get_inputs()[0].type == "tensor(uint8)"
@@ -232,5 +236,18 @@ def test_a_folder_with_files_is_refused_unless_overwritten(exported, tmp_path):
     with pytest.raises(capkit_onnx.OnnxModelError, match="cannot read the exported model's config"):
         capkit_onnx.OnnxCaptioner.from_pretrained(tmp_path)
     trained.save_pretrained(tmp_path / "model")  # a torch model's folder is no export
-    with pytest.raises(capkit_onnx.OnnxModelError, match="not a capkit ONNX export of format 1"):
+    with pytest.raises(capkit_onnx.OnnxModelError, match="not a capkit ONNX export of format 2 or earlier"):
         capkit_onnx.OnnxCaptioner.from_pretrained(tmp_path / "model")
+
+
+def test_an_export_that_bans_repeated_ngrams_is_format_2_and_decodes_with_the_ban(exported, tmp_path):
+    trained, _, _ = exported
+    blocked = capkit.from_pretrained(trained.save_pretrained(tmp_path / "model", decoding={"no_repeat_ngram_size": 1}))
+    export_onnx(blocked, tmp_path / "onnx")
+    config = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert config["capkit_onnx_format"] == 2 and config["decoding"]["no_repeat_ngram_size"] == 1
+    runtime = capkit_onnx.OnnxCaptioner.from_pretrained(tmp_path / "onnx")
+    pictures = varied_pictures(8)
+    free, want, got = trained.caption(pictures), blocked.caption(pictures), runtime.caption(pictures)
+    assert [r.caption for r in got] == [r.caption for r in want] != [r.caption for r in free]
+    assert all(len(set(r.words)) == len(r.words) for r in got)  # 1: no word twice

@@ -76,7 +76,9 @@ def test_the_config_holds_model_vocabulary_preprocessing_and_decoding(trained, t
     assert config["model"]["encoder"]["model_name"] == "test_efficientnet"
     assert config["vocabulary"][:4] == ["<pad>", "<start>", "<end>", "<unk>"] and len(config["vocabulary"]) == len(trained.vocab)
     assert config["preprocessing"]["input_size"] == list(trained.preprocessing["input_size"])
-    assert config["decoding"] == {"beam_size": 2, "max_len": 8, "length_penalty": 0.0, "no_repeat_ngram_size": 0}
+    # no n-gram ban: written without the setting, so that capkit 0.3 still reads the file
+    assert config["decoding"] == {"beam_size": 2, "max_len": 8, "length_penalty": 0.0}
+    assert "no_repeat_ngram_size" not in config["training"]["eval"]
     assert config["encoder_weights"] == "included" and config["dtype"] == "float32"
     assert config["training"]["data"]["dataset"]["name"] == "shapes" and "model" not in config["training"]
 
@@ -630,8 +632,7 @@ def test_the_decoding_section_of_config_json_is_what_the_model_decodes_with(trai
 def test_a_model_saved_before_no_repeat_ngram_size_decodes_without_it(trained, images, tmp_path):
     saved = trained.save_pretrained(tmp_path / "m")
     config = json.loads((saved / "config.json").read_text())
-    del config["decoding"]["no_repeat_ngram_size"], config["training"]["eval"]["no_repeat_ngram_size"]
-    (saved / "config.json").write_text(json.dumps(config))
+    assert "no_repeat_ngram_size" not in config["decoding"] and "no_repeat_ngram_size" not in config["training"]["eval"]
     loaded = capkit.from_pretrained(saved)
     assert loaded.decoding["no_repeat_ngram_size"] == 0
     same_results(trained.caption(images), loaded.caption(images))
@@ -649,8 +650,9 @@ def test_no_repeat_ngram_size_keeps_repeated_trigrams_out_of_every_caption(train
     assert not any(repeats(r.words, 3) for r in blocked)
     assert [r.caption for r in blocked] != [r.caption for r in free]
     assert trained.decoding_with(no_repeat_ngram_size=3)["no_repeat_ngram_size"] == 3
-    with pytest.raises(ConfigError, match="no_repeat_ngram_size must be a whole number of at least 0, got -1"):
-        trained.caption(images, no_repeat_ngram_size=-1)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ConfigError, match=f"no_repeat_ngram_size must be a whole number of at least 0, got {bad}"):
+            trained.caption(images, no_repeat_ngram_size=bad)
 
 
 BAD_SAVED_SETTINGS = {
@@ -663,6 +665,10 @@ BAD_SAVED_SETTINGS = {
                                                     r"length_penalty, no_repeat_ngram_size\)"),
     "n-gram size below 0": ("decoding", "no_repeat_ngram_size", -1,
                             r"decoding\.no_repeat_ngram_size is -1; it must be a whole number of at least 0"),
+    "n-gram size true": ("decoding", "no_repeat_ngram_size", True,
+                         r"decoding\.no_repeat_ngram_size is True; it must be a whole number of at least 0"),
+    "n-gram size 3.0": ("decoding", "no_repeat_ngram_size", 3.0,
+                        r"decoding\.no_repeat_ngram_size is 3\.0; it must be a whole number of at least 0"),
     "input_size text": ("preprocessing", "input_size", "abc",
                         r"preprocessing\.input_size is 'abc'; it must be \[3, height, width\] with whole numbers from 1 "
                         r"to 4096"),

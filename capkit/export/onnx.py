@@ -42,13 +42,16 @@ from torch import Tensor, nn
 import capkit
 from capkit.errors import ExportError, MissingDependencyError, OutputPathError
 from capkit.models.attention.base import AttentionMemory
+from capkit.pretrained.format import stored_decoding
 from capkit.pretrained.model import TrainedCaptioner
 from capkit.types import BOS_ID, EncoderOutput
 
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "GRAPH_FILES", "SUPPORTED_CROP_MODES", "ExportSummary", "export_onnx",
            "EncoderGraph", "MemoryGraph", "StepGraph"]
 
-FORMAT_VERSION = 1
+# 2: decoding.no_repeat_ngram_size (capkit-onnx 0.2). An export that leaves it at 0 is written without it as format
+# 1, which capkit-onnx 0.1 reads; one that uses it is format 2, which 0.1 refuses instead of decoding without it.
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 GRAPH_FILES = {"encoder": "encoder.onnx", "memory": "memory.onnx", "step": "decoder_step.onnx"}
 SUPPORTED_CROP_MODES = ("center", "squash")  # the timm eval transforms the runtime reproduces with Pillow
@@ -202,13 +205,14 @@ def _export(
                                                        FP16_ATOL)
         for file in GRAPH_FILES.values():
             shutil.move(str(Path(tmp) / file), target / file)
+    decoding = stored_decoding(model.decoding)
     config = {
-        "capkit_onnx_format": FORMAT_VERSION,
+        "capkit_onnx_format": FORMAT_VERSION if "no_repeat_ngram_size" in decoding else 1,
         "capkit_version": capkit.__version__,
         "architecture": model.architecture,
         "vocabulary": list(model.vocab.itos),
         "preprocessing": _jsonable(model.preprocessing),
-        "decoding": model.decoding,
+        "decoding": decoding,
         "grid": list(grid),
         "weights_dtype": "float16" if fp16 else "float32",
         "graphs": dict(GRAPH_FILES),

@@ -68,7 +68,8 @@ class OnnxRuntimeCaptioner:
         return OmegaConf.structured(ExperimentConfig)
 
     def decoding_with(self, **overrides: Any) -> dict[str, Any]:
-        return self.runtime.decoding_with(**overrides)
+        # only the settings given: a runtime older than one of capkit's settings refuses its name even as None
+        return self.runtime.decoding_with(**{k: v for k, v in overrides.items() if v is not None})
 
     @property
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:

@@ -58,9 +58,11 @@ def beam_search(
         share_memory: pass ``memory`` to ``step`` as it is, B rows for B * K hypotheses (the attention must
             support it, see ``Attention``), instead of one copy per hypothesis.
         no_repeat_ngram_size: n > 0: a hypothesis never repeats one of its n-grams (Hugging Face's
-            ``no_repeat_ngram_size``; ruotianluo/ImageCaptioning.pytorch's ``block_trigrams`` is n = 3). It only
-            removes candidates: the words still allowed keep the model's log-probabilities. 0: no constraint.
+            ``no_repeat_ngram_size``; n = 3 is the trigram blocking of Paulus et al. 2018). It only removes
+            candidates: the words still allowed keep the model's log-probabilities. 0: no constraint.
     """
+    if not isinstance(no_repeat_ngram_size, int) or isinstance(no_repeat_ngram_size, bool):
+        raise TypeError(f"no_repeat_ngram_size must be a whole number, got {no_repeat_ngram_size!r}")
     if beam_size < 1 or n_best < 1 or max_len < 0 or no_repeat_ngram_size < 0:
         raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0, no_repeat_ngram_size >= 0; got "
                          f"{beam_size}, {n_best}, {max_len}, {no_repeat_ngram_size}")
@@ -87,7 +89,7 @@ def beam_search(
         if scratch is None:
             scratch = torch.empty(batch * k, logits.shape[1], dtype=torch.float32, device=device)
         norm = _log_normaliser(logits, scratch)  # (B*width, 1): log-probabilities = logits - norm
-        if no_repeat_ngram_size and t < max_len:
+        if 0 < no_repeat_ngram_size <= t < max_len:  # t words so far: an n-gram to repeat needs t >= n
             # after the normaliser: a banned word is removed, the others keep the model's probabilities
             logits = _ban_repeated_ngrams(logits.clone(), history, no_repeat_ngram_size)
         if t == max_len:  # the last step: every hypothesis still open takes <end>
@@ -154,15 +156,15 @@ def beam_search(
 
 def _ban_repeated_ngrams(logits: Tensor, history: Tensor, n: int) -> Tensor:
     """logits (R, V), with -inf written at each word that would complete an n-gram already in its
-    hypothesis's words so far (history (R, t))."""
-    steps = history.shape[1]
-    if steps >= n:
-        grams = history.unfold(1, n, 1)  # (R, t - n + 1, n): every n-gram so far
-        prefix = history[:, steps - n + 1 :]  # (R, n - 1): the words the next one would extend
-        repeats = (grams[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2)  # (R, t - n + 1)
-        rows, at = repeats.nonzero(as_tuple=True)
-        logits[rows, grams[rows, at, -1]] = float("-inf")
-    return logits
+    hypothesis's words so far (history (R, t), t >= n)."""
+    grams = history.unfold(1, n, 1)  # (R, t - n + 1, n): every n-gram so far
+    prefix = history[:, history.shape[1] - n + 1 :]  # (R, n - 1): the words the next one would extend
+    repeats = (grams[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2)  # (R, t - n + 1)
+    # a scatter, no nonzero(): no host sync on CUDA. Where no n-gram matches, the index is column 0 (<pad>, never
+    # generated) and the value there stays what it is (logits' own), so only the repeats change.
+    banned = torch.where(repeats, grams[:, :, -1], 0)  # (R, t - n + 1)
+    fill = torch.where(repeats, float("-inf"), logits[:, :1].expand_as(repeats))
+    return logits.scatter_(1, banned, fill)
 
 
 def _log_normaliser(logits: Tensor, scratch: Tensor) -> Tensor:

@@ -63,7 +63,10 @@ ENCODER_WEIGHTS = ("included", "source")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ENCODER_PREFIX = "encoder."  # the encoder's keys in the captioner's state dict
 
-DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size")  # the last: 0 when absent
+DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size")
+# Settings newer than the format, with the value that changes nothing: a file is written without them at that value
+# (``stored_decoding``), so that the capkit before them still reads it, and is read with that value where absent.
+NEUTRAL_DECODING = {"no_repeat_ngram_size": 0}  # capkit 0.4
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
 CROP_MODES = ("center", "squash")  # what capkit.data.transforms.visible_region maps back to the image
 MAX_INPUT_SIZE = 4096  # pixels a side: larger is no model input but a typo, which would exhaust memory
@@ -115,6 +118,11 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def stored_decoding(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (a ``decoding`` or ``eval`` section) without the newer settings left at their neutral value."""
+    return {k: v for k, v in settings.items() if not (k in NEUTRAL_DECODING and v == NEUTRAL_DECODING[k])}
+
+
 def _decoding_problems(decoding: Any) -> list[tuple[str, str]]:
     """(key, what is wrong) of the ``decoding`` section: the settings captions are decoded with."""
     if not isinstance(decoding, dict):
@@ -127,7 +135,7 @@ def _decoding_problems(decoding: Any) -> list[tuple[str, str]]:
     penalty = decoding.get("length_penalty", 0.0)
     if not (_is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
         problems.append(("decoding.length_penalty", f"is {penalty!r}; it must be a finite number of at least 0"))
-    ngram = decoding.get("no_repeat_ngram_size", 0)  # absent in files written before capkit 0.4
+    ngram = decoding.get("no_repeat_ngram_size", NEUTRAL_DECODING["no_repeat_ngram_size"])
     if not (_is_int(ngram) and ngram >= 0):
         problems.append(("decoding.no_repeat_ngram_size", f"is {ngram!r}; it must be a whole number of at least 0 "
                                                           f"(0: no constraint)"))

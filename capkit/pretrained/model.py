@@ -309,11 +309,12 @@ class TrainedCaptioner:
             "model": experiment["model"],
             "vocabulary": list(self.vocab.itos),
             "preprocessing": _jsonable(self.preprocessing),
-            "decoding": decoding,
+            "decoding": fmt.stored_decoding(decoding),
             "encoder_weights": encoder_weights,
             "dtype": dtype,
             "training": {k: experiment[k] for k in ("data", "train", "eval", "plugins") if k in experiment},
         }
+        config["training"]["eval"] = fmt.stored_decoding(config["training"]["eval"])
         if encoder_weights == "source":
             fresh = ENCODERS.build(_without_remote_code(config["model"])["encoder"])
             config["encoder_sha256"] = fmt.state_sha256(fresh.state_dict())  # what loading rebuilds, checked there

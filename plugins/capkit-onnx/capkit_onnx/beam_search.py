@@ -58,6 +58,8 @@ def beam_search(
 ) -> list[list[Hypothesis]]:
     """For each of the B images whose ``memory`` (B, ...) and initial ``state`` (B, ...) are given, its
     ``n_best`` best hypotheses, best first."""
+    if not isinstance(no_repeat_ngram_size, int) or isinstance(no_repeat_ngram_size, bool):
+        raise TypeError(f"no_repeat_ngram_size must be a whole number, got {no_repeat_ngram_size!r}")
     if beam_size < 1 or n_best < 1 or max_len < 0 or no_repeat_ngram_size < 0:
         raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0, no_repeat_ngram_size >= 0; got "
                          f"{beam_size}, {n_best}, {max_len}, {no_repeat_ngram_size}")
@@ -80,7 +82,7 @@ def beam_search(
         logits, alpha, state = step(tokens, state, step_memory)
         logits = logits.astype(np.float32, copy=False)  # (B*width, V)
         norm = _log_normaliser(logits)  # (B*width, 1)
-        if no_repeat_ngram_size and t < max_len:
+        if 0 < no_repeat_ngram_size <= t < max_len:  # t words so far: an n-gram to repeat needs t >= n
             logits = _ban_repeated_ngrams(logits.copy(), history, no_repeat_ngram_size)
         if t == max_len:  # the last step: every hypothesis still open takes <end>
             row_logp = np.full((len(logits), k), -np.inf, dtype=np.float32)
@@ -143,13 +145,11 @@ def beam_search(
 
 def _ban_repeated_ngrams(logits: np.ndarray, history: np.ndarray, n: int) -> np.ndarray:
     """logits (R, V), with -inf written at each word that would complete an n-gram already in its
-    hypothesis's words so far (history (R, t))."""
-    steps = history.shape[1]
-    if steps >= n:
-        grams = np.lib.stride_tricks.sliding_window_view(history, n, axis=1)  # (R, t - n + 1, n)
-        prefix = history[:, steps - n + 1 :]  # (R, n - 1): the words the next one would extend
-        rows, at = np.nonzero((grams[:, :, :-1] == prefix[:, None]).all(axis=2))
-        logits[rows, grams[rows, at, -1]] = -np.inf
+    hypothesis's words so far (history (R, t), t >= n)."""
+    grams = np.lib.stride_tricks.sliding_window_view(history, n, axis=1)  # (R, t - n + 1, n)
+    prefix = history[:, history.shape[1] - n + 1 :]  # (R, n - 1): the words the next one would extend
+    rows, at = np.nonzero((grams[:, :, :-1] == prefix[:, None]).all(axis=2))
+    logits[rows, grams[rows, at, -1]] = -np.inf
     return logits
 
 

@@ -19,7 +19,8 @@ from capkit_onnx.images import DEFAULT_MAX_PIXELS, open_image, preprocess
 
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "ImageInput", "OnnxCaptionResult", "OnnxCaptioner", "OnnxModelError"]
 
-FORMAT_VERSION = 1  # capkit.export.onnx.FORMAT_VERSION
+FORMAT_VERSION = 2  # capkit.export.onnx.FORMAT_VERSION; 1 lacks decoding.no_repeat_ngram_size
+READABLE_FORMATS = (1, 2)
 CONFIG_FILE = "config.json"
 DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size")
 DECODING_DEFAULTS = {"no_repeat_ngram_size": 0}  # settings that older exports lack
@@ -80,10 +81,11 @@ class OnnxCaptioner:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise OnnxModelError(f"{path}: cannot read the exported model's config ({type(err).__name__}: {err}); "
                                  f"export the model with `capkit export --format onnx {directory}`") from err
-        if not isinstance(config, dict) or config.get("capkit_onnx_format") != FORMAT_VERSION:
+        if not isinstance(config, dict) or config.get("capkit_onnx_format") not in READABLE_FORMATS:
             found = config.get("capkit_onnx_format") if isinstance(config, dict) else None
-            raise OnnxModelError(f"{path}: not a capkit ONNX export of format {FORMAT_VERSION} (capkit_onnx_format: "
-                                 f"{found!r}); export the model again with `capkit export --format onnx`")
+            raise OnnxModelError(f"{path}: not a capkit ONNX export of format {FORMAT_VERSION} or earlier "
+                                 f"(capkit_onnx_format: {found!r}); export the model again with `capkit export "
+                                 f"--format onnx`, or upgrade capkit-onnx")
         missing = [k for k in ("vocabulary", "preprocessing", "decoding", "grid", "graphs", "memory", "state")
                    if k not in config]
         if missing:

@@ -77,8 +77,8 @@ def test_the_card_lists_exactly_the_commands_and_note_of_reproduce_sh():
 def test_it_loads_offline_by_name_and_captions_a_dev_photo(flickr8k_root, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = capkit.from_pretrained("sat-flickr8k")
-    # the settings of config.json; one it does not set (a setting newer than the file) has its neutral default
-    assert model.decoding == {"no_repeat_ngram_size": 0, **json.loads((MODEL / "config.json").read_text())["decoding"]}
+    assert model.decoding == json.loads((MODEL / "config.json").read_text())["decoding"]
+    assert model.decoding["no_repeat_ngram_size"] == 3 and model.decoding["length_penalty"] == 0.5
     result = model.caption(flickr8k_root / "Flicker8k_Dataset" / DEV_PHOTO)
     assert {"dog", "dogs"} & set(result.words) and len(result.words) >= 4  # the photo: two dogs at play
     assert result.attention.shape == (len(result.words) + 1, 9, 9)  # 9 x 9 grid of EfficientNet-Lite2 at 260 px
