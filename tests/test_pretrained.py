@@ -27,7 +27,7 @@ from capkit.evaluation import CaptionEvaluator
 from capkit.pretrained import TrainedCaptioner, hub
 from capkit.pretrained.format import read_config
 from capkit.recipes.evaluate import score_checkpoint
-from toys import TINY_SHAPES_CONFIG
+from toys import TINY_SHAPES_CONFIG, repeats_an_ngram
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_VAL = {"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 4, "image_size": 64}
@@ -640,14 +640,10 @@ def test_a_model_saved_before_no_repeat_ngram_size_decodes_without_it(trained, i
 
 def test_no_repeat_ngram_size_keeps_repeated_trigrams_out_of_every_caption(trained, images):
     """The tiny model loops ("the the the"): blocked, its captions change and repeat no trigram."""
-    def repeats(words, n):
-        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-        return len(set(grams)) < len(grams)
-
     free = trained.caption(images)
-    assert any(repeats(r.words, 3) for r in free)
+    assert any(repeats_an_ngram(r.words, 3) for r in free)
     blocked = trained.caption(images, no_repeat_ngram_size=3)
-    assert not any(repeats(r.words, 3) for r in blocked)
+    assert not any(repeats_an_ngram(r.words, 3) for r in blocked)
     assert [r.caption for r in blocked] != [r.caption for r in free]
     assert trained.decoding_with(no_repeat_ngram_size=3)["no_repeat_ngram_size"] == 3
     for bad in (-1, True, 2.0):

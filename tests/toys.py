@@ -149,3 +149,9 @@ def varied_pictures(n: int, seed: int = 0) -> list:
         pixels = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
         pictures.append(Image.fromarray(pixels))
     return pictures
+
+
+def repeats_an_ngram(words: list, n: int) -> bool:
+    """Whether the sequence ``words`` (words or word ids) holds some n-gram twice."""
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)

@@ -159,12 +159,9 @@ def _ban_repeated_ngrams(logits: Tensor, history: Tensor, n: int) -> Tensor:
     hypothesis's words so far (history (R, t), t >= n)."""
     grams = history.unfold(1, n, 1)  # (R, t - n + 1, n): every n-gram so far
     prefix = history[:, history.shape[1] - n + 1 :]  # (R, n - 1): the words the next one would extend
-    repeats = (grams[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2)  # (R, t - n + 1)
-    # a scatter, no nonzero(): no host sync on CUDA. Where no n-gram matches, the index is column 0 (<pad>, never
-    # generated) and the value there stays what it is (logits' own), so only the repeats change.
-    banned = torch.where(repeats, grams[:, :, -1], 0)  # (R, t - n + 1)
-    fill = torch.where(repeats, float("-inf"), logits[:, :1].expand_as(repeats))
-    return logits.scatter_(1, banned, fill)
+    rows, at = (grams[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2).nonzero(as_tuple=True)
+    logits[rows, grams[rows, at, -1]] = float("-inf")
+    return logits
 
 
 def _log_normaliser(logits: Tensor, scratch: Tensor) -> Tensor:

@@ -50,6 +50,7 @@ def torch_step_pair(vocab: int, seed: int):
 ])
 def test_the_numpy_beam_search_finds_torchs_hypotheses(vocab, beam, max_len, length_penalty, ngram):
     from capkit.models.beam_search import beam_search as torch_beam_search
+    from toys import repeats_an_ngram
 
     for seed in range(3):
         step, numpy_step, state, memory = torch_step_pair(vocab, seed)
@@ -57,22 +58,17 @@ def test_the_numpy_beam_search_finds_torchs_hypotheses(vocab, beam, max_len, len
                         no_repeat_ngram_size=ngram)
         if ngram:  # without the ban these captions repeat n-grams: the two searches must ban the same ones
             free = torch_beam_search(step, state, memory, **{**settings, "no_repeat_ngram_size": 0}).hypotheses
-            assert any(len(h.tokens) > ngram and _repeats(h.tokens, ngram) for hyps in free for h in hyps)
+            assert any(repeats_an_ngram(h.tokens, ngram) for hyps in free for h in hyps)
         want = torch_beam_search(step, state, memory, **settings).hypotheses
         got = beam_search(numpy_step, {"h": state["h"].numpy()}, {"values": memory.values.numpy()}, **settings)
         assert len({tuple(hyps[0].tokens) for hyps in want}) > 1 or beam == 1 or max_len == 0
-        assert not any(ngram and _repeats(h.tokens, ngram) for hyps in got for h in hyps)
+        assert not any(ngram and repeats_an_ngram(h.tokens, ngram) for hyps in got for h in hyps)
         for w_hyps, g_hyps in zip(want, got):
             assert [h.tokens for h in g_hyps] == [h.tokens for h in w_hyps]
             assert np.allclose([h.score for h in g_hyps], [h.score for h in w_hyps], atol=1e-5)
             assert np.allclose([h.norm_score for h in g_hyps], [h.norm_score for h in w_hyps], atol=1e-5)
             for g, w in zip(g_hyps, w_hyps):
                 assert np.allclose(g.alphas, w.alphas.numpy(), atol=1e-6)
-
-
-def _repeats(tokens: list[int], n: int) -> bool:
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) < len(grams)
 
 
 def test_the_search_refuses_what_torchs_refuses():
