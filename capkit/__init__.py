@@ -10,7 +10,7 @@ from capkit.pretrained import CaptionResult, TrainedCaptioner, ensemble, from_pr
 from capkit.registry import ATTENTIONS, DATASETS, DECODERS, ENCODERS, METRICS, REGISTRIES, Registry
 from capkit.types import DecoderOutput, EncoderOutput, Generation, Hypothesis
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "ATTENTIONS",

@@ -137,6 +137,8 @@ class EvalConfig:
     # n > 0: a caption never repeats one of its n-grams ("a dog and a dog"); 3 blocks trigrams (Hugging Face's
     # no_repeat_ngram_size). 0: no constraint
     no_repeat_ngram_size: int = 0
+    # never write <unk>: text drops it, so its caption would read with a word missing ("a man holding a")
+    suppress_unk: bool = False
     amp: str = "none"  # decoding precision: none (fp32) | bf16 (CPUs with native bf16, or CUDA) | auto | fp16
     batch_size: int = 128  # images per beam-search call (no activations kept: larger than training's pays)
     tokenizer: str = "ptb"  # before the COCO metrics: ptb (Java, the COCO pipeline) | python (no Java) | none
@@ -365,6 +367,6 @@ def _full_key(err: OmegaConfBaseException) -> str:
 
 def decoding_settings(eval_cfg: DictConfig) -> dict[str, Any]:
     """The beam search settings of an ``eval`` section: ``beam_size``, ``max_len``, ``length_penalty``,
-    ``no_repeat_ngram_size``."""
+    ``no_repeat_ngram_size``, ``suppress_unk``."""
     return dict(beam_size=eval_cfg.beam_size, max_len=eval_cfg.max_len, length_penalty=eval_cfg.length_penalty,
-                no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size)
+                no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size, suppress_unk=eval_cfg.suppress_unk)

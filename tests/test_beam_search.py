@@ -7,7 +7,7 @@ import torch
 from capkit.models.attention.base import AttentionMemory
 import capkit.models.beam_search as beam_search_module
 from capkit.models.beam_search import _row_topk, beam_search
-from capkit.types import EOS_ID
+from capkit.types import EOS_ID, UNK_ID
 from toys import repeats_an_ngram
 
 VOCAB = 6
@@ -203,3 +203,56 @@ def test_no_repeat_ngram_size_below_zero_or_not_whole_is_refused():
     for bad in (True, 2.0):
         with pytest.raises(TypeError, match="no_repeat_ngram_size must be a whole number"):
             word_table_search(bad)
+
+
+# ------------------------------------------------------------------------------------------ suppress_unk
+# Next-word logits by previous word over <pad> <start> <end> <unk> 4 5: after 4 the model's first choice is <unk>
+UNK_AFTER_4 = torch.tensor([
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # <pad> (unused)
+    [0.0, 0.0, -2.0, 0.0, 3.0, 0.0],  # <start>: 4
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # <end> (unused)
+    [0.0, 0.0, 3.0, 0.0, 0.0, 0.0],  # <unk>: <end>
+    [0.0, 0.0, -1.0, 3.0, -1.0, 1.5],  # 4: <unk>, then 5
+    [0.0, 0.0, 3.0, 0.0, 0.0, 0.0],  # 5: <end>
+])
+
+
+@pytest.mark.parametrize("suppress_unk, caption", [(False, [4, UNK_ID]), (True, [4, 5])])
+def test_suppress_unk_takes_the_models_next_choice_with_its_own_probability(suppress_unk, caption):
+    def step(tokens, state, memory):
+        return UNK_AFTER_4[tokens], torch.ones(len(tokens), 1), state
+
+    memory = AttentionMemory(values=torch.zeros(1, 1, 1), keys=None, grid=(1, 1))
+    best = beam_search(step, {}, memory, beam_size=2, max_len=6, suppress_unk=suppress_unk).hypotheses[0][0]
+    assert best.tokens == caption
+    # removed after the normaliser: the score is the model's log-probabilities over the whole vocabulary
+    logp = UNK_AFTER_4.log_softmax(dim=1)
+    previous = [1, *caption]
+    assert best.score == pytest.approx(sum(float(logp[p, w]) for p, w in zip(previous, [*caption, EOS_ID])))
+
+
+def test_suppress_unk_holds_for_every_beam_of_every_image_with_the_ngram_ban():
+    table = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)) * 2
+    table[:, UNK_ID] += 2.5  # <unk> often among the best words
+
+    def step(tokens, state, memory):
+        k = len(tokens) // memory.values.shape[0]
+        return table[tokens] + memory.values[:, 0].repeat_interleave(k, 0), torch.ones(len(tokens), 1), state
+
+    memory = AttentionMemory(values=torch.randn(6, 1, 16, generator=torch.Generator().manual_seed(1)), keys=None,
+                             grid=(1, 1))
+    for ngram in (0, 3):
+        found = {suppress: [h.tokens for hyps in beam_search(step, {}, memory, beam_size=4, max_len=10, n_best=4,
+                                                             no_repeat_ngram_size=ngram,
+                                                             suppress_unk=suppress).hypotheses for h in hyps]
+                 for suppress in (False, True)}
+        assert len(found[True]) == 24 and any(UNK_ID in tokens for tokens in found[False])
+        assert not any(UNK_ID in tokens for tokens in found[True])
+        assert not any(ngram and repeats_an_ngram(tokens, ngram) for tokens in found[True])
+
+
+def test_suppress_unk_must_be_a_bool():
+    memory = AttentionMemory(values=torch.zeros(1, 1, 1), keys=None, grid=(1, 1))
+    for bad in (1, "true", None):
+        with pytest.raises(TypeError, match="suppress_unk must be True or False"):
+            beam_search(lambda *a: None, {}, memory, suppress_unk=bad)

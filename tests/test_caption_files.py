@@ -167,6 +167,11 @@ def test_flags_override_the_models_decoding_and_say_so(run, folder, caplog, caps
                                  str(folder / "shapes_val_00000.png")]) == 0
     assert ("decoding: beam 2, max_len 8, length_penalty 0.0, no_repeat_ngram_size 3 (flags over the model's "
             "settings)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert caption_cli.main(["--checkpoint", str(run.best), "--device", "cpu", "--suppress-unk",
+                                 str(folder / "shapes_val_00000.png")]) == 0
+    assert "decoding: beam 2, max_len 8, length_penalty 0.0, suppress_unk (flags over the model's settings)" in caplog.text
     assert f"model: {run.best} (test_efficientnet + bahdanau + show_attend_tell)" in caplog.text
 
 

@@ -79,6 +79,14 @@ def test_upload_a_photo_read_its_caption_and_see_a_words_attention(tiny_run, bro
         assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
         browser.find_element(By.CSS_SELECTOR, "body").click()  # leaving the page as found
 
+        # the whole-captions box starts at the model's setting and captions the photo again with it
+        box = browser.find_element(By.ID, "suppress-unk")
+        assert box.is_selected() is model.decoding["suppress_unk"] is False
+        box.click()
+        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "never <unk>"))
+        whole = model.caption(photo, suppress_unk=True)
+        assert [w.text for w in browser.find_elements(By.CSS_SELECTOR, "#caption .word")] == whole.words
+
         # a file that is no image: the page shows the server's message
         bad = tmp_path / "notes.png"
         bad.write_bytes(b"not a picture at all")

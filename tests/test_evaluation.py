@@ -215,7 +215,7 @@ class FakeCaptioner(nn.Module):
         self.fail = fail
         self.modes: list[bool] = []
 
-    def generate(self, images, features, *, beam_size, max_len, length_penalty, no_repeat_ngram_size):
+    def generate(self, images, features, *, beam_size, max_len, length_penalty, no_repeat_ngram_size, suppress_unk):
         self.modes.append(self.training)
         if self.fail:
             raise RuntimeError("boom")

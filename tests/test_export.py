@@ -25,7 +25,7 @@ from capkit.export import export_onnx  # noqa: E402
 from capkit.export.onnx import FP16_MIN_ELEMENTS, EncoderGraph  # noqa: E402
 from capkit.models.attention.base import Attention, AttentionMemory, weighted_context  # noqa: E402
 from capkit.registry import ATTENTIONS  # noqa: E402
-from capkit.types import BOS_ID, EncoderOutput  # noqa: E402
+from capkit.types import BOS_ID, UNK_ID, EncoderOutput  # noqa: E402
 from toys import tiny_trained, varied_pictures  # noqa: E402
 
 DECODERS = ("show_attend_tell", "updown", "transformer")
@@ -236,7 +236,7 @@ def test_a_folder_with_files_is_refused_unless_overwritten(exported, tmp_path):
     with pytest.raises(capkit_onnx.OnnxModelError, match="cannot read the exported model's config"):
         capkit_onnx.OnnxCaptioner.from_pretrained(tmp_path)
     trained.save_pretrained(tmp_path / "model")  # a torch model's folder is no export
-    with pytest.raises(capkit_onnx.OnnxModelError, match="not a capkit ONNX export of format 2 or earlier"):
+    with pytest.raises(capkit_onnx.OnnxModelError, match="not a capkit ONNX export of format 3 or earlier"):
         capkit_onnx.OnnxCaptioner.from_pretrained(tmp_path / "model")
 
 
@@ -251,3 +251,19 @@ def test_an_export_that_bans_repeated_ngrams_is_format_2_and_decodes_with_the_ba
     free, want, got = trained.caption(pictures), blocked.caption(pictures), runtime.caption(pictures)
     assert [r.caption for r in got] == [r.caption for r in want] != [r.caption for r in free]
     assert all(len(set(r.words)) == len(r.words) for r in got)  # 1: no word twice
+
+
+def test_an_export_that_suppresses_unk_is_format_3_and_decodes_without_it(tmp_path):
+    trained = tiny_trained()
+    with torch.no_grad():
+        trained.model.decoder.out.bias[UNK_ID] += 3.0  # <unk> among the model's words
+    kept = capkit.from_pretrained(trained.save_pretrained(tmp_path / "model", decoding={"suppress_unk": True}))
+    export_onnx(kept, tmp_path / "onnx")
+    config = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert config["capkit_onnx_format"] == 3 and config["decoding"]["suppress_unk"] is True
+    assert "no_repeat_ngram_size" not in config["decoding"]
+    runtime = capkit_onnx.OnnxCaptioner.from_pretrained(tmp_path / "onnx")
+    pictures = varied_pictures(8)
+    free, want, got = trained.caption(pictures), kept.caption(pictures), runtime.caption(pictures)
+    assert any("<unk>" in r.words for r in free)
+    assert [r.words for r in got] == [r.words for r in want] and not any("<unk>" in r.words for r in got)

@@ -27,7 +27,8 @@ from capkit.evaluation import CaptionEvaluator
 from capkit.pretrained import TrainedCaptioner, hub
 from capkit.pretrained.format import read_config
 from capkit.recipes.evaluate import score_checkpoint
-from toys import TINY_SHAPES_CONFIG, repeats_an_ngram
+from capkit.types import UNK_ID
+from toys import TINY_SHAPES_CONFIG, repeats_an_ngram, tiny_trained, varied_pictures
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_VAL = {"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 4, "image_size": 64}
@@ -60,7 +61,7 @@ def test_save_then_load_gives_identical_captions_scores_and_decoding(trained, im
     assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = capkit.from_pretrained(saved)
     assert loaded.vocab == trained.vocab and loaded.decoding == trained.decoding == {
-        "beam_size": 2, "max_len": 8, "length_penalty": 0.0, "no_repeat_ngram_size": 0}
+        "beam_size": 2, "max_len": 8, "length_penalty": 0.0, "no_repeat_ngram_size": 0, "suppress_unk": False}
     assert loaded.preprocessing == trained.preprocessing
     same_results(trained.caption(images), loaded.caption(images))
     for key, value in trained.model.state_dict().items():
@@ -623,19 +624,41 @@ def test_the_decoding_section_of_config_json_is_what_the_model_decodes_with(trai
     saved = trained.save_pretrained(tmp_path / "m")
     config = json.loads((saved / "config.json").read_text())
     assert config["training"]["eval"]["beam_size"] == 2
-    config["decoding"] = {"beam_size": 5, "max_len": 12, "length_penalty": 0.5, "no_repeat_ngram_size": 3}
+    config["decoding"] = {"beam_size": 5, "max_len": 12, "length_penalty": 0.5, "no_repeat_ngram_size": 3,
+                          "suppress_unk": True}
     (saved / "config.json").write_text(json.dumps(config))
     assert capkit.from_pretrained(saved).decoding == {"beam_size": 5, "max_len": 12, "length_penalty": 0.5,
-                                                      "no_repeat_ngram_size": 3}
+                                                      "no_repeat_ngram_size": 3, "suppress_unk": True}
 
 
-def test_a_model_saved_before_no_repeat_ngram_size_decodes_without_it(trained, images, tmp_path):
+@pytest.mark.parametrize("key, neutral", [("no_repeat_ngram_size", 0), ("suppress_unk", False)])
+def test_a_setting_left_neutral_is_not_written_so_older_capkit_reads_the_model(trained, images, tmp_path, key, neutral):
     saved = trained.save_pretrained(tmp_path / "m")
     config = json.loads((saved / "config.json").read_text())
-    assert "no_repeat_ngram_size" not in config["decoding"] and "no_repeat_ngram_size" not in config["training"]["eval"]
+    assert key not in config["decoding"] and key not in config["training"]["eval"]
     loaded = capkit.from_pretrained(saved)
-    assert loaded.decoding["no_repeat_ngram_size"] == 0
+    assert loaded.decoding[key] is neutral or loaded.decoding[key] == neutral
     same_results(trained.caption(images), loaded.caption(images))
+
+
+def test_suppress_unk_keeps_unk_out_of_captions_and_is_saved_with_the_model(tmp_path):
+    """With <unk> made the model's favourite word its captions are <unk>s that the text drops; suppressed, they
+    hold none, from the call or from the model's own setting."""
+    trained, pictures = tiny_trained(), varied_pictures(4)
+    with torch.no_grad():
+        trained.model.decoder.out.bias[UNK_ID] += 20.0
+    free = trained.caption(pictures)
+    assert all(set(r.words) <= {"<unk>"} and r.caption == "" for r in free) and any(r.words for r in free)
+    kept = trained.caption(pictures, suppress_unk=True)
+    assert all("<unk>" not in r.words and r.caption == " ".join(r.words) for r in kept)
+    saved = trained.save_pretrained(tmp_path / "m", decoding={"suppress_unk": True})
+    assert json.loads((saved / "config.json").read_text())["decoding"]["suppress_unk"] is True
+    loaded = capkit.from_pretrained(saved)
+    assert loaded.decoding["suppress_unk"] is True
+    assert [r.caption for r in loaded.caption(pictures)] == [r.caption for r in kept]
+    assert [r.caption for r in loaded.caption(pictures, suppress_unk=False)] == [""] * 4
+    with pytest.raises(ConfigError, match="suppress_unk must be true or false, got 'yes'"):
+        loaded.caption(pictures, suppress_unk="yes")
 
 
 def test_no_repeat_ngram_size_keeps_repeated_trigrams_out_of_every_caption(trained, images):
@@ -658,13 +681,15 @@ BAD_SAVED_SETTINGS = {
     "length penalty NaN": ("decoding", "length_penalty", float("nan"),
                            r"decoding\.length_penalty is nan; it must be a finite number of at least 0"),
     "unknown decoding key": ("decoding", "beam", 3, r"decoding\.beam is not a decoding setting \(beam_size, max_len, "
-                                                    r"length_penalty, no_repeat_ngram_size\)"),
+                                                    r"length_penalty, no_repeat_ngram_size, suppress_unk\)"),
     "n-gram size below 0": ("decoding", "no_repeat_ngram_size", -1,
                             r"decoding\.no_repeat_ngram_size is -1; it must be a whole number of at least 0"),
     "n-gram size true": ("decoding", "no_repeat_ngram_size", True,
                          r"decoding\.no_repeat_ngram_size is True; it must be a whole number of at least 0"),
     "n-gram size 3.0": ("decoding", "no_repeat_ngram_size", 3.0,
                         r"decoding\.no_repeat_ngram_size is 3\.0; it must be a whole number of at least 0"),
+    "suppress_unk text": ("decoding", "suppress_unk", "yes", r"decoding\.suppress_unk is 'yes'; it must be true or false"),
+    "suppress_unk 1": ("decoding", "suppress_unk", 1, r"decoding\.suppress_unk is 1; it must be true or false"),
     "input_size text": ("preprocessing", "input_size", "abc",
                         r"preprocessing\.input_size is 'abc'; it must be \[3, height, width\] with whole numbers from 1 "
                         r"to 4096"),

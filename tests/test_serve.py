@@ -108,8 +108,9 @@ def test_each_bad_upload_gets_its_4xx_with_a_one_line_message_and_the_next_reque
     ({}, {"picture": "x"}, "the form has no file field 'image'"),
     ({"no_repeat_ngram_size": -1}, None, "invalid request: no_repeat_ngram_size: Input should be greater than or "
                                          "equal to 0"),
+    ({"suppress_unk": "maybe"}, None, "invalid request: suppress_unk: Input should be a valid boolean"),
     ({"beam": 5}, None, "unknown parameter 'beam'; the parameters are attention, beam_size, length_penalty, max_len, "
-                        "n_best, no_repeat_ngram_size"),
+                        "n_best, no_repeat_ngram_size, suppress_unk"),
 ])
 def test_bad_settings_and_forms_are_a_4xx_naming_the_setting(pictures, server, query, form, message):
     reply = httpx.post(f"{server}/caption", params=query, timeout=60,
@@ -124,6 +125,13 @@ def test_no_repeat_ngram_size_is_a_request_setting(model, pictures, server):
     assert reply["decoding"] == {**model.decoding, "no_repeat_ngram_size": 1}
     assert reply["caption"] == model.caption(pictures[0], no_repeat_ngram_size=1).caption
     assert len(set(reply["words"])) == len(reply["words"])  # 1: no word twice
+
+
+def test_suppress_unk_is_a_request_setting(model, pictures, server):
+    reply = httpx.post(f"{server}/caption", params={"suppress_unk": "true"}, content=encoded(pictures[0]),
+                       timeout=60).json()
+    assert reply["decoding"] == {**model.decoding, "suppress_unk": True}
+    assert reply["caption"] == model.caption(pictures[0], suppress_unk=True).caption and "<unk>" not in reply["words"]
 
 
 def test_two_concurrent_requests_share_one_beam_search_with_the_captions_they_get_alone(model, pictures):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flags, command, configure_logging, \
-    load_model_from_args, positive_int
+    decoding_flags, load_model_from_args, positive_int
 from capkit.errors import ConfigError, CorruptImageError, ModelNotFoundError
 from capkit.evaluation.results import OUTPUT_FORMATS
 from capkit.recipes.captioning import caption_files, collect_images, default_workers
@@ -68,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     files = collect_images(args.inputs)
     model = load_model_from_args(args) if args.runtime == "torch" else load_exported_model(args)
-    decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty,
-                                   no_repeat_ngram_size=args.no_repeat_ngram_size)
+    decoding = model.decoding_with(**decoding_flags(args))
     if args.n_best > decoding["beam_size"]:
         raise ConfigError(f"--n-best {args.n_best} is more than the beam size {decoding['beam_size']}: a beam search "
                           f"keeps that many captions; raise --beam")

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from capkit.errors import CapkitError, ConfigError, OutputPathError
@@ -96,8 +97,8 @@ def at_most(limit: int, why: str, least: int = 1) -> Callable[[str], int]:
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-    """``--beam``, ``--max-len``, ``--length-penalty``, ``--no-repeat-ngram-size``: each defaults to the model's
-    own setting."""
+    """``--beam``, ``--max-len``, ``--length-penalty``, ``--no-repeat-ngram-size``, ``--[no-]suppress-unk``: each
+    defaults to the model's own setting."""
     parser.add_argument("--beam", type=at_most(MAX_BEAM, "each beam holds every image's hypotheses in memory"),
                         metavar="K", help=f"beam size, 1: greedy, at most {MAX_BEAM} (default: the model's)")
     parser.add_argument("--max-len", type=at_most(MAX_WORDS, "no caption is that long"), metavar="N",
@@ -106,6 +107,15 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-repeat-ngram-size", type=at_most(MAX_WORDS, "no caption is that long", least=0),
                         metavar="N", help="N > 0: no caption repeats one of its N-grams (3: no 'a dog and a dog'); "
                                           "0: no constraint (default: the model's)")
+    parser.add_argument("--suppress-unk", action=argparse.BooleanOptionalAction, default=None,
+                        help="never write <unk>, which the caption's text would drop ('a man holding a') "
+                             "(default: the model's)")
+
+
+def decoding_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of ``add_decoding_flags`` as ``decoding_with``'s overrides (None: the model's setting)."""
+    return dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, suppress_unk=args.suppress_unk)
 
 
 def load_model_from_args(args: argparse.Namespace):

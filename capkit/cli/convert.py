@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from capkit.cli.common import add_debug_flag, add_decoding_flags, add_plugin_flag, command, configure_logging, \
-    parse_overrides, print_scores
+    decoding_flags, parse_overrides, print_scores
 from capkit.pretrained.format import DTYPES, ENCODER_WEIGHTS
 from capkit.recipes.convert import convert_checkpoint
 
@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, dtype=args.dtype, encoder_weights=args.encoder_weights, name=args.name,
         command=args.trained_with, score_split=args.score_split, dataset_overrides=parse_overrides(args.data),
         overwrite=args.overwrite, plugins=args.plugin, notes=args.note,
-        decoding=dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty,
-                      no_repeat_ngram_size=args.no_repeat_ngram_size),
+        decoding=decoding_flags(args),
     )
     size = (out / "model.safetensors").stat().st_size
     print(f"{out}: config.json, model.safetensors ({size / 1e6:.1f} MB), README.md")

@@ -24,6 +24,7 @@ from capkit.cli.common import (
     add_model_flags,
     command,
     configure_logging,
+    decoding_flags,
     load_model_from_args,
     model_name,
     non_negative_int,
@@ -122,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
             gallery_dir = RunDir.of_checkpoint(args.checkpoint[0]).gallery(args.split) \
                 if args.checkpoint and len(args.checkpoint) == 1 else Path(f"gallery_{args.split}")
         scored = score_checkpoint(
-            evaluator, model, args.split, beam_size=args.beam, max_len=args.max_len,
-            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-            dataset_overrides=parse_overrides(args.data),
+            evaluator, model, args.split, **decoding_flags(args), dataset_overrides=parse_overrides(args.data),
             gallery=args.gallery, gallery_dir=gallery_dir, name=model_name(args),
         )
         log.info("decoding: %s (%s)", describe_decoding(scored.decoding),

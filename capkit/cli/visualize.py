@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.backend_bases import FigureCanvasBase
 
 from capkit.cli.common import add_debug_flag, add_decoding_flags, add_model_flags, check_output, command, \
-    configure_logging, load_model_from_args, positive_int
+    configure_logging, decoding_flags, load_model_from_args, positive_int
 from capkit.errors import OutputPathError
 from capkit.recipes.evaluate import describe_decoding
 
@@ -35,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     check_figure_path(args.out, inputs=[args.image, *(args.model or []), *(args.checkpoint or [])])
     model = load_model_from_args(args)
-    decoding = model.decoding_with(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty,
-                                   no_repeat_ngram_size=args.no_repeat_ngram_size)
+    decoding = model.decoding_with(**decoding_flags(args))
     log.info("decoding: %s (%s)", describe_decoding(decoding),
              "the model's settings" if decoding == model.decoding else "flags over the model's settings")
     result = model.caption(args.image, **decoding)

@@ -170,7 +170,7 @@ def _tokenize_pairs(
 
 def decode_batches(
     model: Captioner, loader: Iterable[CaptionBatch], *, beam_size: int, max_len: int, length_penalty: float,
-    no_repeat_ngram_size: int = 0, precision: torch.dtype | None = None,
+    no_repeat_ngram_size: int = 0, suppress_unk: bool = False, precision: torch.dtype | None = None,
 ) -> Iterator[tuple[CaptionBatch, Generation]]:
     """Each batch (moved to the model's device) with its beam search result, in eval mode and without gradients,
     under autocast to ``precision`` when given (``resolve_amp_dtype(cfg.eval.amp, ...)``); the model's mode is
@@ -184,7 +184,7 @@ def decode_batches(
             with torch.no_grad(), autocast(precision, device):
                 generation = model.generate(
                     batch.images, batch.features, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                    no_repeat_ngram_size=no_repeat_ngram_size,
+                    no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk,
                 )
             yield batch, generation
     finally:
@@ -201,13 +201,14 @@ def run_evaluation(
     length_penalty: float,
     decode: Callable[[list[int]], str],
     no_repeat_ngram_size: int = 0,
+    suppress_unk: bool = False,
     precision: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Caption every batch with beam search in eval mode (``decode_batches``), then score."""
     evaluator.reset()
     for batch, generation in decode_batches(
         model, loader, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, precision=precision,
+        no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk, precision=precision,
     ):
         evaluator.process(batch, generation, decode)
     return evaluator.evaluate()

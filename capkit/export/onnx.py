@@ -49,9 +49,11 @@ from capkit.types import BOS_ID, EncoderOutput
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "GRAPH_FILES", "SUPPORTED_CROP_MODES", "ExportSummary", "export_onnx",
            "EncoderGraph", "MemoryGraph", "StepGraph"]
 
-# 2: decoding.no_repeat_ngram_size (capkit-onnx 0.2). An export that leaves it at 0 is written without it as format
-# 1, which capkit-onnx 0.1 reads; one that uses it is format 2, which 0.1 refuses instead of decoding without it.
-FORMAT_VERSION = 2
+# 2: decoding.no_repeat_ngram_size (capkit-onnx 0.2); 3: decoding.suppress_unk (capkit-onnx 0.3). A setting left at
+# its neutral value is not written, and an export is written as the oldest format that holds the settings it writes:
+# a runtime reads it if it can, and refuses it (rather than decoding without a setting) if it cannot.
+FORMAT_VERSION = 3
+FORMAT_OF_SETTING = {"no_repeat_ngram_size": 2, "suppress_unk": 3}
 CONFIG_FILE = "config.json"
 GRAPH_FILES = {"encoder": "encoder.onnx", "memory": "memory.onnx", "step": "decoder_step.onnx"}
 SUPPORTED_CROP_MODES = ("center", "squash")  # the timm eval transforms the runtime reproduces with Pillow
@@ -207,7 +209,7 @@ def _export(
             shutil.move(str(Path(tmp) / file), target / file)
     decoding = stored_decoding(model.decoding)
     config = {
-        "capkit_onnx_format": FORMAT_VERSION if "no_repeat_ngram_size" in decoding else 1,
+        "capkit_onnx_format": max([1, *(FORMAT_OF_SETTING[k] for k in decoding if k in FORMAT_OF_SETTING)]),
         "capkit_version": capkit.__version__,
         "architecture": model.architecture,
         "vocabulary": list(model.vocab.itos),

@@ -89,7 +89,8 @@ class OnnxRuntimeCaptioner:
 
     def caption_pictures(
         self, pictures: Sequence[tuple[Image.Image, str | None]], *, beam_size: int, max_len: int,
-        length_penalty: float, no_repeat_ngram_size: int = 0, inputs: torch.Tensor | None = None, n_best: int = 1,
+        length_penalty: float, no_repeat_ngram_size: int = 0, suppress_unk: bool = False,
+        inputs: torch.Tensor | None = None, n_best: int = 1,
     ) -> list[CaptionResult]:
         """One beam search over opened RGB pictures; ``inputs``: their ``transform``-ed pixels (B, H, W, 3)."""
         if inputs is None:
@@ -98,7 +99,7 @@ class OnnxRuntimeCaptioner:
             pixels = inputs.numpy()
         found = self.runtime.caption_pixels(pixels, [source for _, source in pictures], beam_size=beam_size,
                                             max_len=max_len, length_penalty=length_penalty, n_best=n_best,
-                                            no_repeat_ngram_size=no_repeat_ngram_size)
+                                            no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk)
         results = []
         for (picture, source), result in zip(pictures, found):
             best = result.hypothesis

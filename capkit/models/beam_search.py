@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from capkit.models.attention.base import AttentionMemory
-from capkit.types import BOS_ID, EOS_ID, PAD_ID, Generation, Hypothesis
+from capkit.types import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Generation, Hypothesis
 
 __all__ = ["beam_search", "StepFn"]
 
@@ -30,6 +30,7 @@ def beam_search(
     n_best: int = 1,
     share_memory: bool = False,
     no_repeat_ngram_size: int = 0,
+    suppress_unk: bool = False,
 ) -> Generation:
     """Find, for each image, the captions of highest log-probability.
 
@@ -60,9 +61,14 @@ def beam_search(
         no_repeat_ngram_size: n > 0: a hypothesis never repeats one of its n-grams (Hugging Face's
             ``no_repeat_ngram_size``; n = 3 is the trigram blocking of Paulus et al. 2018). It only removes
             candidates: the words still allowed keep the model's log-probabilities. 0: no constraint.
+        suppress_unk: never propose ``<unk>`` (ruotianluo's ``suppress_UNK``; Hugging Face's ``suppress_tokens``).
+            Decoding into text drops it, so a caption that holds it reads with a word missing ("a man holding
+            a"); the model's next choice takes its place. Removed after the normaliser, as the n-gram ban is.
     """
     if not isinstance(no_repeat_ngram_size, int) or isinstance(no_repeat_ngram_size, bool):
         raise TypeError(f"no_repeat_ngram_size must be a whole number, got {no_repeat_ngram_size!r}")
+    if not isinstance(suppress_unk, bool):
+        raise TypeError(f"suppress_unk must be True or False, got {suppress_unk!r}")
     if beam_size < 1 or n_best < 1 or max_len < 0 or no_repeat_ngram_size < 0:
         raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0, no_repeat_ngram_size >= 0; got "
                          f"{beam_size}, {n_best}, {max_len}, {no_repeat_ngram_size}")
@@ -89,9 +95,14 @@ def beam_search(
         if scratch is None:
             scratch = torch.empty(batch * k, logits.shape[1], dtype=torch.float32, device=device)
         norm = _log_normaliser(logits, scratch)  # (B*width, 1): log-probabilities = logits - norm
-        if 0 < no_repeat_ngram_size <= t < max_len:  # t words so far: an n-gram to repeat needs t >= n
+        ban_ngrams = 0 < no_repeat_ngram_size <= t < max_len  # t words so far: an n-gram to repeat needs t >= n
+        if ban_ngrams or (suppress_unk and t < max_len):
             # after the normaliser: a banned word is removed, the others keep the model's probabilities
-            logits = _ban_repeated_ngrams(logits.clone(), history, no_repeat_ngram_size)
+            logits = logits.clone()
+            if suppress_unk:
+                logits[:, UNK_ID] = float("-inf")
+            if ban_ngrams:
+                logits = _ban_repeated_ngrams(logits, history, no_repeat_ngram_size)
         if t == max_len:  # the last step: every hypothesis still open takes <end>
             row_logp = logits.new_full((len(logits), k), float("-inf"))
             row_logp[:, :1] = logits[:, EOS_ID : EOS_ID + 1] - norm

@@ -90,6 +90,7 @@ class Captioner(nn.Module):
         length_penalty: float = 0.0,
         n_best: int = 1,
         no_repeat_ngram_size: int = 0,
+        suppress_unk: bool = False,
     ) -> Generation:
         """Batched beam search; call ``eval()`` first (dropout stays as the module's mode says)."""
         return self.decoder.generate(
@@ -99,4 +100,5 @@ class Captioner(nn.Module):
             length_penalty=length_penalty,
             n_best=n_best,
             no_repeat_ngram_size=no_repeat_ngram_size,
+            suppress_unk=suppress_unk,
         )

@@ -66,6 +66,7 @@ class CaptionerEnsemble(nn.Module):
     def generate(
         self, images: Tensor | None = None, features: EncoderOutput | None = None, *, beam_size: int = 3,
         max_len: int = 16, length_penalty: float = 0.0, n_best: int = 1, no_repeat_ngram_size: int = 0,
+        suppress_unk: bool = False,
     ) -> Generation:
         """Batched beam search over the members' averaged log-probabilities; the attention maps of the result are
         the members' average."""
@@ -87,4 +88,5 @@ class CaptionerEnsemble(nn.Module):
             return torch.stack(log_probs).mean(dim=0), torch.stack(alphas).mean(dim=0), next_state
 
         return beam_search(step, state, EnsembleMemory.of(memories), beam_size=beam_size, max_len=max_len,
-                           length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram_size)
+                           length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram_size,
+                           suppress_unk=suppress_unk)

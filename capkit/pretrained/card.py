@@ -105,6 +105,7 @@ def render_card(
         "", f"or `capkit caption photo.jpg --model {name}`. It decodes with beam size {decoding['beam_size']}, at most "
         f"{decoding['max_len']} words, length penalty {decoding['length_penalty']}"
         + (f", no repeated {decoding['no_repeat_ngram_size']}-grams" if decoding.get("no_repeat_ngram_size") else "")
+        + (", never `<unk>`" if decoding.get("suppress_unk") else "")
         + " unless told otherwise.", "",
         "## Training data and its licence", "", f"Trained on `{dataset}`: {licence.terms}", "",
     ]

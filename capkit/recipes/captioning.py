@@ -153,8 +153,8 @@ def caption_files(
     Args:
         output: a captions file (JSON Lines, CSV or COCO results: ``output_format`` or its suffix); the images it
             already has are skipped and each finished batch is added, so an interrupted run resumes where it was.
-        decoding: ``beam_size``, ``max_len``, ``length_penalty``, ``no_repeat_ngram_size`` (default: the model's
-            own).
+        decoding: ``beam_size``, ``max_len``, ``length_penalty``, ``no_repeat_ngram_size``, ``suppress_unk``
+            (default: the model's own).
         attention_out: a folder for each image's attention figure (``<image id without suffix>_attention.png``,
             ``/`` as ``__``).
         on_result: called with each file's result as it is done (e.g. to print it).

@@ -48,9 +48,9 @@ def convert_checkpoint(
     validation scores and training commands, unless ``command`` names them); with ``score_split``, the written
     model (its ``dtype`` weights, as a user loads them) captions that split of its dataset and these scores go
     into its model card instead, with the share of distinct captions among them. ``decoding`` (``beam_size``,
-    ``max_len``, ``length_penalty``, ``no_repeat_ngram_size``; None keeps the run's) sets the written model's own decoding settings, e.g.
-    a length penalty chosen on the validation split; the run's scores, measured with its settings, then leave
-    the card unless ``score_split`` scores it again.
+    ``max_len``, ``length_penalty``, ``no_repeat_ngram_size``, ``suppress_unk``; None keeps the run's) sets the
+    written model's own decoding settings, e.g. a length penalty chosen on the validation split; the run's scores,
+    measured with its settings, then leave the card unless ``score_split`` scores it again.
 
     Raises:
         RunDirError: ``out`` holds files other than a model's, or a model and ``overwrite`` is not set.

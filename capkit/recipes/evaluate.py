@@ -48,6 +48,7 @@ def score_checkpoint(
     max_len: int | None = None,
     length_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    suppress_unk: bool | None = None,
     dataset_overrides: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
     plugins: Sequence[str] = (),
@@ -58,7 +59,8 @@ def score_checkpoint(
     """Caption ``split`` of the dataset a model was trained on (batched beam search) and score it.
 
     ``checkpoint``: a training checkpoint, a saved model directory, or a loaded model. ``beam_size``,
-    ``max_len``, ``length_penalty`` and ``no_repeat_ngram_size`` default to the model's own decoding settings (its run's ``eval``). ``gallery`` > 0 writes an HTML
+    ``max_len``, ``length_penalty``, ``no_repeat_ngram_size`` and ``suppress_unk`` default to the model's own decoding
+    settings (its run's ``eval``). ``gallery`` > 0 writes an HTML
     page of the first images (caption, references, scores, attention) to ``gallery_dir`` (default: the run's
     gallery folder of the split, ``RunDir.gallery``). ``plugins``: modules to import for the model's components
     (see ``load_trained``). ``name``: what the report calls the model (default: the checkpoint's path).
@@ -66,7 +68,7 @@ def score_checkpoint(
     name = name or checkpoint_name(checkpoint)
     trained = checkpoint if isinstance(checkpoint, TrainedCaptioner) else load_trained(checkpoint, device, plugins=plugins)
     decoding = trained.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                                     no_repeat_ngram_size=no_repeat_ngram_size)
+                                     no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk)
     loaded, loader = load_eval_split(trained, split, dataset_overrides)
     give_training_captions(evaluator, trained, dataset_overrides)
     run_evaluation(trained.model, loader, evaluator, decode=trained.vocab.decode, precision=trained.precision,
@@ -141,4 +143,5 @@ def checkpoint_name(checkpoint: str | os.PathLike | TrainedCaptioner) -> str:
 def describe_decoding(decoding: Mapping[str, Any]) -> str:
     text = f"beam {decoding['beam_size']}, max_len {decoding['max_len']}, length_penalty {decoding['length_penalty']}"
     ngram = decoding.get("no_repeat_ngram_size", 0)
-    return f"{text}, no_repeat_ngram_size {ngram}" if ngram else text
+    text = f"{text}, no_repeat_ngram_size {ngram}" if ngram else text
+    return f"{text}, suppress_unk" if decoding.get("suppress_unk") else text

@@ -3,7 +3,8 @@
 The page is a client of ``/caption`` like any other (it asks for the attention maps and draws them), so what the
 browser test sees is what API users get.
 
-    POST /caption?beam_size=3&length_penalty=0&max_len=20&no_repeat_ngram_size=3&n_best=3&attention=true
+    POST /caption?beam_size=3&length_penalty=0&max_len=20&no_repeat_ngram_size=3&suppress_unk=true&n_best=3
+                 &attention=true
         body: the image file (any Content-Type but multipart), or multipart/form-data with the field ``image``
         200: {"caption", "score", "words", "n_best": [{"caption", "score"}], "decoding", "image_size",
               "attention": {"grid": [H, W], "region": [x0, y0, x1, y1], "maps": (T + 1) x H x W}}  (when asked)
@@ -40,7 +41,8 @@ __all__ = ["create_app", "RequestError"]
 
 log = logging.getLogger(__name__)
 
-CAPTION_PARAMETERS = {"beam_size", "max_len", "length_penalty", "no_repeat_ngram_size", "n_best", "attention"}
+CAPTION_PARAMETERS = {"beam_size", "max_len", "length_penalty", "no_repeat_ngram_size", "suppress_unk", "n_best",
+                      "attention"}
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and part headers around an upload of the limit's size
 
 
@@ -101,6 +103,8 @@ def create_app(model: TrainedCaptioner, settings: ServeSettings = ServeSettings(
         no_repeat_ngram_size: int | None = Query(None, ge=0, le=settings.max_len,
                                                  description="n > 0: no caption repeats one of its n-grams; "
                                                              "default: the model's"),
+        suppress_unk: bool | None = Query(None, description="never write <unk> (the text would drop it); "
+                                                            "default: the model's"),
         n_best: int = Query(1, ge=1, le=settings.max_beam, description="captions to return, best first"),
         attention: bool = Query(False, description="return each word's attention map"),
     ) -> dict[str, Any]:
@@ -109,7 +113,7 @@ def create_app(model: TrainedCaptioner, settings: ServeSettings = ServeSettings(
             raise RequestError(422, f"unknown parameter {unknown[0]!r}; the parameters are "
                                     f"{', '.join(sorted(CAPTION_PARAMETERS))}")
         decoding = model.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                                       no_repeat_ngram_size=no_repeat_ngram_size)
+                                       no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk)
         if n_best > decoding["beam_size"]:
             raise RequestError(422, f"n_best={n_best} is more than the beam size {decoding['beam_size']}: a beam "
                                     f"search keeps that many captions; raise beam_size")

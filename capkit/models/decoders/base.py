@@ -79,6 +79,7 @@ class Decoder(nn.Module):
         length_penalty: float = 0.0,
         n_best: int = 1,
         no_repeat_ngram_size: int = 0,
+        suppress_unk: bool = False,
     ) -> Generation:
         """Batched beam search (see ``capkit.models.beam_search.beam_search``)."""
         memory = self.prepare(enc)
@@ -92,6 +93,7 @@ class Decoder(nn.Module):
             n_best=n_best,
             share_memory=self.supports_shared_memory,
             no_repeat_ngram_size=no_repeat_ngram_size,
+            suppress_unk=suppress_unk,
         )
 
     def sample(

@@ -8,7 +8,7 @@ from capkit_onnx.beam_search import Hypothesis, beam_search
 from capkit_onnx.captioner import OnnxCaptioner, OnnxCaptionResult, OnnxModelError
 from capkit_onnx.images import open_image, preprocess
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["Hypothesis", "OnnxCaptionResult", "OnnxCaptioner", "OnnxModelError", "beam_search", "open_image",
            "preprocess", "__version__"]

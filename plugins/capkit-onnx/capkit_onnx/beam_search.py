@@ -3,7 +3,8 @@ onnxruntime graphs give the captions of the PyTorch model.
 
 Same rules: at most ``max_len`` words then ``<end>`` (taken with its real log-probability), ``<pad>`` and
 ``<start>`` never generated, with ``no_repeat_ngram_size`` n > 0 no word that would repeat one of the hypothesis's
-n-grams (banned after the normaliser, so the words still allowed keep the model's log-probabilities), a finished hypothesis kept with its score frozen (it continues with ``<pad>`` at no
+n-grams and with ``suppress_unk`` no ``<unk>`` (both banned after the normaliser, so the words still allowed keep
+the model's log-probabilities), a finished hypothesis kept with its score frozen (it continues with ``<pad>`` at no
 cost), a beam of score -inf dead, hypotheses ranked by ``score / length ** length_penalty`` (length counts
 ``<end>``); the first step runs once per image, an image leaves the batch when all its beams have ended.
 Everything is float32, as in torch. Ties between equal scores go to the lower index (torch leaves their order
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PAD_ID", "BOS_ID", "EOS_ID", "Hypothesis", "StepFn", "beam_search"]
+__all__ = ["PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID", "Hypothesis", "StepFn", "beam_search"]
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # capkit.types: every vocabulary starts <pad> <start> <end> <unk>
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # capkit.types: every vocabulary starts <pad> <start> <end> <unk>
 
 Arrays = dict[str, np.ndarray]
 # (previous tokens (R,), state, memory) -> (logits (R, V), alpha (R, N), new state); every array batch-first
@@ -55,11 +56,14 @@ def beam_search(
     length_penalty: float = 0.0,
     n_best: int = 1,
     no_repeat_ngram_size: int = 0,
+    suppress_unk: bool = False,
 ) -> list[list[Hypothesis]]:
     """For each of the B images whose ``memory`` (B, ...) and initial ``state`` (B, ...) are given, its
     ``n_best`` best hypotheses, best first."""
     if not isinstance(no_repeat_ngram_size, int) or isinstance(no_repeat_ngram_size, bool):
         raise TypeError(f"no_repeat_ngram_size must be a whole number, got {no_repeat_ngram_size!r}")
+    if not isinstance(suppress_unk, bool):
+        raise TypeError(f"suppress_unk must be True or False, got {suppress_unk!r}")
     if beam_size < 1 or n_best < 1 or max_len < 0 or no_repeat_ngram_size < 0:
         raise ValueError(f"need beam_size >= 1, n_best >= 1, max_len >= 0, no_repeat_ngram_size >= 0; got "
                          f"{beam_size}, {n_best}, {max_len}, {no_repeat_ngram_size}")
@@ -82,8 +86,13 @@ def beam_search(
         logits, alpha, state = step(tokens, state, step_memory)
         logits = logits.astype(np.float32, copy=False)  # (B*width, V)
         norm = _log_normaliser(logits)  # (B*width, 1)
-        if 0 < no_repeat_ngram_size <= t < max_len:  # t words so far: an n-gram to repeat needs t >= n
-            logits = _ban_repeated_ngrams(logits.copy(), history, no_repeat_ngram_size)
+        ban_ngrams = 0 < no_repeat_ngram_size <= t < max_len  # t words so far: an n-gram to repeat needs t >= n
+        if ban_ngrams or (suppress_unk and t < max_len):
+            logits = logits.copy()
+            if suppress_unk:
+                logits[:, UNK_ID] = -np.inf
+            if ban_ngrams:
+                logits = _ban_repeated_ngrams(logits, history, no_repeat_ngram_size)
         if t == max_len:  # the last step: every hypothesis still open takes <end>
             row_logp = np.full((len(logits), k), -np.inf, dtype=np.float32)
             row_logp[:, :1] = logits[:, EOS_ID : EOS_ID + 1] - norm

@@ -19,11 +19,11 @@ from capkit_onnx.images import DEFAULT_MAX_PIXELS, open_image, preprocess
 
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "ImageInput", "OnnxCaptionResult", "OnnxCaptioner", "OnnxModelError"]
 
-FORMAT_VERSION = 2  # capkit.export.onnx.FORMAT_VERSION; 1 lacks decoding.no_repeat_ngram_size
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3  # capkit.export.onnx.FORMAT_VERSION; 1 lacks no_repeat_ngram_size, 1 and 2 suppress_unk
+READABLE_FORMATS = (1, 2, 3)
 CONFIG_FILE = "config.json"
-DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size")
-DECODING_DEFAULTS = {"no_repeat_ngram_size": 0}  # settings that older exports lack
+DECODING_KEYS = ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size", "suppress_unk")
+DECODING_DEFAULTS = {"no_repeat_ngram_size": 0, "suppress_unk": False}  # settings that older exports lack
 ENCODER_CHUNK = 16  # images per encoder run: its activations, not the beam search, set the peak memory
 BATCH_SIZE = 64  # images per beam search by default
 SPECIAL_TOKENS = 4  # <pad> <start> <end> <unk> start every vocabulary
@@ -107,7 +107,7 @@ class OnnxCaptioner:
     @property
     def decoding(self) -> dict[str, Any]:
         """The decoding settings the model was evaluated with: ``beam_size``, ``max_len``, ``length_penalty``,
-        ``no_repeat_ngram_size``."""
+        ``no_repeat_ngram_size``, ``suppress_unk``."""
         return {k: self.config["decoding"].get(k, DECODING_DEFAULTS.get(k)) for k in DECODING_KEYS}
 
     def decoding_with(self, **overrides: Any) -> dict[str, Any]:
@@ -119,6 +119,8 @@ class OnnxCaptioner:
         for key, least in (("beam_size", 1), ("max_len", 1), ("no_repeat_ngram_size", 0)):
             if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < least:
                 raise ValueError(f"{key} must be a whole number of at least {least}, got {settings[key]!r}")
+        if not isinstance(settings["suppress_unk"], bool):
+            raise ValueError(f"suppress_unk must be true or false, got {settings['suppress_unk']!r}")
         if not math.isfinite(settings["length_penalty"]):
             raise ValueError(f"length_penalty must be a finite number, got {settings['length_penalty']!r}")
         limit = self.config.get("max_steps")
@@ -178,6 +180,7 @@ class OnnxCaptioner:
         self, images: ImageInput | Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
         length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
         max_pixels: int | None = DEFAULT_MAX_PIXELS, no_repeat_ngram_size: int | None = None,
+        suppress_unk: bool | None = None,
     ) -> OnnxCaptionResult | list[OnnxCaptionResult]:
         """Caption one image or several: file paths, PIL images or uint8 arrays (H, W, 3) of a whole picture.
         One image gives one result, several a list. Decodes with the model's settings unless told otherwise,
@@ -187,17 +190,19 @@ class OnnxCaptioner:
         )
         results = list(self.iter_captions([images] if single else images, beam_size=beam_size, max_len=max_len,
                                           length_penalty=length_penalty, batch_size=batch_size, n_best=n_best,
-                                          max_pixels=max_pixels, no_repeat_ngram_size=no_repeat_ngram_size))
+                                          max_pixels=max_pixels, no_repeat_ngram_size=no_repeat_ngram_size,
+                                          suppress_unk=suppress_unk))
         return results[0] if single else results
 
     def iter_captions(
         self, images: Iterable[ImageInput], *, beam_size: int | None = None, max_len: int | None = None,
         length_penalty: float | None = None, batch_size: int | None = None, n_best: int = 1,
         max_pixels: int | None = DEFAULT_MAX_PIXELS, no_repeat_ngram_size: int | None = None,
+        suppress_unk: bool | None = None,
     ) -> Iterator[OnnxCaptionResult]:
         """``caption`` as a stream, ``batch_size`` images at a time."""
         decoding = self.decoding_with(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                                      no_repeat_ngram_size=no_repeat_ngram_size)
+                                      no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk)
         batch: list[tuple[np.ndarray, str | None]] = []
         for item in images:
             batch.append(self._open(item, max_pixels))
@@ -210,13 +215,14 @@ class OnnxCaptioner:
     def caption_pixels(
         self, pixels: Sequence[np.ndarray] | np.ndarray, sources: Sequence[str | None] | None = None, *,
         beam_size: int, max_len: int, length_penalty: float, n_best: int = 1, no_repeat_ngram_size: int = 0,
+        suppress_unk: bool = False,
     ) -> list[OnnxCaptionResult]:
         """One beam search over preprocessed pixels ((B, H, W, 3) uint8, or B arrays (H, W, 3))."""
         if not isinstance(n_best, int) or not 1 <= n_best <= beam_size:
             raise ValueError(f"n_best must be a whole number from 1 to the beam size ({beam_size}), got {n_best!r}")
         pixels = np.stack(list(pixels)) if not isinstance(pixels, np.ndarray) else pixels
         generation = self.generate(pixels, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                                   n_best=n_best, no_repeat_ngram_size=no_repeat_ngram_size)
+                                   n_best=n_best, no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk)
         results = []
         for i, hyps in enumerate(generation):
             best = hyps[0]

@@ -16,9 +16,10 @@ from capkit_onnx import OnnxCaptioner, OnnxModelError, beam_search  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ the search twin
-def torch_step_pair(vocab: int, seed: int):
+def torch_step_pair(vocab: int, seed: int, unk_bias: float = 0.0):
     """A recurrent step written once in torch, and its numpy face calling that very function, so that the two
-    searches see identical logits: tokens (R,), state {"h": (R, D)}, memory {"values": (R, N, C)}."""
+    searches see identical logits: tokens (R,), state {"h": (R, D)}, memory {"values": (R, N, C)}. ``unk_bias``
+    makes ``<unk>`` likelier."""
     torch = pytest.importorskip("torch")
     from capkit.models.attention.base import AttentionMemory
 
@@ -27,6 +28,7 @@ def torch_step_pair(vocab: int, seed: int):
     embed, recur = torch.randn(vocab, dim, generator=g), torch.randn(dim, dim, generator=g) * 0.8
     read, out = torch.randn(3, dim, generator=g), torch.randn(dim, vocab, generator=g) * 2
     out[:, 2] += 0.6  # <end> likely enough that captions end at different steps
+    out[:, 3] += unk_bias
 
     def step(tokens, state, memory: AttentionMemory):
         h = torch.tanh(state["h"] @ recur + embed[tokens] + memory.values.mean(dim=1) @ read)
@@ -43,26 +45,33 @@ def torch_step_pair(vocab: int, seed: int):
     return step, numpy_step, state, AttentionMemory(values, None, (2, 2))
 
 
-@pytest.mark.parametrize("vocab, beam, max_len, length_penalty, ngram", [
-    (40, 1, 6, 0.0, 0), (40, 3, 6, 0.0, 0), (40, 3, 6, 0.7, 0), (40, 5, 0, 0.0, 0), (40, 2, 1, 1.0, 0),
-    (5, 5, 4, 0.0, 0),  # three words that can be generated, five beams: dead beams
-    (8, 3, 12, 0.5, 2), (8, 3, 12, 0.0, 3), (8, 1, 12, 0.0, 1),  # few words, long captions: the ban binds
+@pytest.mark.parametrize("vocab, beam, max_len, length_penalty, ngram, suppress_unk", [
+    (40, 1, 6, 0.0, 0, False), (40, 3, 6, 0.0, 0, False), (40, 3, 6, 0.7, 0, False), (40, 5, 0, 0.0, 0, False),
+    (40, 2, 1, 1.0, 0, False),
+    (5, 5, 4, 0.0, 0, False),  # three words that can be generated, five beams: dead beams
+    (8, 3, 12, 0.5, 2, False), (8, 3, 12, 0.0, 3, False), (8, 1, 12, 0.0, 1, False),  # few words: the ban binds
+    (40, 3, 6, 0.5, 0, True), (8, 3, 12, 0.5, 3, True), (6, 5, 4, 0.0, 0, True),  # <unk> likely, forbidden
 ])
-def test_the_numpy_beam_search_finds_torchs_hypotheses(vocab, beam, max_len, length_penalty, ngram):
+def test_the_numpy_beam_search_finds_torchs_hypotheses(vocab, beam, max_len, length_penalty, ngram, suppress_unk):
     from capkit.models.beam_search import beam_search as torch_beam_search
+    from capkit.types import UNK_ID
     from toys import repeats_an_ngram
 
     for seed in range(3):
-        step, numpy_step, state, memory = torch_step_pair(vocab, seed)
+        step, numpy_step, state, memory = torch_step_pair(vocab, seed, unk_bias=3.0 if suppress_unk else 0.0)
         settings = dict(beam_size=beam, max_len=max_len, length_penalty=length_penalty, n_best=beam,
-                        no_repeat_ngram_size=ngram)
+                        no_repeat_ngram_size=ngram, suppress_unk=suppress_unk)
         if ngram:  # without the ban these captions repeat n-grams: the two searches must ban the same ones
             free = torch_beam_search(step, state, memory, **{**settings, "no_repeat_ngram_size": 0}).hypotheses
             assert any(repeats_an_ngram(h.tokens, ngram) for hyps in free for h in hyps)
+        if suppress_unk:  # without it these captions hold <unk>
+            free = torch_beam_search(step, state, memory, **{**settings, "suppress_unk": False}).hypotheses
+            assert any(UNK_ID in h.tokens for hyps in free for h in hyps)
         want = torch_beam_search(step, state, memory, **settings).hypotheses
         got = beam_search(numpy_step, {"h": state["h"].numpy()}, {"values": memory.values.numpy()}, **settings)
         assert len({tuple(hyps[0].tokens) for hyps in want}) > 1 or beam == 1 or max_len == 0
         assert not any(ngram and repeats_an_ngram(h.tokens, ngram) for hyps in got for h in hyps)
+        assert not any(suppress_unk and UNK_ID in h.tokens for hyps in got for h in hyps)
         for w_hyps, g_hyps in zip(want, got):
             assert [h.tokens for h in g_hyps] == [h.tokens for h in w_hyps]
             assert np.allclose([h.score for h in g_hyps], [h.score for h in w_hyps], atol=1e-5)
@@ -76,6 +85,8 @@ def test_the_search_refuses_what_torchs_refuses():
         beam_search(lambda *a: None, {}, {"values": np.zeros((1, 1, 1), np.float32)}, beam_size=0)
     with pytest.raises(ValueError, match="no_repeat_ngram_size >= 0"):
         beam_search(lambda *a: None, {}, {"values": np.zeros((1, 1, 1), np.float32)}, no_repeat_ngram_size=-1)
+    with pytest.raises(TypeError, match="suppress_unk must be True or False"):
+        beam_search(lambda *a: None, {}, {"values": np.zeros((1, 1, 1), np.float32)}, suppress_unk=1)
 
 
 # ------------------------------------------------------------------------------------------ an exported model

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 
 import capkit
 from capkit.pretrained import installed_models, resolve_model
-from capkit.pretrained.format import read_config
+from capkit.pretrained.format import NEUTRAL_DECODING, read_config
 from capkit_sat_flickr8k import model_path
 
 MODEL = Path(__file__).resolve().parents[1] / "capkit_sat_flickr8k" / "model"
@@ -77,7 +77,7 @@ def test_the_card_lists_exactly_the_commands_and_note_of_reproduce_sh():
 def test_it_loads_offline_by_name_and_captions_a_dev_photo(flickr8k_root, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = capkit.from_pretrained("sat-flickr8k")
-    assert model.decoding == json.loads((MODEL / "config.json").read_text())["decoding"]
+    assert model.decoding == {**NEUTRAL_DECODING, **json.loads((MODEL / "config.json").read_text())["decoding"]}
     assert model.decoding["no_repeat_ngram_size"] == 3 and model.decoding["length_penalty"] == 0.5
     result = model.caption(flickr8k_root / "Flicker8k_Dataset" / DEV_PHOTO)
     assert {"dog", "dogs"} & set(result.words) and len(result.words) >= 4  # the photo: two dogs at play
