@@ -20,7 +20,7 @@ import capkit  # noqa: E402
 from capkit.cli.main import main as cli  # noqa: E402
 from capkit.config import ExperimentConfig  # noqa: E402
 from capkit.data.transforms import build_transform  # noqa: E402
-from capkit.errors import ExportError, OutputPathError  # noqa: E402
+from capkit.errors import ConfigError, ExportError, OutputPathError  # noqa: E402
 from capkit.export import export_onnx  # noqa: E402
 from capkit.export.onnx import FP16_MIN_ELEMENTS, EncoderGraph  # noqa: E402
 from capkit.models.attention.base import Attention, AttentionMemory, weighted_context  # noqa: E402
@@ -267,3 +267,29 @@ def test_an_export_that_suppresses_unk_is_format_3_and_decodes_without_it(tmp_pa
     free, want, got = trained.caption(pictures), kept.caption(pictures), runtime.caption(pictures)
     assert any("<unk>" in r.words for r in free)
     assert [r.words for r in got] == [r.words for r in want] and not any("<unk>" in r.words for r in got)
+
+
+def test_the_adapter_hands_an_older_runtime_only_the_settings_it_knows():
+    """capkit-onnx 0.1 knows neither no_repeat_ngram_size nor suppress_unk: left neutral, they are not passed."""
+    from capkit.export.runtime import OnnxRuntimeCaptioner
+
+    class OldRuntime:
+        decoding = dict(beam_size=3, max_len=16, length_penalty=0.0)
+
+        def decoding_with(self, **overrides):
+            return {**self.decoding, **overrides}
+
+        def caption_pixels(self, pixels, sources, *, beam_size, max_len, length_penalty, n_best=1):
+            self.given = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, n_best=n_best)
+            return []
+
+    runtime = OldRuntime()
+    adapter, pictures = OnnxRuntimeCaptioner(runtime), [(varied_pictures(1)[0], None)]
+    adapter.caption_pictures(pictures, beam_size=2, max_len=5, length_penalty=0.5, no_repeat_ngram_size=0,
+                             suppress_unk=False, inputs=torch.zeros(1, 8, 8, 3, dtype=torch.uint8))
+    assert runtime.given == dict(beam_size=2, max_len=5, length_penalty=0.5, n_best=1)
+    assert adapter.decoding_with(beam_size=2, suppress_unk=None) == dict(beam_size=2, max_len=16, length_penalty=0.0)
+    # asked for, a setting the runtime does not know is refused in one line rather than dropped
+    with pytest.raises(ConfigError, match=r"^the installed capkit-onnx has no decoding setting suppress_unk: "
+                                          r"upgrade it \(pip install capkit-onnx"):
+        adapter.decoding_with(suppress_unk=True)

@@ -637,8 +637,25 @@ def test_a_setting_left_neutral_is_not_written_so_older_capkit_reads_the_model(t
     config = json.loads((saved / "config.json").read_text())
     assert key not in config["decoding"] and key not in config["training"]["eval"]
     loaded = capkit.from_pretrained(saved)
-    assert loaded.decoding[key] is neutral or loaded.decoding[key] == neutral
+    assert loaded.decoding[key] == neutral and type(loaded.decoding[key]) is type(neutral)
     same_results(trained.caption(images), loaded.caption(images))
+
+
+@pytest.mark.parametrize("key, used, neutral", [("no_repeat_ngram_size", 3, 0), ("suppress_unk", True, False)])
+def test_a_setting_turned_back_off_when_saving_again_stays_off(trained, tmp_path, key, used, neutral):
+    """Only decoding holds the newer settings: saving a model that uses one with it off writes a file that decodes
+    without it (the training record does not bring it back) and that holds no trace of it."""
+    on = capkit.from_pretrained(trained.save_pretrained(tmp_path / "on", decoding={key: used}))
+    assert on.decoding[key] == used
+    assert key not in json.loads((tmp_path / "on" / "config.json").read_text())["training"]["eval"]
+    off = on.save_pretrained(tmp_path / "off", decoding={key: neutral})
+    config = json.loads((off / "config.json").read_text())
+    assert key not in config["decoding"] and key not in config["training"]["eval"]
+    assert capkit.from_pretrained(off).decoding[key] == neutral
+    # a file whose training record holds the setting (as files written by capkit 0.4 and 0.5.0 may): decoding wins
+    config["training"]["eval"][key] = used
+    (off / "config.json").write_text(json.dumps(config))
+    assert capkit.from_pretrained(off).decoding[key] == neutral
 
 
 def test_suppress_unk_keeps_unk_out_of_captions_and_is_saved_with_the_model(tmp_path):

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from capkit.cli import demo as demo_cli
@@ -19,6 +20,8 @@ from capkit.pretrained import TrainedCaptioner
 from capkit.serve import ServeSettings
 from capkit.serve.app import create_app
 from capkit.serve.server import serving
+from capkit.types import UNK_ID
+from toys import tiny_trained
 
 SHAPES_VAL = {"name": "shapes", "num_train": 12, "num_val": 4, "num_test": 4, "image_size": 64}
 
@@ -127,11 +130,16 @@ def test_no_repeat_ngram_size_is_a_request_setting(model, pictures, server):
     assert len(set(reply["words"])) == len(reply["words"])  # 1: no word twice
 
 
-def test_suppress_unk_is_a_request_setting(model, pictures, server):
-    reply = httpx.post(f"{server}/caption", params={"suppress_unk": "true"}, content=encoded(pictures[0]),
-                       timeout=60).json()
-    assert reply["decoding"] == {**model.decoding, "suppress_unk": True}
-    assert reply["caption"] == model.caption(pictures[0], suppress_unk=True).caption and "<unk>" not in reply["words"]
+def test_suppress_unk_is_a_request_setting(pictures):
+    unknowing = tiny_trained()
+    with torch.no_grad():
+        unknowing.model.decoder.out.bias[UNK_ID] += 3.0  # <unk> among the model's words
+    with serving(create_app(unknowing)) as url:
+        replies = {flag: httpx.post(f"{url}/caption", params={"suppress_unk": flag}, content=encoded(pictures[0]),
+                                    timeout=60).json() for flag in ("false", "true")}
+    assert replies["true"]["decoding"] == {**unknowing.decoding, "suppress_unk": True}
+    assert "<unk>" in replies["false"]["words"] and "<unk>" not in replies["true"]["words"]
+    assert replies["true"]["words"] == unknowing.caption(pictures[0], suppress_unk=True).words
 
 
 def test_two_concurrent_requests_share_one_beam_search_with_the_captions_they_get_alone(model, pictures):

@@ -268,7 +268,7 @@ class CaptionSamplesHook(Hook):
         decode: token ids -> caption text (``Vocabulary.decode``). words: id -> word (``Vocabulary.itos``).
         data_config: the encoder's preprocessing (``encoder.data_config``), which decides the part of the image
             the maps are laid over.
-        decoding: beam search settings: ``beam_size``, ``max_len``, ``length_penalty``.
+        decoding: beam search settings (``capkit.config.decoding_settings``: beam size, length penalty, ...).
         figure: ``caption_figure`` options (``columns``, ``panel_size``) and ``dpi``.
     """
 

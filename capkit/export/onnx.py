@@ -52,8 +52,8 @@ __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "GRAPH_FILES", "SUPPORTED_CROP_MODES
 # 2: decoding.no_repeat_ngram_size (capkit-onnx 0.2); 3: decoding.suppress_unk (capkit-onnx 0.3). A setting left at
 # its neutral value is not written, and an export is written as the oldest format that holds the settings it writes:
 # a runtime reads it if it can, and refuses it (rather than decoding without a setting) if it cannot.
-FORMAT_VERSION = 3
 FORMAT_OF_SETTING = {"no_repeat_ngram_size": 2, "suppress_unk": 3}
+FORMAT_VERSION = max(FORMAT_OF_SETTING.values())
 CONFIG_FILE = "config.json"
 GRAPH_FILES = {"encoder": "encoder.onnx", "memory": "memory.onnx", "step": "decoder_step.onnx"}
 SUPPORTED_CROP_MODES = ("center", "squash")  # the timm eval transforms the runtime reproduces with Pillow

@@ -17,7 +17,8 @@ from PIL import Image
 from capkit.config import ExperimentConfig
 from capkit.data.images import open_image
 from capkit.data.transforms import visible_region
-from capkit.errors import CheckpointError, MissingDependencyError
+from capkit.errors import CheckpointError, ConfigError, MissingDependencyError
+from capkit.pretrained.format import stored_decoding
 from capkit.pretrained.model import CaptionResult
 from capkit.types import Hypothesis
 
@@ -69,7 +70,12 @@ class OnnxRuntimeCaptioner:
 
     def decoding_with(self, **overrides: Any) -> dict[str, Any]:
         # only the settings given: a runtime older than one of capkit's settings refuses its name even as None
-        return self.runtime.decoding_with(**{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(given) - set(self.runtime.decoding))
+        if unknown:
+            raise ConfigError(f"the installed capkit-onnx has no decoding setting {', '.join(unknown)}: upgrade it "
+                              f"({INSTALL_RUNTIME})")
+        return self.runtime.decoding_with(**given)
 
     @property
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -92,14 +98,17 @@ class OnnxRuntimeCaptioner:
         length_penalty: float, no_repeat_ngram_size: int = 0, suppress_unk: bool = False,
         inputs: torch.Tensor | None = None, n_best: int = 1,
     ) -> list[CaptionResult]:
-        """One beam search over opened RGB pictures; ``inputs``: their ``transform``-ed pixels (B, H, W, 3)."""
+        """One beam search over opened RGB pictures; ``inputs``: their ``transform``-ed pixels (B, H, W, 3). The
+        settings newer than the first runtime go to it only where they do something: an older runtime refuses
+        their names."""
         if inputs is None:
             pixels = np.stack([self.runtime.preprocess(picture) for picture, _ in pictures])
         else:
             pixels = inputs.numpy()
         found = self.runtime.caption_pixels(pixels, [source for _, source in pictures], beam_size=beam_size,
                                             max_len=max_len, length_penalty=length_penalty, n_best=n_best,
-                                            no_repeat_ngram_size=no_repeat_ngram_size, suppress_unk=suppress_unk)
+                                            **stored_decoding(dict(no_repeat_ngram_size=no_repeat_ngram_size,
+                                                                   suppress_unk=suppress_unk)))
         results = []
         for (picture, source), result in zip(pictures, found):
             best = result.hypothesis

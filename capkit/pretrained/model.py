@@ -203,10 +203,11 @@ class TrainedCaptioner:
             return cls.from_checkpoint(directory, device, plugins=plugins)
         saved = fmt.read_config(directory)
         try:
-            # the decoding section is what the card describes and users edit: it wins over training.eval's
+            # the decoding section is what the card describes and users edit: it wins over training.eval's, and a
+            # setting it lacks is the neutral one (files written before it, or left at it)
             config = OmegaConf.merge(
                 OmegaConf.structured(ExperimentConfig), {**saved.get("training", {}), "model": saved["model"]},
-                {"eval": saved["decoding"]},
+                {"eval": {**fmt.NEUTRAL_DECODING, **saved["decoding"]}},
             )
             if not isinstance(saved["model"].get("encoder"), Mapping) or "name" not in saved["model"]["encoder"]:
                 raise KeyError("model.encoder.name")
@@ -265,7 +266,9 @@ class TrainedCaptioner:
             name, scores, command, scores_note, notes: for the model card (its name, split -> metric -> value,
                 the commands that made it, how the scores were measured, paragraphs of notes).
             decoding: the written model's own decoding settings (``decoding_with``'s overrides: ``beam_size``,
-                ``max_len``, ``length_penalty``); the config's training record keeps those it was trained with.
+                ``max_len``, ``length_penalty``, ``no_repeat_ngram_size``, ``suppress_unk``); the config's training
+                record keeps those it was trained with, but for the settings newer than the format, which only
+                ``decoding`` holds.
         """
         if dtype not in fmt.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(fmt.DTYPES)}, got {dtype!r}")
@@ -316,7 +319,9 @@ class TrainedCaptioner:
             "dtype": dtype,
             "training": {k: experiment[k] for k in ("data", "train", "eval", "plugins") if k in experiment},
         }
-        config["training"]["eval"] = fmt.stored_decoding(config["training"]["eval"])
+        # the newer settings live in decoding alone: an older capkit reads training.eval, which must not hold them
+        config["training"]["eval"] = {k: v for k, v in config["training"]["eval"].items()
+                                      if k not in fmt.NEUTRAL_DECODING}
         if encoder_weights == "source":
             fresh = ENCODERS.build(_without_remote_code(config["model"])["encoder"])
             config["encoder_sha256"] = fmt.state_sha256(fresh.state_dict())  # what loading rebuilds, checked there
